@@ -1,0 +1,47 @@
+# lipstream: the two set-up commands are `make run` and `make test`; everything else hangs off them.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Debian packages the tests need: espeak-ng (speech), sox (audio tools).
+APT_TEST_PACKAGES := espeak-ng sox
+
+.PHONY: run test install test-deps system-test-deps bench clean
+
+# The venv is rebuilt when the project's dependencies change.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+## make run: create the venv, install, serve the demo avatar with the default engine on :8000
+run: install
+	$(BIN)/lipstream --config configs/default.yaml serve
+
+# apt packages only when root and only those missing (CI runs as root on a clean machine).
+system-test-deps:
+	@missing=""; for p in $(APT_TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing:$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "warning: missing Debian packages:$$missing (run as root or install them)"; fi; \
+	fi
+
+$(VENV)/.test-installed: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+test-deps: system-test-deps $(VENV)/.test-installed
+
+## make test: install the test needs (Debian packages too, when root) and run the suite
+test: test-deps
+	$(BIN)/pytest
+
+## make bench: CPU benchmarks; their figures go to docs/benchmarks.md
+bench: install
+	$(BIN)/python bench/lite_engine.py --write
+
+clean:
+	rm -rf $(VENV) .pytest_cache build dist *.egg-info

@@ -1,0 +1,1 @@
+"""Audio in: decoding, resampling, voice activity and per-video-frame windows."""

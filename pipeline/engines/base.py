@@ -1,0 +1,73 @@
+"""The engine interface every lip-sync engine implements.
+
+An engine never knows about sessions or the network. It is used in two steps:
+
+1. Per audio stream, a :class:`Featurizer` (stateful: smoothing, context) turns each video
+   frame's audio window into :class:`FrameFeatures`. ``active=False`` means the frame needs no
+   engine work at all and shows the idle avatar frame, so silence costs nothing.
+2. Per device, a batch of :class:`FrameRequest` s, possibly from many sessions and avatars, goes
+   through :meth:`Engine.generate`, which returns one 256x256 BGR face crop per request. The
+   compositor (:mod:`pipeline.compositor`) blends each crop into its avatar frame.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from pipeline.audio.windows import AudioFrame
+from pipeline.avatar.model import Avatar
+
+
+@dataclass(frozen=True)
+class FrameFeatures:
+    """What one video frame's audio means to an engine."""
+
+    active: bool  # False: no engine work, the idle avatar frame is shown unchanged
+    data: Any  # engine-specific (lite: mouth parameters; musetalk: [50, 384] whisper tokens)
+
+
+@dataclass(frozen=True)
+class FrameRequest:
+    """One face crop to generate: which avatar frame, driven by which features."""
+
+    avatar: Avatar
+    frame_index: int  # avatar frame (after the ping-pong cycle)
+    features: Any  # FrameFeatures.data of an active frame
+
+
+class Featurizer(ABC):
+    """Turns a stream's audio frames into features; one instance per stream, in frame order."""
+
+    @abstractmethod
+    def features(self, frames: Sequence[AudioFrame]) -> list[FrameFeatures]:
+        """Features for consecutive frames of this stream (called in order, any batch size)."""
+
+    def reset(self) -> None:
+        """Forget all state (after an interrupt) so the next frame starts from rest."""
+
+
+class Engine(ABC):
+    """A lip-sync model bound to one device."""
+
+    name: ClassVar[str]
+    crop_size: ClassVar[int] = 256
+
+    @abstractmethod
+    def new_featurizer(self) -> Featurizer:
+        """A fresh featurizer for one audio stream."""
+
+    @abstractmethod
+    def load_avatar(self, avatar: Avatar) -> None:
+        """Prepare per-avatar state once (idempotent); shared by every stream of that avatar."""
+
+    @abstractmethod
+    def generate(self, requests: Sequence[FrameRequest]) -> list[np.ndarray]:
+        """One uint8 BGR [crop_size, crop_size, 3] face crop per request, in order."""
+
+    def close(self) -> None:
+        """Release device memory and threads."""

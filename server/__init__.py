@@ -1,0 +1,1 @@
+"""Everything network- and person-facing: configuration, the CLI, the HTTP/WebRTC server."""

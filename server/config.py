@@ -1,0 +1,157 @@
+"""Configuration: one validated tree, from defaults < YAML file (``--config``) < ``LIPSTREAM_*`` env.
+
+Every section forbids unknown keys, so a typo fails at start with the key's dotted name instead of
+being silently ignored. Environment variables use ``__`` between levels, e.g.
+``LIPSTREAM_ENGINE__NAME=lite`` or ``LIPSTREAM_SERVER__PORT=9000``. ``configs/default.yaml``
+documents every key; a test keeps it equal to the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from pipeline.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ServerConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_keys: list[str] = Field(default_factory=list)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class AvatarsConfig(Section):
+    dir: Path = Path("avatars")
+    default: str = "demo"
+    max_seconds: float = Field(60.0, gt=0, le=600)
+    max_side: int = Field(1920, ge=64, le=4096)
+
+
+class EngineConfig(Section):
+    name: str = "lite"
+    device: str = "cpu"
+    batch_size: int = Field(16, ge=1, le=256)
+    vad_aggressiveness: int = Field(2, ge=0, le=3)
+    models_dir: Path = Path("models")
+
+    @field_validator("name")
+    @classmethod
+    def _known_engine(cls, value: str) -> str:
+        from pipeline.engines import available_engines
+
+        if value not in available_engines():
+            raise ValueError(f"unknown engine {value!r}; available: {', '.join(available_engines())}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        kind, _, index = value.partition(":")
+        if kind not in {"cpu", "cuda"} or (index and not index.isdigit()) or (kind == "cpu" and index):
+            raise ValueError(f"device must be 'cpu' or 'cuda:N', got {value!r}")
+        return value
+
+
+class RenderConfig(Section):
+    crf: int = Field(20, ge=0, le=51)
+    preset: Literal[
+        "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"
+    ] = "veryfast"
+    audio_bitrate: int = Field(192_000, ge=32_000, le=512_000)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LIPSTREAM_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    avatars: AvatarsConfig = Field(default_factory=AvatarsConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    render: RenderConfig = Field(default_factory=RenderConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # First wins: the environment overrides the YAML file (passed as init values).
+        return env_settings, init_settings
+
+
+#: Names the config file when ``--config`` is not given.
+CONFIG_ENV = "LIPSTREAM_CONFIG"
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Defaults, then the YAML file at ``path``, then ``LIPSTREAM_*`` variables; ConfigError if wrong."""
+    _check_environment()
+    if path is None and os.environ.get(CONFIG_ENV):
+        path = Path(os.environ[CONFIG_ENV])
+    values: dict[str, Any] = {}
+    source = "LIPSTREAM_* environment"
+    if path is not None:
+        source = f"config file '{path}' or LIPSTREAM_* environment"
+        values = _read_yaml(path)
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+
+
+def _check_environment() -> None:
+    """pydantic-settings ignores unknown variables; a misspelt one should fail like a bad key."""
+    known = {CONFIG_ENV}
+    for section, field in Settings.model_fields.items():
+        known.add(f"LIPSTREAM_{section.upper()}")
+        for key in field.annotation.model_fields:  # type: ignore[union-attr]
+            known.add(f"LIPSTREAM_{section.upper()}__{key.upper()}")
+    for name in os.environ:
+        if name.upper().startswith("LIPSTREAM_") and name.upper() not in known:
+            raise ConfigError(
+                f"environment variable {name} names no config key "
+                "(use LIPSTREAM_<SECTION>__<KEY>, e.g. LIPSTREAM_SERVER__PORT)"
+            )
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file '{path}': {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections at the top level")
+    return data
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    """One line naming the first wrong key, e.g. ``config key 'engine.batch_size': ...``."""
+    problems = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        problems.append(f"config key '{key}': {message}")
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{problems[0]}{more} [{source}]"
