@@ -1,0 +1,72 @@
+"""Config: defaults equal the documented default.yaml; wrong keys/values fail naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.errors import ConfigError
+from server.config import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_default_yaml_documents_every_key_with_its_default() -> None:
+    documented = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    defaults = Settings().model_dump(mode="json")
+    assert documented == defaults
+
+
+def test_default_yaml_comments_every_key() -> None:
+    lines = (ROOT / "configs" / "default.yaml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if line.startswith("  ") and stripped and not stripped.startswith("#"):
+            assert lines[i - 1].strip().startswith("#"), f"key without a comment: {stripped}"
+
+
+def test_yaml_then_environment_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("server:\n  port: 9000\nengine:\n  batch_size: 4\n")
+    assert load_settings(path).server.port == 9000
+    monkeypatch.setenv("LIPSTREAM_SERVER__PORT", "7000")
+    settings = load_settings(path)
+    assert (settings.server.port, settings.engine.batch_size) == (7000, 4)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("engine:\n  batchsize: 3\n", "engine.batchsize"),
+        ("engine:\n  name: nosuch\n", "engine.name"),
+        ("engine:\n  device: gpu0\n", "engine.device"),
+        ("server:\n  port: 70000\n", "server.port"),
+        ("bogus: 1\n", "bogus"),
+    ],
+)
+def test_wrong_key_or_value_names_the_key(tmp_path: Path, text: str, key: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_settings(path)
+
+
+def test_unknown_environment_variable_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIPSTREAM_ENGINE__BATCHSIZE", "3")
+    with pytest.raises(ConfigError, match="LIPSTREAM_ENGINE__BATCHSIZE"):
+        load_settings()
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_settings(listy)
