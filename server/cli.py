@@ -183,7 +183,7 @@ def render(
                 batch_size=settings.engine.batch_size,
                 vad_aggressiveness=settings.engine.vad_aggressiveness,
                 progress=progress,
-                video_options=settings.render.model_dump(),
+                **settings.render.model_dump(),
             )
     finally:
         lip_engine.close()

@@ -1,0 +1,1 @@
+"""Media out: containers and encoders (MP4 files; later RTMP/FLV)."""
