@@ -11,6 +11,7 @@ from pipeline.errors import EngineUnavailable
 # name -> "module:Class"; imported lazily so the default install never imports torch.
 _ENGINES: dict[str, str] = {
     "lite": "pipeline.engines.lite:LiteEngine",
+    "musetalk": "pipeline.engines.musetalk.engine:MuseTalkEngine",
 }
 
 
