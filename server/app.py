@@ -1,8 +1,9 @@
-"""The FastAPI application: avatars, health, the page. Sessions and WebRTC build on this.
+"""The FastAPI application: one asyncio loop serving the API, signalling, sockets and the page.
 
-Start-up work (preparing the demo avatar on first use, loading the engine) runs in the app's
-lifespan, off the event loop, so ``/healthz`` answers at once and ``/readyz`` turns ready when
-the server can take work.
+Start-up work (preparing the demo avatar on first use, loading the engine, starting the
+device worker) runs in the app's lifespan, off the event loop, so ``/healthz`` answers at once
+and ``/readyz`` turns ready when the server can take sessions. Shutdown (SIGTERM) drains:
+new sessions are refused, every session's peers and sockets are closed, the worker stops.
 """
 
 from __future__ import annotations
@@ -16,13 +17,20 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pipeline.avatar.store import AvatarStore
 from pipeline.engines.base import Engine
 from pipeline.errors import LipstreamError
+from pipeline.live.worker import EngineWorker
+from server.auth import ApiKeyMiddleware, BodyLimitMiddleware, check_auth_config, is_loopback_host
 from server.config import Settings
+from server.metrics import Metrics
+from server.routes import audio_ws, sessions, webrtc
+from server.sessions import SessionManager
+from server.webrtc import configure_host_addresses
 
 log = logging.getLogger("lipstream.server")
 
@@ -37,10 +45,21 @@ def static_dir() -> Path:
 class AppState:
     settings: Settings
     store: AvatarStore
+    metrics: Metrics = field(default_factory=Metrics)
     engine: Engine | None = None
+    worker: EngineWorker | None = None
+    manager: SessionManager | None = None
     ready: bool = False
     startup_error: str | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+
+    def require_manager(self) -> SessionManager:
+        if self.manager is None:
+            raise NotReady(self.startup_error or "server is starting; try again shortly")
+        return self.manager
+
+
+class NotReady(LipstreamError):
+    http_status = 503
 
 
 async def _start(state: AppState) -> None:
@@ -54,6 +73,12 @@ async def _start(state: AppState) -> None:
         avatar = await asyncio.to_thread(state.store.load, settings.avatars.default)
         state.engine = create_engine(settings.engine.name, device=settings.engine.device)
         await asyncio.to_thread(state.engine.load_avatar, avatar)
+        state.worker = EngineWorker(
+            state.engine, settings.engine.batch_size, settings.engine.device, on_batch=state.metrics.on_batch
+        )
+        state.manager = SessionManager(settings, state.store, state.engine, state.worker, state.metrics)
+        state.manager.start()
+        state.metrics.set_fps_source(state.manager.mean_fps)
         state.ready = True
         log.info("ready: engine=%s avatar=%s", settings.engine.name, avatar.id)
     except LipstreamError as exc:
@@ -61,7 +86,18 @@ async def _start(state: AppState) -> None:
         log.error("start-up failed: %s", exc)
 
 
+async def _stop(state: AppState) -> None:
+    if state.manager is not None:
+        await state.manager.shutdown()
+    if state.worker is not None:
+        await asyncio.to_thread(state.worker.close)
+    if state.engine is not None:
+        state.engine.close()
+
+
 def create_app(settings: Settings) -> FastAPI:
+    check_auth_config(settings.server.host, settings.server.api_keys)
+    configure_host_addresses(settings.webrtc.host_addresses)
     state = AppState(settings=settings, store=AvatarStore(settings.avatars.dir))
 
     @asynccontextmanager
@@ -69,11 +105,22 @@ def create_app(settings: Settings) -> FastAPI:
         starting = asyncio.create_task(_start(state))
         yield
         starting.cancel()
-        if state.engine is not None:
-            state.engine.close()
+        await _stop(state)
 
     app = FastAPI(title="lipstream", version="0.1.0", lifespan=lifespan)
     app.state.lipstream = state
+    public_files = {"/"} | {f"/{p.name}" for p in static_dir().iterdir() if p.is_file()}
+    limits = settings.limits
+    app.add_middleware(BodyLimitMiddleware, default_limit=limits.request_body_bytes)
+    app.add_middleware(
+        ApiKeyMiddleware,
+        keys=settings.server.api_keys,
+        required=not is_loopback_host(settings.server.host),
+        public_files=public_files,
+    )
+    app.include_router(sessions.router)
+    app.include_router(webrtc.router)
+    app.include_router(audio_ws.router)
 
     @app.exception_handler(LipstreamError)
     async def _lipstream_error(request: Request, exc: LipstreamError) -> JSONResponse:
@@ -93,6 +140,11 @@ def create_app(settings: Settings) -> FastAPI:
         if state.startup_error:
             body["detail"] = state.startup_error
         return JSONResponse(body, status_code=503)
+
+    @app.get("/metrics", tags=["health"])
+    async def metrics() -> Response:
+        """Prometheus metrics: sessions, frames, late/dropped frames, latency, batch sizes."""
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/avatars", tags=["avatars"])
     async def list_avatars() -> dict[str, list[dict[str, Any]]]:
@@ -124,4 +176,8 @@ def run_server(settings: Settings) -> None:
         host=settings.server.host,
         port=settings.server.port,
         log_level=settings.server.log_level,
+        # Oversized messages up to twice the limit reach our handler, which answers with a
+        # readable error; beyond that uvicorn closes with 1009 before buffering them.
+        ws_max_size=2 * settings.limits.ws_message_bytes,
+        timeout_graceful_shutdown=5,
     )

@@ -70,6 +70,32 @@ class RenderConfig(Section):
     audio_bitrate: int = Field(192_000, ge=32_000, le=512_000)
 
 
+class IceServer(Section):
+    urls: list[str]
+    username: str | None = None
+    credential: str | None = None
+
+
+class WebRtcConfig(Section):
+    ice_servers: list[IceServer] = Field(default_factory=list)
+    host_addresses: list[str] = Field(default_factory=list)
+
+
+class SessionsConfig(Section):
+    jitter_seconds: float = Field(0.04, ge=0, le=1)
+    processing_seconds: float = Field(0.06, ge=0.005, le=2)
+    idle_timeout_seconds: float = Field(300.0, gt=0)
+    vanish_timeout_seconds: float = Field(1.5, gt=0, le=30)
+
+
+class LimitsConfig(Section):
+    max_sessions: int = Field(8, ge=1)
+    audio_buffer_seconds: float = Field(30.0, gt=0, le=3600)
+    ws_message_bytes: int = Field(1_048_576, ge=1024)
+    request_body_bytes: int = Field(65_536, ge=1024)
+    upload_bytes: int = Field(209_715_200, ge=1024)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LIPSTREAM_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
@@ -79,6 +105,9 @@ class Settings(BaseSettings):
     avatars: AvatarsConfig = Field(default_factory=AvatarsConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     render: RenderConfig = Field(default_factory=RenderConfig)
+    sessions: SessionsConfig = Field(default_factory=SessionsConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    webrtc: WebRtcConfig = Field(default_factory=WebRtcConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -43,13 +43,15 @@ class AudioFrame:
 class FrameWindower:
     """Accumulates a stream and emits each :class:`AudioFrame` once its lookahead is there."""
 
-    def __init__(self, vad_aggressiveness: int = 2) -> None:
+    def __init__(self, vad_aggressiveness: int = 2, first_frame: int = 0) -> None:
+        """``first_frame``: the clock's frame number of this stream's sample 0 (a live session
+        that restarts its input after an interrupt keeps counting frames on its own clock)."""
         self._vad = StreamingVad(vad_aggressiveness)
         self._buffer = np.zeros(0, dtype=np.float32)
         self._buffer_start = 0  # stream sample index of _buffer[0]
         self._received = 0  # samples pushed so far
-        self.next_frame = 0
-        self._origin = 0  # frame index that stream sample 0 maps to (moves on reset)
+        self.next_frame = first_frame
+        self._origin = first_frame  # frame index that stream sample 0 maps to
 
     @property
     def received_samples(self) -> int:
@@ -66,12 +68,18 @@ class FrameWindower:
         """Emit the remaining frames of a stream that has ended (lookahead reads as silence)."""
         return self._emit(final=True)
 
-    def reset(self) -> None:
-        """Drop everything received (interrupt); frame numbering continues from where it was."""
+    @property
+    def origin(self) -> int:
+        return self._origin
+
+    def reset(self, first_frame: int | None = None) -> None:
+        """Drop everything received (interrupt); the next stream starts at ``first_frame``
+        (default: the next frame this windower would have emitted)."""
         self._vad.reset()
         self._buffer = np.zeros(0, dtype=np.float32)
         self._buffer_start = 0
         self._received = 0
+        self.next_frame = self.next_frame if first_frame is None else first_frame
         self._origin = self.next_frame
 
     def _emit(self, final: bool) -> list[AudioFrame]:

@@ -1,0 +1,380 @@
+"""A live session: audio in on a media clock, one composed video frame + its audio out every 40 ms.
+
+The clock. Session time starts at ``t0`` (when the session starts). Input audio is laid on a
+timeline whose sample ``s`` (16 kHz) is session time ``s / 16000``. Video frame ``i`` covers
+``[i * 40 ms, (i + 1) * 40 ms)`` and is *released* to every output at ``t0 + i * 40 ms + delay``,
+together with exactly the audio samples of that span. Both tracks of every output therefore
+carry timestamps from the same clock, and the audio that leaves with frame ``i`` is the audio
+that drove its lips: sync is by construction, not by correction.
+
+Gaps and floods. Frame ``i`` needs its audio window up to ``i * 40 ms + 120 ms``. If that audio
+has not arrived ``jitter`` seconds after it was due, the timeline is filled with silence up to
+that point, so a slow or paused producer yields idle frames, never a stalled video. A producer
+faster than real time is buffered up to ``max_buffer_seconds`` ahead of the clock; past that,
+:meth:`LiveSession.push` refuses the chunk with :class:`BufferFull` (never a silent drop).
+
+Interrupt. Drops all buffered audio and queued engine work, and bumps an *epoch*: outputs
+replace frames of an older epoch that are still waiting to go out with the idle frame and
+silence, so the avatar is idle again at the next released frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from pipeline.audio.decode import MonoResampler, Resampler16k
+from pipeline.audio.windows import (
+    SAMPLE_RATE,
+    SAMPLES_PER_FRAME,
+    WINDOW_AFTER,
+    AudioFrame,
+    FrameWindower,
+)
+from pipeline.avatar.model import Avatar
+from pipeline.engines.base import Featurizer, FrameRequest
+from pipeline.live.worker import EngineWorker
+from pipeline.errors import LipstreamError
+
+log = logging.getLogger("lipstream.session")
+
+FRAME_SECONDS = SAMPLES_PER_FRAME / SAMPLE_RATE  # 0.04
+LOOKAHEAD_SECONDS = WINDOW_AFTER / SAMPLE_RATE  # 0.12
+OUTPUT_RATE = 48000  # WebRTC (Opus), RTMP and MP4 outputs all take 48 kHz
+OUTPUT_SAMPLES_PER_FRAME = OUTPUT_RATE * SAMPLES_PER_FRAME // SAMPLE_RATE  # 1920
+RATIO = OUTPUT_RATE // SAMPLE_RATE  # 3
+
+EventSink = Callable[[dict[str, Any]], None]
+
+
+class SessionObserver(Protocol):
+    """Where a session reports what metrics want (the server's Prometheus metrics)."""
+
+    def on_frame(self, active: bool) -> None: ...
+
+    def on_latency(self, seconds: float) -> None: ...
+
+    def on_dropped(self) -> None: ...
+
+
+class _NoObserver:
+    def on_frame(self, active: bool) -> None:
+        pass
+
+    def on_latency(self, seconds: float) -> None:
+        pass
+
+    def on_dropped(self) -> None:
+        pass
+
+
+class BufferFull(LipstreamError):
+    """The producer is further ahead of real time than the configured buffer allows."""
+
+    http_status = 429
+
+
+@dataclass
+class OutputFrame:
+    """Frame ``index`` of the session: its picture (maybe still being generated) and its audio."""
+
+    index: int
+    epoch: int
+    release: float  # loop time at which outputs send it
+    avatar_index: int  # avatar frame shown (idle picture if this frame is superseded)
+    image: np.ndarray | asyncio.Future
+    audio: np.ndarray  # int16 mono, OUTPUT_SAMPLES_PER_FRAME samples at OUTPUT_RATE
+    speaking: bool
+
+    @property
+    def pts_seconds(self) -> float:
+        return self.index * FRAME_SECONDS
+
+
+@dataclass
+class SessionStats:
+    frames: int = 0
+    active_frames: int = 0
+    late_frames: int = 0  # released after their time (counted by outputs)
+    dropped_frames: int = 0  # not delivered to a slow output
+    padded_seconds: float = 0.0  # silence inserted for gaps in the input
+    received_seconds: float = 0.0
+    latencies: collections.deque = field(default_factory=lambda: collections.deque(maxlen=500))
+
+    def latency_ms(self, q: float) -> float | None:
+        if not self.latencies:
+            return None
+        return float(np.quantile(np.asarray(self.latencies), q) * 1000)
+
+
+class LiveSession:
+    """Drives one avatar from one audio input; any number of outputs subscribe to its frames."""
+
+    def __init__(
+        self,
+        avatar: Avatar,
+        worker: EngineWorker,
+        featurizer: Featurizer,
+        *,
+        vad_aggressiveness: int = 2,
+        max_buffer_seconds: float = 30.0,
+        jitter_seconds: float = 0.04,
+        processing_seconds: float = 0.06,
+        on_event: EventSink | None = None,
+        observer: SessionObserver | None = None,
+        subscriber_queue: int = 50,
+        speaking_hangover_seconds: float = 0.4,
+    ) -> None:
+        self.avatar = avatar
+        self.worker = worker
+        self.featurizer = featurizer
+        self.max_buffer_seconds = max_buffer_seconds
+        self.jitter = jitter_seconds
+        # Release delay after a frame's start: its lookahead, the jitter allowance, then compute.
+        self.delay = LOOKAHEAD_SECONDS + jitter_seconds + processing_seconds
+        self.on_event = on_event
+        self.observer = observer or _NoObserver()
+        self.stats = SessionStats()
+        self.epoch = 0
+        self.speaking = False
+        # Events describe utterances, not syllables: a pause shorter than this inside speech
+        # does not end it (the frames themselves still follow the audio exactly).
+        self._hangover_frames = round(speaking_hangover_seconds / FRAME_SECONDS)
+        self._quiet_since: int | None = None
+        self.t0: float | None = None
+        self._windower = FrameWindower(vad_aggressiveness)
+        self._to16k = Resampler16k()
+        self._to48k = MonoResampler(OUTPUT_RATE)
+        self._out_audio = np.zeros(0, dtype=np.int16)
+        self._out_start = 0  # output-rate sample index of _out_audio[0]
+        self._ready: collections.deque[AudioFrame] = collections.deque()
+        self._arrivals: collections.deque[tuple[int, float]] = collections.deque()  # (16 kHz end pos, time)
+        self._new_audio = asyncio.Event()
+        self._subscribers: list[asyncio.Queue[OutputFrame]] = []
+        self._subscriber_queue = subscriber_queue
+        self._task: asyncio.Task | None = None
+        self._closed = False
+        self._next_index = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.t0 = loop.time()
+        self._task = loop.create_task(self._run(), name=f"session-clock-{id(self):x}")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.worker.cancel(self)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for queue in self._subscribers:
+            queue.put_nowait(None)  # type: ignore[arg-type]  # end-of-stream marker for outputs
+        self._subscribers.clear()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def media_time(self) -> float:
+        """Session time of the next frame to be produced."""
+        return self._next_index * FRAME_SECONDS
+
+    # ------------------------------------------------------------------ input
+    def check_room(self, seconds: float = 0.0) -> None:
+        """Raises BufferFull if ``seconds`` more audio would exceed the buffer limit."""
+        if self.buffered_seconds + seconds > self.max_buffer_seconds:
+            raise BufferFull(
+                f"audio buffer full: {self.buffered_seconds:.1f} s queued, limit {self.max_buffer_seconds:g} s; "
+                "push in real time or wait for speaking_stopped"
+            )
+
+    def push(self, planar: np.ndarray, sample_rate: int, layout: str, enforce_limit: bool = True) -> None:
+        """Append float32 ``[channels, n]`` audio; raises BufferFull when too far ahead (unless
+        the caller already checked room before consuming its input, see ``check_room``)."""
+        if self._closed:
+            raise LipstreamError("session is closed")
+        seconds = planar.shape[1] / sample_rate
+        if enforce_limit:
+            self.check_room(seconds)
+        self._append(self._to16k.push_planar(planar, sample_rate, layout), self._to48k.push_planar(planar, sample_rate, layout))
+        self.stats.received_seconds += seconds
+
+    def end_of_input(self) -> None:
+        """The producer finished an utterance: release the resamplers' tails now."""
+        self._append(self._to16k.flush(), self._to48k.flush())
+
+    def interrupt(self) -> None:
+        """Drop every queue of this session; the avatar is idle from the next released frame."""
+        self.epoch += 1
+        self.worker.cancel(self)
+        self._windower.reset(first_frame=self._next_index)
+        self._to16k = Resampler16k()
+        self._to48k = MonoResampler(OUTPUT_RATE)
+        self._out_audio = np.zeros(0, dtype=np.int16)
+        self._out_start = self._next_index * OUTPUT_SAMPLES_PER_FRAME
+        self._ready.clear()
+        self._arrivals.clear()
+        self.featurizer.reset()
+        self._quiet_since = None
+        if self.speaking:
+            self._set_speaking(False, self.media_time)
+
+    @property
+    def buffered_seconds(self) -> float:
+        """Audio received but not yet turned into frames."""
+        consumed = (self._next_index - self._windower.origin) * SAMPLES_PER_FRAME
+        return max(0, self._windower.received_samples - consumed) / SAMPLE_RATE
+
+    def _append(self, mono16k: np.ndarray, mono48k: np.ndarray) -> None:
+        if len(mono48k):
+            pcm = np.clip(mono48k * 32767.0, -32768, 32767).astype(np.int16)
+            self._out_audio = np.concatenate([self._out_audio, pcm])
+        if len(mono16k):
+            self._ready.extend(self._windower.push(mono16k))
+            self._arrivals.append((self._windower.received_samples, time.monotonic()))
+            self._new_audio.set()
+
+    # ------------------------------------------------------------------ output
+    def subscribe(self) -> asyncio.Queue[OutputFrame]:
+        """Frames from the next one on; ``None`` marks the end of the session."""
+        queue: asyncio.Queue[OutputFrame] = asyncio.Queue(self._subscriber_queue)
+        self._subscribers.append(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[OutputFrame]) -> None:
+        if queue in self._subscribers:
+            self._subscribers.remove(queue)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+    def idle_image(self, frame: OutputFrame) -> np.ndarray:
+        return self.avatar.frames[frame.avatar_index]
+
+    # ------------------------------------------------------------------ the clock
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.t0 is not None
+        while not self._closed:
+            index = self._next_index
+            audio_due = self.t0 + index * FRAME_SECONDS + LOOKAHEAD_SECONDS + self.jitter
+            frame = await self._audio_frame(index, audio_due, loop)
+            self._produce(frame, self.t0 + index * FRAME_SECONDS + self.delay)
+            self._next_index += 1
+
+    async def _audio_frame(self, index: int, due: float, loop: asyncio.AbstractEventLoop) -> AudioFrame:
+        while True:
+            while self._ready and self._ready[0].index < index:
+                self._ready.popleft()  # superseded by an interrupt
+            if self._ready:
+                return self._ready.popleft()
+            wait = due - loop.time()
+            if wait <= 0:
+                break
+            self._new_audio.clear()
+            try:
+                await asyncio.wait_for(self._new_audio.wait(), wait)
+            except TimeoutError:
+                pass
+        self._pad_silence_through(index)
+        return self._ready.popleft()
+
+    def _pad_silence_through(self, index: int) -> None:
+        """The input is late: fill the timeline with silence so frame ``index`` can be made now."""
+        local = index - self._windower.origin
+        needed = local * SAMPLES_PER_FRAME + WINDOW_AFTER - self._windower.received_samples
+        # Keep the output audio level with the 16 kHz timeline (resampler delays differ a little).
+        out_needed = (self._windower.received_samples + needed) * RATIO - (
+            self._out_start - self._windower.origin * OUTPUT_SAMPLES_PER_FRAME + len(self._out_audio)
+        )
+        if out_needed > 0:
+            self._out_audio = np.concatenate([self._out_audio, np.zeros(out_needed, np.int16)])
+        self.stats.padded_seconds += needed / SAMPLE_RATE
+        self._ready.extend(self._windower.push(np.zeros(needed, np.float32)))
+
+    def _take_output_audio(self, index: int) -> np.ndarray:
+        start = index * OUTPUT_SAMPLES_PER_FRAME - self._out_start
+        chunk = self._out_audio[max(0, start) : start + OUTPUT_SAMPLES_PER_FRAME]
+        if start < 0 or len(chunk) < OUTPUT_SAMPLES_PER_FRAME:
+            chunk = np.pad(chunk, (0, OUTPUT_SAMPLES_PER_FRAME - len(chunk)))
+        drop = min(len(self._out_audio), max(0, start + OUTPUT_SAMPLES_PER_FRAME))
+        self._out_audio = self._out_audio[drop:]
+        self._out_start += drop
+        return chunk
+
+    def _produce(self, frame: AudioFrame, release: float) -> None:
+        features = self.featurizer.features([frame])[0]
+        avatar_index = self.avatar.cycle_index(frame.index)
+        self._track_speaking(features.active, frame.index)
+        image: np.ndarray | asyncio.Future
+        if features.active and self._subscribers:
+            request = FrameRequest(self.avatar, avatar_index, features.data)
+            wall_deadline = time.monotonic() + (release - asyncio.get_running_loop().time())
+            image = asyncio.wrap_future(self.worker.submit(request, wall_deadline, self))
+            image.add_done_callback(_consume_cancellation)
+            self.stats.active_frames += 1
+        else:
+            image = self.avatar.frames[avatar_index]
+        self._record_latency(frame.index, release)
+        out = OutputFrame(
+            frame.index, self.epoch, release, avatar_index, image, self._take_output_audio(frame.index), features.active
+        )
+        self.stats.frames += 1
+        self.observer.on_frame(features.active)
+        for queue in self._subscribers:
+            if queue.full():
+                queue.get_nowait()
+                self.stats.dropped_frames += 1
+                self.observer.on_dropped()
+            queue.put_nowait(out)
+
+    def _record_latency(self, index: int, release: float) -> None:
+        """Audio-to-frame latency: from the arrival of a frame's last input sample to its release."""
+        end = (index - self._windower.origin + 1) * SAMPLES_PER_FRAME
+        while self._arrivals and self._arrivals[0][0] < end:
+            self._arrivals.popleft()
+        if self._arrivals:
+            arrived = self._arrivals[0][1]
+            release_wall = time.monotonic() + (release - asyncio.get_running_loop().time())
+            latency = max(0.0, release_wall - arrived)
+            self.stats.latencies.append(latency)
+            self.observer.on_latency(latency)
+
+    def _track_speaking(self, active: bool, index: int) -> None:
+        if active:
+            self._quiet_since = None
+            if not self.speaking:
+                self._set_speaking(True, index * FRAME_SECONDS)
+        elif self.speaking:
+            if self._quiet_since is None:
+                self._quiet_since = index
+            if index - self._quiet_since + 1 >= self._hangover_frames:
+                self._set_speaking(False, self._quiet_since * FRAME_SECONDS)
+                self._quiet_since = None
+
+    def _set_speaking(self, speaking: bool, media_time: float) -> None:
+        self.speaking = speaking
+        if self.on_event is not None:
+            kind = "speaking_started" if speaking else "speaking_stopped"
+            self.on_event({"type": kind, "media_time": round(media_time, 3)})
+
+
+def _consume_cancellation(future: asyncio.Future) -> None:
+    """Cancelled (interrupted) frames are expected; keep asyncio from logging them as lost errors."""
+    if not future.cancelled():
+        future.exception()

@@ -1,0 +1,51 @@
+"""Prometheus metrics for ``/metrics``, on a registry of our own (tests create many apps)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    """Implements the pipeline's ``SessionObserver`` and the engine worker's batch observer."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.sessions = Gauge("lipstream_sessions", "Live sessions", registry=r)
+        self.frames = Counter("lipstream_frames", "Video frames produced", ["kind"], registry=r)
+        self.late_frames = Counter("lipstream_late_frames", "Frames sent more than a frame late", registry=r)
+        self.dropped_frames = Counter("lipstream_dropped_frames", "Frames not delivered to a slow output", registry=r)
+        self.fps = Gauge("lipstream_output_fps", "Mean delivered video fps over outputs", registry=r)
+        self.latency = Histogram(
+            "lipstream_audio_to_frame_seconds",
+            "From a frame's last input sample arriving to the frame's release",
+            buckets=(0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0, 5.0),
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "lipstream_engine_batch_size", "Frames per engine batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r
+        )
+        self.batch_seconds = Histogram(
+            "lipstream_engine_batch_seconds", "Engine batch time (generate + composite)",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32), registry=r,
+        )
+
+    def set_fps_source(self, source: Callable[[], float]) -> None:
+        self.fps.set_function(source)
+
+    # SessionObserver
+    def on_frame(self, active: bool) -> None:
+        self.frames.labels("speech" if active else "idle").inc()
+
+    def on_latency(self, seconds: float) -> None:
+        self.latency.observe(seconds)
+
+    def on_dropped(self) -> None:
+        self.dropped_frames.inc()
+
+    # engine worker
+    def on_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.batch_seconds.observe(seconds)

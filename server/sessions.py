@@ -1,0 +1,265 @@
+"""Sessions as the server sees them: a live pipeline plus its peers, sockets, viewers and life cycle.
+
+A session ends, and frees everything, when its input goes away (the call's or WHIP sender's peer
+connection, or the audio WebSocket) for ``vanish_timeout_seconds``, when it has had no input and
+no viewer for ``idle_timeout_seconds``, on DELETE, or on shutdown. One watchdog task checks all
+sessions four times a second; there is no per-session polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiortc import RTCPeerConnection
+
+from pipeline.avatar.ids import validate_avatar_id
+from pipeline.avatar.store import AvatarStore
+from pipeline.engines.base import Engine
+from pipeline.errors import LipstreamError
+from pipeline.live.session import LiveSession
+from pipeline.live.worker import EngineWorker
+from server.config import Settings
+from server.metrics import Metrics
+from server.webrtc import SessionAudioTrack, SessionVideoTrack
+
+log = logging.getLogger("lipstream.sessions")
+
+
+class SessionNotFound(LipstreamError):
+    http_status = 404
+
+
+class AtCapacity(LipstreamError):
+    http_status = 503
+
+
+@dataclass
+class Viewer:
+    id: str
+    peer: RTCPeerConnection
+    video: SessionVideoTrack
+    audio: SessionAudioTrack
+
+
+@dataclass
+class ServerSession:
+    id: str
+    avatar_id: str
+    engine: str
+    live: LiveSession
+    created: float = field(default_factory=time.time)
+    input_kind: str | None = None  # "call" | "whip" | "websocket" once an input attached
+    input_peer: RTCPeerConnection | None = None
+    input_tracks: list[Any] = field(default_factory=list)  # outgoing tracks of the input peer (calls)
+    websockets: int = 0
+    viewers: dict[str, Viewer] = field(default_factory=dict)
+    listeners: set[asyncio.Queue] = field(default_factory=set)
+    tasks: set[asyncio.Task] = field(default_factory=set)
+    input_lost_since: float | None = None
+    last_input: float | None = None  # monotonic time of the last microphone frame
+    last_activity: float = field(default_factory=time.monotonic)
+    ended: bool = False
+
+    def heard_input(self) -> None:
+        self.last_input = time.monotonic()
+
+    def broadcast(self, event: dict[str, Any]) -> None:
+        event = {**event, "session_id": self.id}
+        for queue in self.listeners:
+            if not queue.full():
+                queue.put_nowait(event)
+
+    def output_tracks(self) -> list[Any]:
+        tracks = list(self.input_tracks)
+        for viewer in self.viewers.values():
+            tracks += [viewer.video, viewer.audio]
+        return tracks
+
+    def describe(self) -> dict[str, Any]:
+        stats = self.live.stats
+        videos = [t for t in self.output_tracks() if t.kind == "video"]
+        return {
+            "id": self.id,
+            "avatar": self.avatar_id,
+            "engine": self.engine,
+            "created": self.created,
+            "state": "ended" if self.ended else ("speaking" if self.live.speaking else "idle"),
+            "input": self.input_kind,
+            "viewers": len(self.viewers),
+            "media_time": round(self.live.media_time, 3),
+            "stats": {
+                "frames": stats.frames,
+                "active_frames": stats.active_frames,
+                "late_frames": sum(t.late for t in videos),
+                "dropped_frames": stats.dropped_frames,
+                "fps": round(max((t.fps for t in videos), default=0.0), 2),
+                "buffered_seconds": round(self.live.buffered_seconds, 3),
+                "received_seconds": round(stats.received_seconds, 3),
+                "padded_seconds": round(stats.padded_seconds, 3),
+                "latency_ms_p50": _round(stats.latency_ms(0.5)),
+                "latency_ms_p95": _round(stats.latency_ms(0.95)),
+            },
+        }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+class SessionManager:
+    def __init__(
+        self, settings: Settings, store: AvatarStore, engine: Engine, worker: EngineWorker, metrics: Metrics
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.engine = engine
+        self.worker = worker
+        self.metrics = metrics
+        self.sessions: dict[str, ServerSession] = {}
+        self.draining = False
+        self._watchdog: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch(), name="session-watchdog")
+
+    async def create(self, avatar_id: str | None = None, engine: str | None = None) -> ServerSession:
+        if self.draining:
+            raise AtCapacity("server is shutting down; not taking new sessions")
+        if engine is not None and engine != self.settings.engine.name:
+            raise LipstreamError(f"engine {engine!r} is not loaded; this server runs {self.settings.engine.name!r}")
+        if len(self.sessions) >= self.settings.limits.max_sessions:
+            raise AtCapacity(f"at capacity: {len(self.sessions)} of {self.settings.limits.max_sessions} sessions in use")
+        avatar_id = validate_avatar_id(avatar_id or self.settings.avatars.default)
+        avatar = await asyncio.to_thread(self.store.load, avatar_id)
+        await asyncio.to_thread(self.engine.load_avatar, avatar)
+        cfg = self.settings.sessions
+        session_id = secrets.token_urlsafe(12)
+        holder: dict[str, ServerSession] = {}
+        live = LiveSession(
+            avatar,
+            self.worker,
+            self.engine.new_featurizer(),
+            vad_aggressiveness=self.settings.engine.vad_aggressiveness,
+            max_buffer_seconds=self.settings.limits.audio_buffer_seconds,
+            jitter_seconds=cfg.jitter_seconds,
+            processing_seconds=cfg.processing_seconds,
+            on_event=lambda event: holder["s"].broadcast(event),
+            observer=self.metrics,
+        )
+        session = holder["s"] = ServerSession(session_id, avatar_id, self.settings.engine.name, live)
+        self.sessions[session_id] = session
+        live.start()
+        self.metrics.sessions.set(len(self.sessions))
+        log.info("session %s created (avatar=%s)", session_id, avatar_id)
+        return session
+
+    def get(self, session_id: str) -> ServerSession:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise SessionNotFound(f"unknown session '{session_id}'")
+        return session
+
+    def track(self, session: ServerSession, coro: Any, name: str) -> asyncio.Task:
+        """Runs a task that belongs to a session and is cancelled when the session ends."""
+        task = asyncio.get_running_loop().create_task(coro, name=f"{name}-{session.id}")
+        session.tasks.add(task)
+        task.add_done_callback(session.tasks.discard)
+        return task
+
+    def output_tracks(self, session: ServerSession) -> tuple[SessionVideoTrack, SessionAudioTrack]:
+        late = self.metrics.late_frames.inc
+        return SessionVideoTrack(session.live, on_late=late), SessionAudioTrack(session.live)
+
+    def mean_fps(self) -> float:
+        rates = [t.fps for s in self.sessions.values() for t in s.output_tracks() if t.kind == "video"]
+        return sum(rates) / len(rates) if rates else 0.0
+
+    def add_viewer(self, session: ServerSession, peer: RTCPeerConnection) -> Viewer:
+        viewer = Viewer(secrets.token_urlsafe(8), peer, *self.output_tracks(session))
+        peer.addTrack(viewer.video)
+        peer.addTrack(viewer.audio)
+        session.viewers[viewer.id] = viewer
+        session.last_activity = time.monotonic()
+        return viewer
+
+    async def remove_viewer(self, session: ServerSession, viewer_id: str) -> None:
+        viewer = session.viewers.pop(viewer_id, None)
+        if viewer is None:
+            raise SessionNotFound(f"unknown viewer '{viewer_id}' of session '{session.id}'")
+        await _close_viewer(viewer)
+
+    async def end(self, session_id: str, reason: str) -> None:
+        session = self.sessions.pop(session_id, None)
+        if session is None or session.ended:
+            return
+        session.ended = True
+        session.broadcast({"type": "session_ended", "reason": reason})
+        for queue in list(session.listeners):
+            queue.put_nowait(None)  # tells WebSocket handlers to close
+        await session.live.close()
+        for viewer in list(session.viewers.values()):
+            await _close_viewer(viewer)
+        session.viewers.clear()
+        for track in session.input_tracks:
+            track.stop()
+        if session.input_peer is not None:
+            await session.input_peer.close()
+        for task in list(session.tasks):
+            task.cancel()
+        if session.tasks:
+            await asyncio.wait(session.tasks, timeout=2)
+        self.metrics.sessions.set(len(self.sessions))
+        log.info("session %s ended: %s", session_id, reason)
+
+    async def shutdown(self) -> None:
+        """Drain: refuse new sessions, close every peer and socket cleanly."""
+        self.draining = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        await asyncio.gather(*(self.end(sid, "server shutting down") for sid in list(self.sessions)))
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            for session in list(self.sessions.values()):
+                reason = self._reason_to_end(session, now)
+                if reason:
+                    await self.end(session.id, reason)
+
+    def _reason_to_end(self, session: ServerSession, now: float) -> str | None:
+        cfg = self.settings.sessions
+        if session.input_kind in ("call", "whip"):
+            state = session.input_peer.connectionState if session.input_peer else "closed"
+            silent = session.last_input is not None and now - session.last_input >= cfg.vanish_timeout_seconds
+            lost = state in ("failed", "closed", "disconnected") or silent
+        elif session.input_kind == "websocket":
+            lost, silent = session.websockets == 0, False
+        else:
+            lost = silent = False
+        if lost:
+            session.input_lost_since = session.input_lost_since or now
+            if silent or now - session.input_lost_since >= cfg.vanish_timeout_seconds:
+                return f"{session.input_kind} input went away"
+        else:
+            session.input_lost_since = None
+        for viewer_id, viewer in list(session.viewers.items()):
+            if viewer.peer.connectionState in ("failed", "closed"):
+                self.track(session, self.remove_viewer(session, viewer_id), "viewer-gone")
+        busy = session.websockets or session.viewers or session.input_kind in ("call", "whip") or session.live.speaking
+        if busy:
+            session.last_activity = now
+        elif now - session.last_activity >= cfg.idle_timeout_seconds:
+            return "idle timeout"
+        return None
+
+
+async def _close_viewer(viewer: Viewer) -> None:
+    viewer.video.stop()
+    viewer.audio.stop()
+    await viewer.peer.close()

@@ -1,0 +1,67 @@
+"""A real lipstream server in a subprocess, configured for loopback-only WebRTC."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running_server(avatars: Path, tmp: Path, overrides: dict[str, Any] | None = None) -> Iterator[str]:
+    """Starts ``lipstream serve`` and yields its base URL once /readyz says ready."""
+    port = free_port()
+    config: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
+        "avatars": {"dir": str(avatars)},
+        "webrtc": {"host_addresses": ["127.0.0.1"]},
+    }
+    for section, values in (overrides or {}).items():
+        config.setdefault(section, {}).update(values)
+    path = tmp / f"server-{port}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIPSTREAM_")}
+    log = open(tmp / f"server-{port}.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "--config", str(path), "serve"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited: {(tmp / f'server-{port}.log').read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server not ready within 60 s")
+            time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()

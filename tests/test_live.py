@@ -1,0 +1,242 @@
+"""Live sessions end to end against a real server process, all traffic on loopback.
+
+Each scenario sends espeak-ng speech with silence around it and measures on what comes back:
+delivered fps, the mouth moving in speech and resting in silence, and A/V sync as the offset
+between speech onsets in the returned audio and motion onsets of the mouth, both on the
+sender's clock (see tests/rtc_client.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import websockets
+
+from tests.live_server import running_server
+from tests.rtc_client import RATE, Client, SpeechTrack, envelope, motion, onsets
+from tests.speech import espeak
+
+pytestmark = pytest.mark.slow
+
+SYNC_TOLERANCE = 0.040
+TEXT = "Hello there. I am a talking avatar. Watch my lips move with my words."
+
+
+@pytest.fixture(scope="module")
+def server(avatars_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("live")
+    overrides = {"limits": {"audio_buffer_seconds": 8, "ws_message_bytes": 262144, "max_sessions": 6}}
+    with running_server(avatars_root, tmp, overrides) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def mouth_roi(demo_avatar) -> tuple[int, int, int, int]:
+    points = demo_avatar.landmarks[0][48:68]
+    x1, y1 = points.min(axis=0) - 8
+    x2, y2 = points.max(axis=0) + 8
+    return int(x1), int(y1), int(x2), int(y2)
+
+
+@pytest.fixture(scope="module")
+def speech48() -> np.ndarray:
+    audio, _ = espeak(TEXT, sample_rate=RATE)
+    return audio
+
+
+@dataclass
+class Analysis:
+    fps: float
+    audio_onsets: list[float]
+    mouth_onsets: list[float]
+    speech_motion: float
+    silence_motion: float
+    first_offset: float
+    offsets: list[float]
+
+
+def analyse(client: Client, speech_span: tuple[float, float]) -> Analysis:
+    """``speech_span``: sender-clock times bracketing the speech in the returned audio."""
+    rec = client.recording
+    times = rec.video_times()
+    arrivals = np.array(rec.video_arrival)
+    steady = (arrivals > arrivals[0] + 0.5) & (arrivals < arrivals[-1] - 0.2)
+    fps = (steady.sum() - 1) / (arrivals[steady][-1] - arrivals[steady][0])
+
+    signal, t0 = rec.audio_signal()
+    env = envelope(signal)
+    env_times = t0 + np.arange(len(env)) * 0.01
+    audio_onsets = onsets(env, env_times, threshold=0.02)
+
+    quiet = times < speech_span[0] - 0.3
+    reference = np.median(np.stack([f for f, q in zip(rec.frames, quiet, strict=True) if q]), axis=0)
+    moves = motion(rec.frames, reference)
+    silence_motion = float(np.percentile(moves[quiet], 95))
+    threshold = max(4.0 * silence_motion, 2.5)
+    mouth_onsets = onsets(moves, times, threshold=threshold)
+    during = (times > speech_span[0]) & (times < speech_span[1])
+    offsets = []
+    for onset in audio_onsets:
+        nearest = min(mouth_onsets, key=lambda m: abs(m - onset), default=None)
+        if nearest is not None and abs(nearest - onset) < 0.15:
+            offsets.append(nearest - onset)
+    return Analysis(
+        fps=float(fps),
+        audio_onsets=audio_onsets,
+        mouth_onsets=mouth_onsets,
+        speech_motion=float(np.mean(moves[during])),
+        silence_motion=silence_motion,
+        first_offset=mouth_onsets[0] - audio_onsets[0] if audio_onsets and mouth_onsets else float("nan"),
+        offsets=offsets,
+    )
+
+
+def assert_lipsync(result: Analysis) -> None:
+    assert result.fps >= 24, f"delivered {result.fps:.1f} fps"
+    assert result.audio_onsets, "no speech in the returned audio"
+    assert result.mouth_onsets, "the mouth never moved"
+    assert result.speech_motion > 5 * max(result.silence_motion, 0.5), result
+    assert abs(result.first_offset) <= SYNC_TOLERANCE, f"speech onset vs mouth onset: {result.first_offset * 1000:.0f} ms"
+    assert len(result.offsets) >= 1
+    assert abs(float(np.median(result.offsets))) <= SYNC_TOLERANCE, result.offsets
+
+
+async def wait_for_frames(client: Client, count: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(client.recording.frames) < count:
+        assert time.monotonic() < deadline, f"only {len(client.recording.frames)} frames arrived"
+        await asyncio.sleep(0.05)
+
+
+def ws_url(url: str, session_id: str) -> str:
+    return url.replace("http://", "ws://") + f"/v1/sessions/{session_id}/audio"
+
+
+async def push_realtime(ws, pcm: bytes, bytes_per_second: int, chunk_seconds: float = 0.02) -> None:
+    chunk = int(bytes_per_second * chunk_seconds) // 2 * 2
+    start = time.monotonic()
+    for n, offset in enumerate(range(0, len(pcm), chunk)):
+        await ws.send(pcm[offset : offset + chunk])
+        delay = start + (n + 1) * chunk_seconds - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+async def collect_events(ws, events: list[dict]) -> None:
+    try:
+        async for message in ws:
+            event = json.loads(message)
+            event["received_at"] = time.monotonic()
+            events.append(event)
+    except websockets.ConnectionClosed:
+        pass
+
+
+def test_websocket_push_with_whep_viewer(server: str, mouth_roi, tmp_path: Path) -> None:
+    speech24, _ = espeak(TEXT, sample_rate=24000)
+    pcm = (np.clip(speech24, -1, 1) * 32767).astype("<i2").tobytes()
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server, timeout=20) as http:
+            session_id = (await http.post("/v1/sessions", json={"avatar": "demo"})).json()["id"]
+            viewer = Client(roi=mouth_roi)
+            await viewer.watch(http, session_id)
+            await wait_for_frames(viewer, 25)
+            events: list[dict] = []
+            async with websockets.connect(ws_url(server, session_id)) as ws:
+                listener = asyncio.ensure_future(collect_events(ws, events))
+                await ws.send(json.dumps({"type": "start", "format": "pcm_s16le", "sample_rate": 24000, "channels": 1}))
+                await asyncio.sleep(1.0)
+                pushed_at = time.monotonic()
+                await push_realtime(ws, pcm, 24000 * 2)
+                await ws.send(json.dumps({"type": "end"}))
+                await asyncio.sleep(1.5)
+                listener.cancel()
+            session = (await http.get(f"/v1/sessions/{session_id}")).json()
+            await viewer.close()
+            await http.delete(f"/v1/sessions/{session_id}")
+            return viewer, events, pushed_at, session
+
+    viewer, events, pushed_at, session = asyncio.run(scenario())
+    result = analyse(viewer, (pushed_at, pushed_at + len(speech24) / 24000 + 0.3))
+    assert_lipsync(result)
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "ready"
+    started = [e for e in events if e["type"] == "speaking_started"]
+    stopped = [e for e in events if e["type"] == "speaking_stopped"]
+    assert started and stopped
+    # Plausible media timestamps: speech spans roughly the pushed duration, in order.
+    span = stopped[-1]["media_time"] - started[0]["media_time"]
+    assert abs(span - len(speech24) / 24000) < 0.5, span
+    assert started[0]["media_time"] >= 0.9  # one second of silence came first
+    assert 0 <= started[0]["received_at"] - pushed_at < 0.6
+    assert session["stats"]["latency_ms_p50"] is not None
+
+
+def test_call_with_microphone(server: str, mouth_roi, speech48: np.ndarray) -> None:
+    silence = np.zeros(RATE, np.float32)
+    microphone = SpeechTrack(np.concatenate([silence, speech48, silence, silence]))
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server, timeout=20) as http:
+            client = Client(roi=mouth_roi)
+            session_id = await client.call(http, microphone, avatar="demo")
+            await wait_for_frames(client, 10)
+            await asyncio.sleep(len(speech48) / RATE + 2.6)
+            info = (await http.get(f"/v1/sessions/{session_id}")).json()
+            await client.close()
+            return client, info
+
+    client, info = asyncio.run(scenario())
+    start = microphone.started_at + 1.0
+    result = analyse(client, (start, start + len(speech48) / RATE + 0.3))
+    assert_lipsync(result)
+    assert info["input"] == "call" and info["stats"]["latency_ms_p95"] < 400
+
+
+def test_interrupt_returns_to_idle_within_100ms(server: str, mouth_roi) -> None:
+    speech24, _ = espeak(TEXT + " " + TEXT, sample_rate=24000)
+    pcm = (np.clip(speech24, -1, 1) * 32767).astype("<i2").tobytes()
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server, timeout=20) as http:
+            session_id = (await http.post("/v1/sessions", json={})).json()["id"]
+            viewer = Client(roi=mouth_roi)
+            await viewer.watch(http, session_id)
+            await wait_for_frames(viewer, 25)
+            async with websockets.connect(ws_url(server, session_id)) as ws:
+                await ws.send(json.dumps({"type": "start", "format": "pcm_s16le", "sample_rate": 24000, "channels": 1}))
+                await ws.recv()
+                await ws.send(pcm[: 24000 * 2 * 6])  # 6 s at once: buffered ahead of real time
+                await asyncio.sleep(2.5)
+                interrupted_at = time.monotonic()
+                await http.post(f"/v1/sessions/{session_id}/interrupt")
+                await asyncio.sleep(1.5)
+            await viewer.close()
+            await http.delete(f"/v1/sessions/{session_id}")
+            return viewer, interrupted_at
+
+    viewer, interrupted_at = asyncio.run(scenario())
+    rec = viewer.recording
+    times = rec.video_times()
+    reference = np.median(np.stack(rec.frames[:10]), axis=0)
+    moves = motion(rec.frames, reference)
+    before = moves[(times > interrupted_at - 1.0) & (times < interrupted_at)]
+    assert before.mean() > 4.0, "the mouth should be moving before the interrupt"
+    idle_threshold = max(float(np.percentile(moves[:10], 95)) * 3, 2.0)
+    after = np.flatnonzero(times >= interrupted_at)
+    # The first frame from which the mouth stays at rest.
+    resting = [i for i in after if (moves[i:] < idle_threshold).all()]
+    assert resting, "the avatar never returned to idle"
+    delay = times[resting[0]] - interrupted_at
+    assert delay <= 0.100, f"idle {delay * 1000:.0f} ms after the interrupt"
+    signal, t0 = rec.audio_signal()
+    tail = signal[int((interrupted_at + 0.1 - t0) * RATE) :]
+    assert np.abs(tail).max() < 0.01, "speech audio kept playing after the interrupt"
