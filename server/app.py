@@ -26,7 +26,7 @@ from pipeline.engines.base import Engine
 from pipeline.errors import LipstreamError
 from pipeline.live.worker import EngineWorker
 from server.auth import ApiKeyMiddleware, BodyLimitMiddleware, check_auth_config, is_loopback_host
-from server.config import Settings
+from server.config import Settings, engine_options
 from server.metrics import Metrics
 from server.routes import audio_ws, sessions, webrtc
 from server.sessions import SessionManager
@@ -71,7 +71,7 @@ async def _start(state: AppState) -> None:
         if settings.avatars.default == DEMO_ID:
             await asyncio.to_thread(ensure_demo_avatar, state.store)
         avatar = await asyncio.to_thread(state.store.load, settings.avatars.default)
-        state.engine = create_engine(settings.engine.name, device=settings.engine.device)
+        state.engine = create_engine(settings.engine.name, **engine_options(settings.engine))
         await asyncio.to_thread(state.engine.load_avatar, avatar)
         state.worker = EngineWorker(
             state.engine, settings.engine.batch_size, settings.engine.device, on_batch=state.metrics.on_batch

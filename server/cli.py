@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipeline.errors import LipstreamError
-from server.config import Settings, load_settings
+from server.config import Settings, engine_options, load_settings
 from server.progress import progress_bar
 
 app = typer.Typer(
@@ -172,7 +172,7 @@ def render(
     if engine is not None:
         settings.engine.name = engine
     loaded = _load_avatar(avatar, quiet)
-    lip_engine = create_engine(settings.engine.name, device=settings.engine.device)
+    lip_engine = create_engine(settings.engine.name, **engine_options(settings.engine))
     try:
         with progress_bar("rendering", quiet) as progress:
             result = render_to_file(

@@ -40,6 +40,7 @@ class AvatarsConfig(Section):
 class EngineConfig(Section):
     name: str = "lite"
     device: str = "cpu"
+    dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
     batch_size: int = Field(16, ge=1, le=256)
     vad_aggressiveness: int = Field(2, ge=0, le=3)
     models_dir: Path = Path("models")
@@ -60,6 +61,19 @@ class EngineConfig(Section):
         if kind not in {"cpu", "cuda"} or (index and not index.isdigit()) or (kind == "cpu" and index):
             raise ValueError(f"device must be 'cpu' or 'cuda:N', got {value!r}")
         return value
+
+
+def engine_options(engine: EngineConfig) -> dict[str, Any]:
+    """Constructor arguments for the configured engine (the lite engine takes none: it has no
+    weights and always runs on the CPU)."""
+    if engine.name == "musetalk":
+        return {
+            "device": engine.device,
+            "dtype": engine.dtype,
+            "models_dir": engine.models_dir,
+            "batch_size": engine.batch_size,
+        }
+    return {}
 
 
 class RenderConfig(Section):

@@ -21,8 +21,14 @@ import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
+from server.webrtc import configure_host_addresses
+
 RATE = 48000
 CHUNK = 960  # 20 ms
+
+# Tests keep every packet on loopback: aioice would otherwise offer only this machine's other
+# interfaces (it skips 127.0.0.1), and the server, configured loopback-only, drops those.
+configure_host_addresses(["127.0.0.1"])
 
 
 class SpeechTrack(MediaStreamTrack):
@@ -67,6 +73,7 @@ class StreamClock:
     clock_rate: int
     offset: float | None = None
     _origin: int | None = None
+    mapper: object | None = None  # the receiver's TimestampMapper: decoded pts = rtp - its origin
 
     def unwrap(self, timestamp: int) -> int:
         if self._origin is None:
@@ -79,8 +86,17 @@ class StreamClock:
         self.offset = candidate if self.offset is None else min(self.offset, candidate)
 
     def wall(self, timestamp: int) -> float:
+        """Sender wall time of an RTP timestamp."""
         assert self.offset is not None, "no packet seen"
         return self.unwrap(timestamp) / self.clock_rate + self.offset
+
+    def rtp(self, pts: int) -> int:
+        """The RTP timestamp of a decoded frame (aiortc rebases pts to its first frame)."""
+        origin = self.mapper._origin  # type: ignore[union-attr]
+        return (pts + origin) % (1 << 32)
+
+    def wall_of_pts(self, pts: int) -> float:
+        return self.wall(self.rtp(pts))
 
 
 @dataclass
@@ -94,22 +110,23 @@ class Recording:
     audio_clock: StreamClock = field(default_factory=lambda: StreamClock(RATE))
 
     def video_times(self) -> np.ndarray:
-        return np.array([self.video_clock.wall(p) for p in self.video_pts])
+        return np.array([self.video_clock.wall_of_pts(p) for p in self.video_pts])
 
     def audio_signal(self) -> tuple[np.ndarray, float]:
         """The received audio laid on the sender clock: (samples, wall time of sample 0)."""
         if not self.audio:
             return np.zeros(0, np.float32), 0.0
-        starts = [self.audio_clock.unwrap(p) for p in self.audio_pts]
+        starts = [self.audio_clock.unwrap(self.audio_clock.rtp(p)) for p in self.audio_pts]
         total = max(s + len(a) for s, a in zip(starts, self.audio, strict=True)) - starts[0]
         signal = np.zeros(total, np.float32)
         for s, a in zip(starts, self.audio, strict=True):
             signal[s - starts[0] : s - starts[0] + len(a)] = a
-        return signal, self.audio_clock.wall(self.audio_pts[0])
+        return signal, self.audio_clock.wall_of_pts(self.audio_pts[0])
 
 
 def _hook_rtp(receiver, clock: StreamClock) -> None:
     """Observe every RTP packet's arrival before the jitter buffer holds it back."""
+    clock.mapper = receiver._RTCRtpReceiver__timestamp_mapper
     original = receiver._handle_rtp_packet
 
     async def handle(packet, arrival_time_ms):  # noqa: ANN001

@@ -80,6 +80,7 @@ async def healthy_session(http: httpx.AsyncClient, url: str, stop: asyncio.Event
             await ws.send(pcm[offset : offset + 640])
             n += 1
             await asyncio.sleep(max(0.0, start + n * 0.02 - time.monotonic()))
+    await http.delete(f"/v1/sessions/{session_id}")
     return viewer
 
 
@@ -208,6 +209,9 @@ VANISHING_CLIENT = textwrap.dedent(
 
 
 def test_client_vanishing_mid_call_frees_everything(server: str) -> None:
+    deadline = time.monotonic() + 5
+    while httpx.get(f"{server}/v1/server").json()["sessions"] and time.monotonic() < deadline:
+        time.sleep(0.1)  # earlier tests' sessions wind down first
     baseline = httpx.get(f"{server}/v1/server").json()
     client = subprocess.Popen(
         [sys.executable, "-c", VANISHING_CLIENT, server],

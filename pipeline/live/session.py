@@ -272,7 +272,13 @@ class LiveSession:
         assert self.t0 is not None
         while not self._closed:
             index = self._next_index
-            audio_due = self.t0 + index * FRAME_SECONDS + LOOKAHEAD_SECONDS + self.jitter
+            # Never ahead of the clock: audio pushed faster than real time stays buffered (and
+            # counted against the limit) instead of turning into frames nobody can show yet.
+            earliest = self.t0 + index * FRAME_SECONDS + LOOKAHEAD_SECONDS
+            wait = earliest - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            audio_due = earliest + self.jitter
             frame = await self._audio_frame(index, audio_due, loop)
             self._produce(frame, self.t0 + index * FRAME_SECONDS + self.delay)
             self._next_index += 1
