@@ -86,7 +86,9 @@ class LiteFeaturizer(Featurizer):
         s.openness += (target - s.openness) * rate
         s.width += (width - s.width) * 0.5
         s.rounding += (rounding - s.rounding) * 0.5
-        active = frame.speech or s.openness > REST
+        # Active means "the mouth is not at rest": a VAD false alarm on quiet noise leaves the
+        # target at 0 and so costs no engine work.
+        active = s.openness > REST
         if not active:
             s.openness = s.width = s.rounding = 0.0
         params = np.array([s.openness, s.width, s.rounding * s.openness], dtype=np.float32)
