@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# Debian packages the tests need: espeak-ng (speech), sox (audio tools).
-APT_TEST_PACKAGES := espeak-ng sox
+# Debian packages the tests need: espeak-ng (speech), sox (audio tools), chromium and its
+# driver (the call page test).
+APT_TEST_PACKAGES := espeak-ng sox chromium chromium-driver
 
 .PHONY: run test install test-deps system-test-deps bench clean
 
@@ -29,8 +30,14 @@ system-test-deps:
 	  else echo "warning: missing Debian packages:$$missing (run as root or install them)"; fi; \
 	fi
 
+# The MuseTalk engine is tested on the CPU too, so the tests install the gpu extra. torch is
+# pinned and installed first: 2.13.0 is the CPU build this machine kind carries locally; an
+# unpinned torch (or one pulled in by diffusers) would fetch several GB of CUDA packages.
+TORCH_CPU := torch==2.13.0
+
 $(VENV)/.test-installed: $(VENV)/.installed
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet $(TORCH_CPU)
+	$(BIN)/pip install --quiet -e '.[test,gpu]'
 	touch $@
 
 test-deps: system-test-deps $(VENV)/.test-installed
