@@ -97,7 +97,8 @@ async def _stop(state: AppState) -> None:
 
 def create_app(settings: Settings) -> FastAPI:
     check_auth_config(settings.server.host, settings.server.api_keys)
-    configure_host_addresses(settings.webrtc.host_addresses)
+    if settings.webrtc.host_addresses:
+        configure_host_addresses(settings.webrtc.host_addresses)
     state = AppState(settings=settings, store=AvatarStore(settings.avatars.dir))
 
     @asynccontextmanager

@@ -81,13 +81,13 @@ def _model_rows(settings: Settings) -> list[Row]:
 
 
 def _landmark_row() -> Row:
-    try:
-        import face_recognition_models
+    from pipeline.avatar.landmarks import predictor_model_path
+    from pipeline.errors import EngineUnavailable
 
-        path = face_recognition_models.pose_predictor_model_location()
-        return Row("model", "dlib 68-point landmarks", OK, path, True)
-    except ImportError:
-        return Row("model", "dlib 68-point landmarks", MISSING, "pip install face_recognition_models", True)
+    try:
+        return Row("model", "dlib 68-point landmarks", OK, str(predictor_model_path()), True)
+    except EngineUnavailable as exc:
+        return Row("model", "dlib 68-point landmarks", MISSING, str(exc), True)
 
 
 def collect(settings: Settings) -> list[Row]:

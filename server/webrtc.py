@@ -45,19 +45,35 @@ class BadSdp(InputError):
 
 # ---------------------------------------------------------------------------------- ICE set-up
 _original_host_addresses = aioice.ice.get_host_addresses
+_original_request_received = aioice.ice.Connection.request_received
 
 
 def configure_host_addresses(addresses: list[str]) -> None:
-    """Restrict ICE host candidates to ``addresses`` (aioice otherwise takes every interface
-    except loopback). Process-wide, because aioice reads it from module scope."""
+    """Restrict ICE to ``addresses`` (aioice otherwise takes every interface except loopback).
+
+    Process-wide, because aioice reads these from module scope. When every address is
+    loopback, incoming connectivity checks from other addresses are ignored too: a browser
+    checks from all its sockets, and aioice would otherwise learn a peer-reflexive candidate
+    on another interface and send checks back to it.
+    """
     if not addresses:
         aioice.ice.get_host_addresses = _original_host_addresses
+        aioice.ice.Connection.request_received = _original_request_received
         return
 
     def fixed(use_ipv4: bool, use_ipv6: bool) -> list[str]:
         return [a for a in addresses if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
 
     aioice.ice.get_host_addresses = fixed
+    if all(_is_loopback(a) for a in addresses):
+
+        def loopback_requests_only(self, message, addr, protocol):  # noqa: ANN001
+            if _is_loopback(addr[0]):
+                _original_request_received(self, message, addr, protocol)
+
+        aioice.ice.Connection.request_received = loopback_requests_only
+    else:
+        aioice.ice.Connection.request_received = _original_request_received
 
 
 def loopback_only(config: WebRtcConfig) -> bool:
