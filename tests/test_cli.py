@@ -145,3 +145,25 @@ def test_doctor_prints_a_table(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     for item in ["python", "libx264", "musetalkV15/unet.pth", "dlib 68-point landmarks"]:
         assert item in result.stdout
+
+
+def test_render_command_writes_a_playable_mp4(tmp_path: Path) -> None:
+    """The README's command, as a person types it: the demo avatar is prepared on first use."""
+    import av
+
+    from tests.speech import speech_clip
+
+    clip = speech_clip(tmp_path / "speech.wav", sample_rate=44100)
+    avatars = tmp_path / "avatars"
+    out = tmp_path / "out.mp4"
+    result = lipstream("render", "--avatar", "demo", "--audio", str(clip.path), "--out", str(out), avatars=avatars)
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout and (avatars / "demo" / "avatar.json").is_file()
+    assert "rendering" in result.stderr  # the progress bar
+    with av.open(str(out)) as container:
+        video = container.streams.video[0]
+        audio = container.streams.audio[0]
+        assert video.codec_context.name == "h264" and audio.codec_context.name == "aac"
+        assert audio.rate == 44100
+        frames = sum(1 for _ in container.decode(video=0))
+    assert frames == int(clip.duration * 25)
