@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pipeline.avatar.store import AvatarStore
 from pipeline.engines.base import Engine
 from pipeline.errors import LipstreamError
+from pipeline.live.feature_worker import FeatureWorker
 from pipeline.live.worker import EngineWorker
 from server.auth import ApiKeyMiddleware, BodyLimitMiddleware, check_auth_config, is_loopback_host
 from server.config import Settings, engine_options
@@ -48,6 +49,7 @@ class AppState:
     metrics: Metrics = field(default_factory=Metrics)
     engine: Engine | None = None
     worker: EngineWorker | None = None
+    feature_worker: FeatureWorker | None = None
     manager: SessionManager | None = None
     ready: bool = False
     startup_error: str | None = None
@@ -76,7 +78,11 @@ async def _start(state: AppState) -> None:
         state.worker = EngineWorker(
             state.engine, settings.engine.batch_size, settings.engine.device, on_batch=state.metrics.on_batch
         )
-        state.manager = SessionManager(settings, state.store, state.engine, state.worker, state.metrics)
+        # audio features of blocking featurizers (MuseTalk's Whisper), batched across sessions
+        state.feature_worker = FeatureWorker(settings.engine.device)
+        state.manager = SessionManager(
+            settings, state.store, state.engine, state.worker, state.metrics, feature_worker=state.feature_worker
+        )
         state.manager.start()
         state.metrics.set_fps_source(state.manager.mean_fps)
         state.ready = True
@@ -91,6 +97,8 @@ async def _stop(state: AppState) -> None:
         await state.manager.shutdown()
     if state.worker is not None:
         await asyncio.to_thread(state.worker.close)
+    if state.feature_worker is not None:
+        await asyncio.to_thread(state.feature_worker.close)
     if state.engine is not None:
         state.engine.close()
 
@@ -169,16 +177,38 @@ def create_app(settings: Settings) -> FastAPI:
 def run_server(settings: Settings) -> None:
     import uvicorn
 
-    logging.basicConfig(
-        level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    uvicorn.run(
-        create_app(settings),
+    from server.logs import configure_logging
+
+    configure_logging(settings.server.log_level, settings.server.log_format)
+    app = create_app(settings)
+
+    class DrainingServer(uvicorn.Server):
+        """Starts the drain on SIGTERM/SIGINT itself: uvicorn would first wait for open
+        WebSockets and then kill them, so producers would never hear that their session ended."""
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            manager = app.state.lipstream.manager
+            if manager is None or manager.draining:  # not started, or a second signal: exit now
+                super().handle_exit(sig, frame)
+                return
+
+            async def drain_then_exit() -> None:
+                try:
+                    await asyncio.wait_for(manager.shutdown(), timeout=10)
+                finally:
+                    super(DrainingServer, self).handle_exit(sig, frame)
+
+            asyncio.get_event_loop().call_soon_threadsafe(lambda: asyncio.ensure_future(drain_then_exit()))
+
+    config = uvicorn.Config(
+        app,
         host=settings.server.host,
         port=settings.server.port,
         log_level=settings.server.log_level,
+        log_config=None,  # keep our formatter for uvicorn's own lines too
         # Oversized messages up to twice the limit reach our handler, which answers with a
         # readable error; beyond that uvicorn closes with 1009 before buffering them.
         ws_max_size=2 * settings.limits.ws_message_bytes,
         timeout_graceful_shutdown=5,
     )
+    DrainingServer(config).run()

@@ -28,6 +28,7 @@ class ServerConfig(Section):
     port: int = Field(8000, ge=1, le=65535)
     api_keys: list[str] = Field(default_factory=list)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
 
 
 class AvatarsConfig(Section):
@@ -110,6 +111,26 @@ class LimitsConfig(Section):
     upload_bytes: int = Field(209_715_200, ge=1024)
 
 
+class RtmpConfig(Section):
+    video_bitrate: int = Field(2_500_000, ge=100_000, le=50_000_000)
+    gop_seconds: float = Field(2.0, gt=0, le=10)
+    preset: Literal[
+        "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"
+    ] = "veryfast"
+    audio_bitrate: int = Field(128_000, ge=32_000, le=512_000)
+    reconnect_initial_seconds: float = Field(1.0, gt=0, le=600)
+    reconnect_max_seconds: float = Field(30.0, gt=0, le=3600)
+    max_retries: int = Field(0, ge=0)
+    timeout_seconds: float = Field(5.0, gt=0, le=120)
+    max_outputs_per_session: int = Field(4, ge=1, le=64)
+
+
+class RecordingsConfig(Section):
+    dir: Path = Path("recordings")
+    max_bytes: int = Field(4_294_967_296, ge=65_536)
+    min_free_bytes: int = Field(1_073_741_824, ge=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LIPSTREAM_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
@@ -122,6 +143,8 @@ class Settings(BaseSettings):
     sessions: SessionsConfig = Field(default_factory=SessionsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     webrtc: WebRtcConfig = Field(default_factory=WebRtcConfig)
+    rtmp: RtmpConfig = Field(default_factory=RtmpConfig)
+    recordings: RecordingsConfig = Field(default_factory=RecordingsConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -21,6 +21,7 @@ from pipeline.avatar.ids import validate_avatar_id
 from pipeline.avatar.store import AvatarStore
 from pipeline.engines.base import Engine
 from pipeline.errors import LipstreamError
+from pipeline.live.feature_worker import FeatureWorker
 from pipeline.live.session import LiveSession
 from pipeline.live.worker import EngineWorker
 from server.config import Settings
@@ -113,9 +114,16 @@ def _round(value: float | None) -> float | None:
 
 class SessionManager:
     def __init__(
-        self, settings: Settings, store: AvatarStore, engine: Engine, worker: EngineWorker, metrics: Metrics
+        self,
+        settings: Settings,
+        store: AvatarStore,
+        engine: Engine,
+        worker: EngineWorker,
+        metrics: Metrics,
+        feature_worker: FeatureWorker | None = None,
     ) -> None:
         self.settings = settings
+        self.feature_worker = feature_worker
         self.store = store
         self.engine = engine
         self.worker = worker
@@ -150,12 +158,13 @@ class SessionManager:
             processing_seconds=cfg.processing_seconds,
             on_event=lambda event: holder["s"].broadcast(event),
             observer=self.metrics,
+            feature_worker=self.feature_worker,
         )
         session = holder["s"] = ServerSession(session_id, avatar_id, self.settings.engine.name, live)
         self.sessions[session_id] = session
         live.start()
         self.metrics.sessions.set(len(self.sessions))
-        log.info("session %s created (avatar=%s)", session_id, avatar_id)
+        log.info("session created (avatar=%s)", avatar_id, extra={"session_id": session_id})
         return session
 
     def get(self, session_id: str) -> ServerSession:
@@ -214,7 +223,7 @@ class SessionManager:
         if session.tasks:
             await asyncio.wait(session.tasks, timeout=2)
         self.metrics.sessions.set(len(self.sessions))
-        log.info("session %s ended: %s", session_id, reason)
+        log.info("session ended: %s", reason, extra={"session_id": session_id})
 
     async def shutdown(self) -> None:
         """Drain: refuse new sessions, close every peer and socket cleanly."""

@@ -18,6 +18,12 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
+class ServerUrl(str):
+    """The server's base URL, carrying its process (for tests that signal it)."""
+
+    process: subprocess.Popen
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -25,7 +31,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(avatars: Path, tmp: Path, overrides: dict[str, Any] | None = None) -> Iterator[str]:
+def running_server(avatars: Path, tmp: Path, overrides: dict[str, Any] | None = None) -> Iterator[ServerUrl]:
     """Starts ``lipstream serve`` and yields its base URL once /readyz says ready."""
     port = free_port()
     config: dict[str, Any] = {
@@ -43,7 +49,8 @@ def running_server(avatars: Path, tmp: Path, overrides: dict[str, Any] | None = 
         [sys.executable, "-m", "server.cli", "--config", str(path), "serve"],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
-    url = f"http://127.0.0.1:{port}"
+    url = ServerUrl(f"http://127.0.0.1:{port}")
+    url.process = process
     try:
         deadline = time.monotonic() + 60
         while True:

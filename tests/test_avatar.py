@@ -135,3 +135,92 @@ def test_check_reports_good_and_damaged(tmp_path: Path) -> None:
     rows = {row.item: row for row in check_avatar(AvatarStore(tmp_path / "avatars"), "bad")}
     assert rows["frames.npy"].status == "invalid"
     assert rows["engine lite"].status == "invalid"
+
+
+def test_video_is_resampled_by_timestamp(tmp_path: Path) -> None:
+    """Output frame k shows the latest source frame at or before k/25 s; max_side and max_seconds
+    are honoured and sizes come out even. Frames carry their source index as grey level."""
+    from pipeline.avatar.video import normalise_frame, read_source_frames
+
+    frames = [np.full((102, 164, 3), 6 * i, np.uint8) for i in range(36)]  # 1.2 s at 30 fps
+    video = tmp_path / "ramp.mp4"
+    _write_video(video, frames, 30)
+    with av.open(str(video)) as container:  # the decoded level of each source frame, in order
+        levels = [int(f.to_ndarray(format="bgr24")[50, 80, 0]) for f in container.decode(video=0)]
+    assert len(set(levels)) == 36
+    out = read_source_frames(video)
+    assert out.shape == (30, 102, 164, 3)
+    source_index = [levels.index(int(v)) for v in out[:, 50, 80, 0]]
+    assert source_index == [(k * 30) // 25 for k in range(30)]
+    short = read_source_frames(video, max_seconds=0.5, max_side=81)
+    assert short.shape[0] == 12 and max(short.shape[1:3]) <= 81
+    assert short.shape[1] % 2 == 0 and short.shape[2] % 2 == 0
+    assert normalise_frame(np.zeros((101, 163, 3), np.uint8)).shape == (100, 162, 3)
+
+
+def test_loads_are_shared_and_refreshed(tmp_path: Path) -> None:
+    store = AvatarStore(tmp_path / "avatars")
+    first = prepare_avatar(demo_image(), "same", store)
+    assert store.load("same") is first, "sessions share one memory-mapped avatar"
+    assert isinstance(first.frames, np.memmap)
+    replaced = prepare_avatar(demo_image()[:, ::-1].copy(), "same", store, overwrite=True)
+    assert replaced is not first and store.load("same") is replaced
+    assert not np.array_equal(np.asarray(replaced.frames[0]), np.asarray(first.frames[0]))
+
+
+def test_list_skips_temp_and_damaged_dirs(tmp_path: Path) -> None:
+    root = tmp_path / "avatars"
+    store = AvatarStore(root)
+    prepare_avatar(demo_image(), "real", store)
+    (root / ".tmp-other-1234").mkdir()
+    (root / "broken").mkdir()
+    (root / "broken" / "avatar.json").write_text("{not json")
+    assert [m["id"] for m in store.list()] == ["real"]
+    with pytest.raises(AvatarNotFound, match=r"known: real\)"):
+        store.load("nothere")
+
+
+def test_losing_a_prepare_race_leaves_nothing(tmp_path: Path) -> None:
+    """Two writers of one id: the second rename fails with AvatarExists and its temp dir goes;
+    ensure_demo_avatar turns that into loading the winner's avatar."""
+    from pipeline.avatar.demo import DEMO_ID, ensure_demo_avatar
+
+    root = tmp_path / "avatars"
+    loser = AvatarStore(root)
+    with pytest.raises(AvatarExists):
+        with loser.staging(DEMO_ID) as tmp:
+            (tmp / "partial").write_bytes(b"x")
+            winner = ensure_demo_avatar(AvatarStore(root))
+    assert _leftovers(root) == ["demo"]
+    assert ensure_demo_avatar(loser).meta["source"] == winner.meta["source"]
+
+
+def test_noise_image_has_no_face(tmp_path: Path) -> None:
+    noise = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    store = AvatarStore(tmp_path / "avatars")
+    with pytest.raises(NoFaceFound, match=r"no face found in 'noise' \(checked 1 frame\)"):
+        prepare_avatar(noise, "noise", store, source_name="noise")
+    assert _leftovers(tmp_path / "avatars") == []
+
+
+def test_geometry_formulas() -> None:
+    from pipeline.avatar.geometry import blur_kernel_size, crop_box, face_box
+
+    lm = np.zeros((68, 2), np.float32)
+    lm[:, 0] = np.linspace(100, 200, 68)
+    lm[:, 1] = np.linspace(150, 250, 68)
+    lm[29] = (150, 180)
+    # top mirrors the chin distance above point 29; bottom gets the v1.5 margin of 10 px
+    assert face_box(lm, (400, 400)).tolist() == [100, 180 - (250 - 180), 200, 260]
+    assert face_box(lm, (190, 255)).tolist() == [100, 110, 190, 255], "clamped to the image"
+    degenerate = np.full((68, 2), 50, np.float32)
+    assert face_box(degenerate, (400, 400), det_box=(40, 40, 90, 90)).tolist() == [40, 40, 90, 100]
+    assert crop_box((100, 110, 200, 260)).tolist() == [150 - 112, 185 - 112, 150 + 112, 185 + 112]
+    assert blur_kernel_size(300) == 31 and blur_kernel_size(256) == 25
+
+
+def test_check_unknown_avatar(tmp_path: Path) -> None:
+    with pytest.raises(AvatarNotFound):
+        check_avatar(AvatarStore(tmp_path / "avatars"), "ghost")
+    with pytest.raises(InvalidAvatarId):
+        check_avatar(AvatarStore(tmp_path / "avatars"), "../ghost")

@@ -253,3 +253,35 @@ def test_interrupt_returns_to_idle_within_100ms(server: str, mouth_roi) -> None:
     signal, t0 = rec.audio_signal()
     tail = signal[int((interrupted_at + 0.1 - t0) * RATE) :]
     assert np.abs(tail).max() < 0.01, "speech audio kept playing after the interrupt"
+
+
+def test_whip_ingest_then_delete(server: str, speech48: np.ndarray) -> None:
+    """A WHIP sender's audio drives a new session; DELETE on its Location ends it."""
+    microphone = SpeechTrack(np.concatenate([np.zeros(RATE // 2, np.float32), speech48]))
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server, timeout=20) as http:
+            sender = Client()
+            sender.pc.addTrack(microphone)
+            response = await http.post(
+                "/v1/whip?avatar=demo", content=await sender.offer(), headers={"content-type": "application/sdp"}
+            )
+            assert response.status_code == 201, response.text
+            assert response.headers["content-type"].startswith("application/sdp")
+            location = response.headers["location"]
+            await sender.accept(response.text)
+            session_id = location.rsplit("/", 1)[1]
+            await asyncio.sleep(2.5)
+            info = (await http.get(f"/v1/sessions/{session_id}")).json()
+            metrics = (await http.get("/metrics")).text
+            deleted = await http.delete(location)
+            gone = await http.get(f"/v1/sessions/{session_id}")
+            await sender.close()
+            return info, metrics, deleted.status_code, gone.status_code
+
+    info, metrics, deleted, gone = asyncio.run(scenario())
+    assert info["input"] == "whip" and info["stats"]["received_seconds"] > 1.0
+    assert info["stats"]["active_frames"] == 0  # nobody watches: no engine work is spent
+    assert "lipstream_sessions" in metrics and "lipstream_audio_to_frame_seconds_bucket" in metrics
+    assert 'lipstream_frames_total{kind="idle"}' in metrics
+    assert deleted == 200 and gone == 404

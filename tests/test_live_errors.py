@@ -282,3 +282,42 @@ def test_open_bind_without_keys_refuses_to_start() -> None:
     settings.server.host = "0.0.0.0"
     with pytest.raises(ConfigError, match="server.api_keys"):
         create_app(settings)
+
+
+def test_sigterm_drains_sessions_and_exits(avatars_root: Path, tmp_path: Path) -> None:
+    """SIGTERM: connected producers are told the session ended, the process exits cleanly."""
+    with running_server(avatars_root, tmp_path) as url:
+        session_id = httpx.post(f"{url}/v1/sessions", json={}).json()["id"]
+
+        async def producer():
+            events = []
+            async with websockets.connect(ws_url(url, session_id)) as ws:
+                await ws.send(json.dumps(START))
+                try:
+                    async for message in ws:
+                        events.append(json.loads(message))
+                except websockets.ConnectionClosed:
+                    pass
+                return events
+
+        async def scenario():
+            task = asyncio.ensure_future(producer())
+            await asyncio.sleep(1.0)
+            url.process.send_signal(signal.SIGTERM)
+            return await asyncio.wait_for(task, 10)
+
+        events = asyncio.run(scenario())
+        assert any(e["type"] == "session_ended" and "shutting down" in e["reason"] for e in events), events
+        # uvicorn re-raises the captured SIGTERM once shut down, as process managers expect.
+        assert url.process.wait(timeout=10) in (0, -signal.SIGTERM)
+
+
+def test_json_log_lines_carry_session_ids() -> None:
+    import logging
+
+    from server.logs import JsonFormatter
+
+    record = logging.LogRecord("lipstream.sessions", logging.INFO, __file__, 1, "session ended: %s", ("deleted",), None)
+    record.session_id = "abc"
+    line = json.loads(JsonFormatter().format(record))
+    assert line["session_id"] == "abc" and line["message"] == "session ended: deleted" and line["level"] == "info"
