@@ -155,13 +155,17 @@ class Client:
         reader = self._read_video if track.kind == "video" else self._read_audio
         self._tasks.append(asyncio.ensure_future(reader(track)))
 
-    async def _read_video(self, track: MediaStreamTrack) -> None:
-        rec = self.recording
+    async def _frames(self, track: MediaStreamTrack):
+        """Every frame of a received track until it ends."""
         while True:
             try:
-                frame = await track.recv()
+                yield await track.recv()
             except MediaStreamError:
                 return
+
+    async def _read_video(self, track: MediaStreamTrack) -> None:
+        rec = self.recording
+        async for frame in self._frames(track):
             image = frame.to_ndarray(format="bgr24")
             if len(self.full_frames) < 3 or len(rec.frames) % 25 == 0:
                 self.full_frames = (self.full_frames + [image])[-5:]
@@ -174,11 +178,7 @@ class Client:
 
     async def _read_audio(self, track: MediaStreamTrack) -> None:
         rec = self.recording
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
+        async for frame in self._frames(track):
             data = frame.to_ndarray().astype(np.float32) / 32768.0
             channels = len(frame.layout.channels)
             mono = data.reshape(-1, channels).mean(axis=1) if not frame.format.is_planar else data.mean(axis=0)

@@ -12,17 +12,13 @@ that is not to loopback.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.live_server import running_server
 from tests.speech import speech_clip
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -58,12 +54,6 @@ img.src = "/v1/avatars/demo/preview.jpg";
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _chrome_options(webdriver, wav: Path, profile: Path):
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
@@ -90,43 +80,8 @@ def _chrome_options(webdriver, wav: Path, profile: Path):
 @pytest.fixture
 def server(avatars_root: Path, tmp_path: Path):
     """The real server on a free loopback port, ICE on 127.0.0.1 only; yields its base URL."""
-    port = _free_port()
-    config = tmp_path / "config.yaml"
-    config.write_text(json.dumps({  # JSON is YAML
-        "server": {"host": "127.0.0.1", "log_level": "info"},
-        "avatars": {"dir": str(avatars_root), "default": "demo"},
-        "webrtc": {"host_addresses": ["127.0.0.1"]},
-    }))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LIPSTREAM_")}
-    log_path = tmp_path / "server.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "--config", str(config), "serve", "--port", str(port)],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready within 60 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        print(f"server log ({log_path}):\n{log_path.read_text()[-2000:]}")
+    with running_server(avatars_root, tmp_path, {"server": {"log_level": "info"}}) as url:
+        yield url
 
 
 @pytest.fixture
