@@ -1,6 +1,6 @@
 """Lite engine throughput on ONE core at the demo avatar's resolution, and render real-time factor.
 
-    python bench/lite_engine.py [--frames 2000] [--write]
+    python bench/lite_engine.py [--frames 2000] [--write [docs/benchmarks.md]]
 
 Pins itself to one core (affinity + single-threaded OpenCV/BLAS) before importing numpy, so
 the figure is per core: a machine's session capacity is roughly cores x this / 25.
@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 cv2.setNumThreads(1)
 
-from bench._report import cpu_name, write_section  # noqa: E402
+from bench._report import DOC, cpu_name, write_section  # noqa: E402
 from pipeline.audio.windows import FrameWindower  # noqa: E402
 from pipeline.avatar.demo import ensure_demo_avatar  # noqa: E402
 from pipeline.avatar.store import AvatarStore  # noqa: E402
@@ -47,7 +47,10 @@ def rate(n: int, fn) -> float:  # noqa: ANN001
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=2000)
-    parser.add_argument("--write", action="store_true", help="write the section into docs/benchmarks.md")
+    parser.add_argument(
+        "--write", nargs="?", const=str(DOC), default=None, metavar="MD",
+        help="write the section into this markdown file (default docs/benchmarks.md)",
+    )
     args = parser.parse_args()
     n = args.frames
 
@@ -119,7 +122,7 @@ def main() -> None:
     body = "\n".join(lines)
     print(body)
     if args.write:
-        write_section("Lite engine (CPU)", body)
+        write_section("Lite engine (CPU)", body, Path(args.write))
 
 
 if __name__ == "__main__":
