@@ -98,3 +98,20 @@ def test_serve_answers_within_60_seconds(avatars_root: Path) -> None:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_idle_session_ends_after_the_idle_timeout(avatars_root: Path) -> None:
+    settings = Settings()
+    settings.avatars.dir = avatars_root
+    settings.sessions.idle_timeout_seconds = 0.5
+    with TestClient(create_app(settings)) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        session_id = client.post("/v1/sessions", json={}).json()["id"]
+        assert client.get(f"/v1/sessions/{session_id}").status_code == 200
+        deadline = time.monotonic() + 5
+        while client.get(f"/v1/sessions/{session_id}").status_code == 200:
+            assert time.monotonic() < deadline, "idle session was not ended"
+            time.sleep(0.1)
+        assert client.get("/v1/sessions").json()["sessions"] == []
