@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 # Debian packages the tests need: espeak-ng (speech), sox (audio tools), chromium and its
-# driver (the call page test).
-APT_TEST_PACKAGES := espeak-ng sox chromium chromium-driver
+# driver (the call page test), nginx with its RTMP module (the RTMP output tests).
+APT_TEST_PACKAGES := espeak-ng sox chromium chromium-driver nginx libnginx-mod-rtmp
 
 .PHONY: run test install test-deps system-test-deps bench clean
 

@@ -29,7 +29,8 @@ from pipeline.live.worker import EngineWorker
 from server.auth import ApiKeyMiddleware, BodyLimitMiddleware, check_auth_config, is_loopback_host
 from server.config import Settings, engine_options
 from server.metrics import Metrics
-from server.routes import audio_ws, sessions, webrtc
+from server.outputs import BootSession, OutputManager, start_boot_session
+from server.routes import audio_ws, outputs, sessions, webrtc
 from server.sessions import SessionManager
 from server.webrtc import configure_host_addresses
 
@@ -51,6 +52,8 @@ class AppState:
     worker: EngineWorker | None = None
     feature_worker: FeatureWorker | None = None
     manager: SessionManager | None = None
+    outputs: OutputManager | None = None  # RTMP outputs and recordings
+    boot: BootSession | None = None  # `serve --rtmp/--session-id`: a session created at start
     ready: bool = False
     startup_error: str | None = None
 
@@ -84,6 +87,9 @@ async def _start(state: AppState) -> None:
             settings, state.store, state.engine, state.worker, state.metrics, feature_worker=state.feature_worker
         )
         state.manager.start()
+        state.outputs = OutputManager(settings, state.metrics, state.manager)
+        if state.boot is not None:
+            await start_boot_session(state.manager, state.outputs, state.boot)
         state.metrics.set_fps_source(state.manager.mean_fps)
         state.ready = True
         log.info("ready: engine=%s avatar=%s", settings.engine.name, avatar.id)
@@ -95,6 +101,8 @@ async def _start(state: AppState) -> None:
 async def _stop(state: AppState) -> None:
     if state.manager is not None:
         await state.manager.shutdown()
+    if state.outputs is not None:
+        await state.outputs.drain()  # recordings finished on disk before the process exits
     if state.worker is not None:
         await asyncio.to_thread(state.worker.close)
     if state.feature_worker is not None:
@@ -103,11 +111,11 @@ async def _stop(state: AppState) -> None:
         state.engine.close()
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, boot: BootSession | None = None) -> FastAPI:
     check_auth_config(settings.server.host, settings.server.api_keys)
     if settings.webrtc.host_addresses:
         configure_host_addresses(settings.webrtc.host_addresses)
-    state = AppState(settings=settings, store=AvatarStore(settings.avatars.dir))
+    state = AppState(settings=settings, store=AvatarStore(settings.avatars.dir), boot=boot)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -130,6 +138,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(sessions.router)
     app.include_router(webrtc.router)
     app.include_router(audio_ws.router)
+    app.include_router(outputs.router)
 
     @app.exception_handler(LipstreamError)
     async def _lipstream_error(request: Request, exc: LipstreamError) -> JSONResponse:
@@ -174,13 +183,13 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-def run_server(settings: Settings) -> None:
+def run_server(settings: Settings, boot: BootSession | None = None) -> None:
     import uvicorn
 
     from server.logs import configure_logging
 
     configure_logging(settings.server.log_level, settings.server.log_format)
-    app = create_app(settings)
+    app = create_app(settings, boot)
 
     class DrainingServer(uvicorn.Server):
         """Starts the drain on SIGTERM/SIGINT itself: uvicorn would first wait for open

@@ -78,6 +78,18 @@ def _load_avatar(avatar_id: str, quiet: bool = True):
 def serve(
     host: Annotated[Optional[str], typer.Option(help="Listen address (overrides server.host).")] = None,
     port: Annotated[Optional[int], typer.Option(help="Listen port (overrides server.port).")] = None,
+    rtmp: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--rtmp",
+            help="Stream a session created at start-up to this rtmp:// or rtmps:// URL (repeatable). "
+            "Push its audio to /v1/sessions/SESSION_ID/audio.",
+        ),
+    ] = None,
+    session_id: Annotated[
+        Optional[str],
+        typer.Option("--session-id", help="Id of the start-up session (default 'live' with --rtmp)."),
+    ] = None,
 ) -> None:
     """Start the HTTP/WebRTC server."""
     from server.app import run_server
@@ -87,7 +99,20 @@ def serve(
         settings.server.host = host
     if port is not None:
         settings.server.port = port
-    run_server(settings)
+    boot = None
+    if rtmp or session_id is not None:
+        from pipeline.media.rtmp import parse_rtmp_url
+        from server.outputs import BootSession, check_session_id
+
+        for url in rtmp or []:
+            parse_rtmp_url(url)  # a wrong URL stops here, before the server starts
+        boot = BootSession(check_session_id(session_id or "live"), tuple(rtmp or ()))
+        typer.echo(
+            f"session '{boot.session_id}' starts with the server ({len(boot.rtmp)} RTMP output(s)); "
+            f"push its audio to ws://{settings.server.host}:{settings.server.port}/v1/sessions/{boot.session_id}/audio",
+            err=True,
+        )
+    run_server(settings, boot)
 
 
 @avatar_app.command("prepare")

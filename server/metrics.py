@@ -32,6 +32,27 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32), registry=r,
         )
 
+        # RTMP outputs and recordings (server/outputs.py)
+        self.outputs = Gauge("lipstream_outputs", "Outputs by kind and state", ["kind", "state"], registry=r)
+        self.output_bytes = Counter("lipstream_output_bytes", "Bytes sent (RTMP) or written (recordings)", ["kind"], registry=r)
+        self.output_frames = Counter("lipstream_output_frames", "Video frames muxed into outputs", ["kind"], registry=r)
+        self.output_dropped_frames = Counter(
+            "lipstream_output_dropped_frames", "Video frames an output skipped because it fell behind", ["kind"], registry=r
+        )
+        self.output_reconnects = Counter("lipstream_output_reconnects", "RTMP reconnection attempts", registry=r)
+        self.output_errors = Counter("lipstream_output_errors", "Output connection or write failures", ["kind"], registry=r)
+        self.encodes = Gauge("lipstream_output_encodes", "Running output encodes (shared by outputs of a session)", registry=r)
+        self.encode_seconds = Histogram(
+            "lipstream_output_encode_seconds", "Time to encode one frame with its audio for outputs",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16), registry=r,
+        )
+
+    def on_output_state(self, kind: str, old: str | None, new: str | None) -> None:
+        if old is not None:
+            self.outputs.labels(kind, old).dec()
+        if new is not None:
+            self.outputs.labels(kind, new).inc()
+
     def set_fps_source(self, source: Callable[[], float]) -> None:
         self.fps.set_function(source)
 

@@ -39,6 +39,10 @@ class AtCapacity(LipstreamError):
     http_status = 503
 
 
+class SessionExists(LipstreamError):
+    http_status = 409
+
+
 @dataclass
 class Viewer:
     id: str
@@ -65,6 +69,8 @@ class ServerSession:
     last_input: float | None = None  # monotonic time of the last microphone frame
     last_activity: float = field(default_factory=time.monotonic)
     ended: bool = False
+    outputs: Any = None  # server.outputs.SessionOutputs once an RTMP output or recording was added
+    persistent: bool = False  # the `serve --rtmp` session: no idle/vanish timeout, only DELETE or shutdown
 
     def heard_input(self) -> None:
         self.last_input = time.monotonic()
@@ -135,7 +141,13 @@ class SessionManager:
     def start(self) -> None:
         self._watchdog = asyncio.get_running_loop().create_task(self._watch(), name="session-watchdog")
 
-    async def create(self, avatar_id: str | None = None, engine: str | None = None) -> ServerSession:
+    async def create(
+        self,
+        avatar_id: str | None = None,
+        engine: str | None = None,
+        session_id: str | None = None,
+        persistent: bool = False,
+    ) -> ServerSession:
         if self.draining:
             raise AtCapacity("server is shutting down; not taking new sessions")
         if engine is not None and engine != self.settings.engine.name:
@@ -146,7 +158,9 @@ class SessionManager:
         avatar = await asyncio.to_thread(self.store.load, avatar_id)
         await asyncio.to_thread(self.engine.load_avatar, avatar)
         cfg = self.settings.sessions
-        session_id = secrets.token_urlsafe(12)
+        if session_id is not None and session_id in self.sessions:
+            raise SessionExists(f"session '{session_id}' already exists")
+        session_id = session_id or secrets.token_urlsafe(12)
         holder: dict[str, ServerSession] = {}
         live = LiveSession(
             avatar,
@@ -160,7 +174,7 @@ class SessionManager:
             observer=self.metrics,
             feature_worker=self.feature_worker,
         )
-        session = holder["s"] = ServerSession(session_id, avatar_id, self.settings.engine.name, live)
+        session = holder["s"] = ServerSession(session_id, avatar_id, self.settings.engine.name, live, persistent=persistent)
         self.sessions[session_id] = session
         live.start()
         self.metrics.sessions.set(len(self.sessions))
@@ -211,6 +225,8 @@ class SessionManager:
         for queue in list(session.listeners):
             queue.put_nowait(None)  # tells WebSocket handlers to close
         await session.live.close()
+        if session.outputs is not None:  # RTMP outputs get the last frames, recordings are finished
+            await session.outputs.close()
         for viewer in list(session.viewers.values()):
             await _close_viewer(viewer)
         session.viewers.clear()
@@ -243,12 +259,17 @@ class SessionManager:
 
     def _reason_to_end(self, session: ServerSession, now: float) -> str | None:
         cfg = self.settings.sessions
+        if session.persistent:
+            return None
         if session.input_kind in ("call", "whip"):
             state = session.input_peer.connectionState if session.input_peer else "closed"
             silent = session.last_input is not None and now - session.last_input >= cfg.vanish_timeout_seconds
             lost = state in ("failed", "closed", "disconnected") or silent
         elif session.input_kind == "websocket":
-            lost, silent = session.websockets == 0, False
+            # A producer may reconnect to the same session: while it is broadcast (RTMP,
+            # recording), a closed socket is a pause, not the end; DELETE ends it.
+            broadcast = session.outputs is not None and session.outputs.active
+            lost, silent = session.websockets == 0 and not broadcast, False
         else:
             lost = silent = False
         if lost:
@@ -261,6 +282,7 @@ class SessionManager:
             if viewer.peer.connectionState in ("failed", "closed"):
                 self.track(session, self.remove_viewer(session, viewer_id), "viewer-gone")
         busy = session.websockets or session.viewers or session.input_kind in ("call", "whip") or session.live.speaking
+        busy = busy or (session.outputs is not None and session.outputs.active)  # RTMP/recording watchers
         if busy:
             session.last_activity = now
         elif now - session.last_activity >= cfg.idle_timeout_seconds:

@@ -157,6 +157,30 @@ async def pump_microphone(
 
 
 # ---------------------------------------------------------------------------------- output
+async def output_picture(session: LiveSession, out: OutputFrame) -> np.ndarray:
+    """Frame ``out``'s picture as every output shows it at its release time: the composed frame,
+    or the idle frame if generating it failed or was cancelled, or if an interrupt (a newer
+    epoch) superseded it. Shared by the WebRTC tracks and the RTMP/recording outputs."""
+    image = out.image
+    if isinstance(image, asyncio.Future):
+        # wait() never raises for the awaited future, so a cancelled frame (interrupt)
+        # cannot be mistaken for the caller being cancelled.
+        await asyncio.wait([image])
+        if image.cancelled() or image.exception() is not None:
+            return session.idle_image(out)
+        image = image.result()
+    if out.epoch != session.epoch:
+        return session.idle_image(out)
+    return image
+
+
+def output_audio(session: LiveSession, out: OutputFrame) -> np.ndarray:
+    """Frame ``out``'s audio as outputs send it: silence if an interrupt superseded it."""
+    if out.epoch != session.epoch:
+        return np.zeros(OUTPUT_SAMPLES_PER_FRAME, np.int16)
+    return out.audio
+
+
 class _SessionTrack(MediaStreamTrack):
     """A subscription to a session's frames, released on the session clock."""
 
@@ -216,17 +240,7 @@ class SessionVideoTrack(_SessionTrack):
         return frame
 
     async def _picture(self, out: OutputFrame) -> np.ndarray:
-        image = out.image
-        if isinstance(image, asyncio.Future):
-            # wait() never raises for the awaited future, so a cancelled frame (interrupt)
-            # cannot be mistaken for this track being cancelled.
-            await asyncio.wait([image])
-            if image.cancelled() or image.exception() is not None:
-                return self.session.idle_image(out)
-            image = image.result()
-        if out.epoch != self.session.epoch:
-            return self.session.idle_image(out)
-        return image
+        return await output_picture(self.session, out)
 
 
 class SessionAudioTrack(_SessionTrack):
@@ -243,10 +257,7 @@ class SessionAudioTrack(_SessionTrack):
         out, half = self._halves.popleft()
         release = out.release + half * FRAME_SECONDS / 2
         await self._wait_until(release)
-        if out.epoch != self.session.epoch:
-            chunk = np.zeros(AUDIO_CHUNK, np.int16)
-        else:
-            chunk = out.audio[half * AUDIO_CHUNK : (half + 1) * AUDIO_CHUNK]
+        chunk = output_audio(self.session, out)[half * AUDIO_CHUNK : (half + 1) * AUDIO_CHUNK]
         if half == 0:
             self._mark_sent(release)
         frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
