@@ -599,3 +599,96 @@ def test_ct2_whisper_encoder_round_trip(tmp_path: Path) -> None:
     for key, want in hf.items():
         tol = 0.01 * np.abs(want).max() if key == "layers.1.fc2.weight" else 0  # int8 rounding
         np.testing.assert_allclose(got[key], want.astype(np.float32), atol=tol, err_msg=key)
+
+
+# --- blending on the engine's device -----------------------------------------------------------------
+
+
+def blend_avatar(root: Path) -> Avatar:
+    """Frames with every resize case of the compositor: shrinking (INTER_AREA), enlarging
+    (INTER_LINEAR), mixed (AREA enlarging one way), a box past the image edge, and soft masks."""
+    from skimage import data
+
+    img = np.ascontiguousarray(data.astronaut()[:, :, ::-1])
+    boxes = np.array(
+        [[170, 50, 290, 210], [100, 60, 400, 340], [150, 40, 350, 330], [400, 300, 560, 470], [180, 60, 308, 188]],
+        dtype=np.int32,
+    )
+    n = len(boxes)
+    frames = np.stack([np.roll(img, 5 * i, axis=0) for i in range(n)])
+    yy, xx = np.mgrid[0:256, 0:256]
+    masks = []
+    for i in range(n):
+        soft = np.clip((yy - 100 - 10 * i) * 3, 0, 255) * (np.abs(xx - 128) < 100 - 5 * i)
+        masks.append(cv2.GaussianBlur(soft.astype(np.uint8), (21, 21), 0))
+    return Avatar(
+        id="blend",
+        root=root / "blend",
+        frames=frames,
+        face_boxes=boxes,
+        crop_boxes=boxes.copy(),
+        landmarks=np.zeros((n, 68, 2), np.float32),
+        masks=np.stack(masks),
+        detected=np.ones(n, np.uint8),
+        meta={"created": "2026-01-02T00:00:00Z"},
+    )
+
+
+def test_resize_matrices_equal_opencv() -> None:
+    from pipeline.engines.musetalk.blend import resize_matrix
+
+    rng = np.random.default_rng(3)
+    src = rng.integers(0, 256, (256, 256), dtype=np.uint8)
+    for dst in (120, 128, 160, 200, 255, 256, 280, 300, 333):
+        for mode, interp in (("area", cv2.INTER_AREA), ("linear", cv2.INTER_LINEAR)):
+            if mode == "area" and dst > 256:
+                continue
+            m = resize_matrix(256, dst, mode)
+            ours = np.clip(np.floor(m @ src.astype(np.float64) @ m.T + 0.5), 0, 255)
+            ref = cv2.resize(src, (dst, dst), interpolation=interp).astype(np.float64)
+            assert np.abs(ours - ref).max() <= 1, (dst, mode)
+            # OpenCV sums area weights in float32 and rounds bilinear weights to 11-bit fixed point
+            assert np.mean(ours != ref) < (0.05 if mode == "area" else 0.2), (dst, mode)
+    # enlarging one way with INTER_AREA: OpenCV's area-style bilinear on both axes
+    rows, cols = resize_matrix(256, 300, "area_up"), resize_matrix(256, 200, "area_up")
+    ours = np.clip(np.floor(rows @ src.astype(np.float64) @ cols.T + 0.5), 0, 255)
+    ref = cv2.resize(src, (200, 300), interpolation=cv2.INTER_AREA).astype(np.float64)
+    assert np.abs(ours - ref).max() <= 1
+
+
+def test_gpu_blend_path_equals_cpu_compositor(tiny_dir: Path, tmp_path: Path) -> None:
+    """The engine's device blend (run here on the CPU device) against generate + CPU Compositor."""
+    from pipeline.compositor import Compositor
+    from pipeline.engines.base import Engine
+    from pipeline.engines.musetalk.engine import MuseTalkEngine
+
+    eng = MuseTalkEngine(models_dir=tiny_dir, device="cpu", dtype="fp32", batch_size=3)
+    try:
+        avatar = blend_avatar(tmp_path)
+        other = make_avatar(tmp_path, "other", shift=10)
+        eng.load_avatar(avatar)
+        eng.load_avatar(other)
+        gen = torch.Generator().manual_seed(11)
+        requests = [FrameRequest(avatar, i, torch.randn(50, 384, generator=gen)) for i in range(avatar.frame_count)]
+        requests.insert(2, FrameRequest(other, 1, torch.randn(50, 384, generator=gen)))  # mixed avatars
+        got = eng.compose(requests)
+        crops = eng.generate(requests)
+        compositors = {a.id: Compositor(a) for a in (avatar, other)}
+        want = [compositors[r.avatar.id].compose(r.frame_index, c) for r, c in zip(requests, crops, strict=True)]
+        default = Engine.compose(eng, requests)  # the base class path: generate + CPU compositor
+        for g, w, d in zip(got, want, default, strict=True):
+            assert g.shape == w.shape and g.dtype == np.uint8
+            diff = np.abs(g.astype(int) - w.astype(int))
+            assert diff.max() <= 2, diff.max()  # OpenCV's fixed-point bilinear vs our float32 weights
+            assert np.mean(diff > 0) < 0.03 and diff.mean() < 0.05, (np.mean(diff > 0), diff.mean())
+            assert np.array_equal(d, w)
+        # outside the blended region the frame is the avatar frame, bit for bit
+        k = 0 if requests[0].avatar is avatar else 1
+        x1, y1, x2, y2 = avatar.face_boxes[0]
+        untouched = np.ones(avatar.frames[0].shape[:2], bool)
+        untouched[y1:y2, x1:x2] = False
+        assert np.array_equal(got[k][untouched], avatar.frames[0][untouched])
+        memory = eng.memory_bytes(avatar)
+        assert memory["latents"] > 0 and memory["blend"] > 0
+    finally:
+        eng.close()

@@ -8,6 +8,14 @@ An engine never knows about sessions or the network. It is used in two steps:
 2. Per device, a batch of :class:`FrameRequest` s, possibly from many sessions and avatars, goes
    through :meth:`Engine.generate`, which returns one 256x256 BGR face crop per request. The
    compositor (:mod:`pipeline.compositor`) blends each crop into its avatar frame.
+   :meth:`Engine.compose` does both and returns full frames; an engine may override it to blend
+   on its own device (the MuseTalk engine blends on the GPU and copies back only the face box).
+
+A featurizer whose work is heavy (a neural encoder) says so with ``blocking = True``: live
+sessions then never call it on the asyncio loop but through a per-device
+:class:`~pipeline.live.feature_worker.FeatureWorker` thread, which also runs the jobs of all
+sessions together through the featurizer's ``batcher`` (an object with
+``features(jobs: [(featurizer, frames)]) -> [[FrameFeatures]]``) when it has one.
 """
 
 from __future__ import annotations
@@ -43,6 +51,11 @@ class FrameRequest:
 class Featurizer(ABC):
     """Turns a stream's audio frames into features; one instance per stream, in frame order."""
 
+    #: True: :meth:`features` runs a model (milliseconds to seconds); keep it off the event loop.
+    blocking: ClassVar[bool] = False
+    #: Runs several streams' jobs in one pass (see the module docstring); None: one at a time.
+    batcher: Any = None
+
     @abstractmethod
     def features(self, frames: Sequence[AudioFrame]) -> list[FrameFeatures]:
         """Features for consecutive frames of this stream (called in order, any batch size)."""
@@ -68,6 +81,27 @@ class Engine(ABC):
     @abstractmethod
     def generate(self, requests: Sequence[FrameRequest]) -> list[np.ndarray]:
         """One uint8 BGR [crop_size, crop_size, 3] face crop per request, in order."""
+
+    def compose(self, requests: Sequence[FrameRequest]) -> list[np.ndarray]:
+        """One full uint8 BGR avatar frame per request, the generated face blended in, in order.
+
+        Default: :meth:`generate`, then the CPU :class:`~pipeline.compositor.Compositor`
+        (one per avatar, cached). Engines that can blend on their device override this.
+        """
+        crops = self.generate(requests)
+        return [
+            self._cpu_compositor(r.avatar).compose(r.frame_index, crop)
+            for r, crop in zip(requests, crops, strict=True)
+        ]
+
+    def _cpu_compositor(self, avatar: Avatar) -> Any:
+        from pipeline.compositor import Compositor  # lazy: cv2 only when composing
+
+        cache = self.__dict__.setdefault("_compositors", {})
+        compositor = cache.get(avatar.id)
+        if compositor is None or compositor.avatar is not avatar:
+            compositor = cache[avatar.id] = Compositor(avatar)
+        return compositor
 
     def close(self) -> None:
         """Release device memory and threads."""

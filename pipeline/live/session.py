@@ -16,6 +16,12 @@ faster than real time is buffered up to ``max_buffer_seconds`` ahead of the cloc
 Interrupt. Drops all buffered audio and queued engine work, and bumps an *epoch*: outputs
 replace frames of an older epoch that are still waiting to go out with the idle frame and
 silence, so the avatar is idle again at the next released frame.
+
+Features. A featurizer that declares ``blocking`` (a neural encoder) is never called on the
+event loop when the session has a :class:`~pipeline.live.feature_worker.FeatureWorker`: frame
+``i`` is published at once, in order, with a future for its picture, and the chain features ->
+(active? engine : idle frame) completes that future off the loop. Feature results come back in
+frame order, so speaking events and statistics still follow the frames in order.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ from pipeline.audio.windows import (
     FrameWindower,
 )
 from pipeline.avatar.model import Avatar
-from pipeline.engines.base import Featurizer, FrameRequest
+from pipeline.engines.base import Featurizer, FrameFeatures, FrameRequest
+from pipeline.live.feature_worker import FeatureWorker
 from pipeline.live.worker import EngineWorker
 from pipeline.errors import LipstreamError
 
@@ -131,10 +138,13 @@ class LiveSession:
         observer: SessionObserver | None = None,
         subscriber_queue: int = 50,
         speaking_hangover_seconds: float = 0.4,
+        feature_worker: FeatureWorker | None = None,
     ) -> None:
         self.avatar = avatar
         self.worker = worker
         self.featurizer = featurizer
+        # None, or a featurizer cheap enough for the loop (lite): features are computed inline
+        self.feature_worker = feature_worker if getattr(featurizer, "blocking", False) else None
         self.max_buffer_seconds = max_buffer_seconds
         self.jitter = jitter_seconds
         # Release delay after a frame's start: its lookahead, the jitter allowance, then compute.
@@ -174,6 +184,8 @@ class LiveSession:
             return
         self._closed = True
         self.worker.cancel(self)
+        if self.feature_worker is not None:
+            self.feature_worker.cancel(self)
         if self._task is not None:
             self._task.cancel()
             try:
@@ -228,7 +240,10 @@ class LiveSession:
         self._out_start = self._next_index * OUTPUT_SAMPLES_PER_FRAME
         self._ready.clear()
         self._arrivals.clear()
-        self.featurizer.reset()
+        if self.feature_worker is not None:
+            self.feature_worker.reset(self.featurizer, self)  # in order, on the worker's thread
+        else:
+            self.featurizer.reset()
         self._quiet_since = None
         if self.speaking:
             self._set_speaking(False, self.media_time)
@@ -324,30 +339,65 @@ class LiveSession:
         return chunk
 
     def _produce(self, frame: AudioFrame, release: float) -> None:
-        features = self.featurizer.features([frame])[0]
         avatar_index = self.avatar.cycle_index(frame.index)
-        self._track_speaking(features.active, frame.index)
-        image: np.ndarray | asyncio.Future
-        if features.active and self._subscribers:
-            request = FrameRequest(self.avatar, avatar_index, features.data)
-            wall_deadline = time.monotonic() + (release - asyncio.get_running_loop().time())
-            image = asyncio.wrap_future(self.worker.submit(request, wall_deadline, self))
-            image.add_done_callback(_consume_cancellation)
-            self.stats.active_frames += 1
-        else:
-            image = self.avatar.frames[avatar_index]
         self._record_latency(frame.index, release)
-        out = OutputFrame(
-            frame.index, self.epoch, release, avatar_index, image, self._take_output_audio(frame.index), features.active
-        )
+        audio = self._take_output_audio(frame.index)
+        if self.feature_worker is None:
+            features = self.featurizer.features([frame])[0]
+            image = self._image(features, frame.index, avatar_index, release)
+            out = OutputFrame(frame.index, self.epoch, release, avatar_index, image, audio, features.active)
+        else:
+            loop = asyncio.get_running_loop()
+            picture: asyncio.Future = loop.create_future()
+            picture.add_done_callback(_consume_cancellation)
+            out = OutputFrame(frame.index, self.epoch, release, avatar_index, picture, audio, False)
+            pending = asyncio.wrap_future(self.feature_worker.submit(self.featurizer, [frame], self), loop=loop)
+            pending.add_done_callback(lambda done: self._features_ready(done, out, picture))
         self.stats.frames += 1
-        self.observer.on_frame(features.active)
         for queue in self._subscribers:
             if queue.full():
                 queue.get_nowait()
                 self.stats.dropped_frames += 1
                 self.observer.on_dropped()
             queue.put_nowait(out)
+
+    def _image(
+        self, features: FrameFeatures, index: int, avatar_index: int, release: float
+    ) -> np.ndarray | asyncio.Future:
+        """Account for a frame's features (in frame order) and start its picture."""
+        self._track_speaking(features.active, index)
+        self.observer.on_frame(features.active)
+        if features.active and self._subscribers:
+            request = FrameRequest(self.avatar, avatar_index, features.data)
+            wall_deadline = time.monotonic() + (release - asyncio.get_running_loop().time())
+            image = asyncio.wrap_future(self.worker.submit(request, wall_deadline, self))
+            image.add_done_callback(_consume_cancellation)
+            self.stats.active_frames += 1
+            return image
+        return self.avatar.frames[avatar_index]
+
+    def _features_ready(self, done: asyncio.Future, out: OutputFrame, picture: asyncio.Future) -> None:
+        """Frame ``out``'s features arrived (callbacks run in frame order): chain its picture."""
+        if picture.done():
+            return
+        if done.cancelled() or out.epoch != self.epoch or self._closed:
+            picture.cancel()  # interrupted or closed: outputs show the idle frame
+            return
+        if done.exception() is not None:
+            log.error("features of frame %d failed: %s", out.index, done.exception())
+            features = FrameFeatures(active=False, data=None)
+        else:
+            features = done.result()[0]
+        out.speaking = features.active
+        try:
+            image = self._image(features, out.index, out.avatar_index, out.release)
+        except Exception as exc:  # noqa: BLE001 - e.g. the worker closed during shutdown
+            picture.set_exception(exc)
+            return
+        if isinstance(image, asyncio.Future):
+            image.add_done_callback(lambda result: _chain(result, picture))
+        else:
+            picture.set_result(image)
 
     def _record_latency(self, index: int, release: float) -> None:
         """Audio-to-frame latency: from the arrival of a frame's last input sample to its release."""
@@ -384,3 +434,15 @@ def _consume_cancellation(future: asyncio.Future) -> None:
     """Cancelled (interrupted) frames are expected; keep asyncio from logging them as lost errors."""
     if not future.cancelled():
         future.exception()
+
+
+def _chain(source: asyncio.Future, target: asyncio.Future) -> None:
+    """Copy a finished future's outcome into ``target`` (unless it already has one)."""
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif source.exception() is not None:
+        target.set_exception(source.exception())  # type: ignore[arg-type]
+    else:
+        target.set_result(source.result())

@@ -4,7 +4,8 @@ Why a thread and a heap: the engine call (a GPU batch, or the lite warp on a CPU
 the asyncio loop, and frames of all sessions compete for it. Jobs are taken earliest deadline
 first, up to ``batch_size`` at a time, so a session that floods requests cannot push another
 session's frame past its deadline: whoever is due first is served first. Compositing happens in
-the same thread right after generation, so only finished frames come back to the loop.
+the same thread, inside :meth:`Engine.compose` (generation + blending: on the CPU by default, on
+its own device for engines that can), so only finished frames come back to the loop.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.compositor import Compositor
 from pipeline.engines.base import Engine, FrameRequest
 
 log = logging.getLogger("lipstream.worker")
@@ -38,7 +38,8 @@ class _Job:
 
 
 class EngineWorker:
-    """Runs ``engine.generate`` + compositing for queued frame requests, earliest deadline first."""
+    """Runs ``engine.compose`` (generation + compositing) for queued frame requests, earliest
+    deadline first."""
 
     def __init__(
         self, engine: Engine, batch_size: int = 16, name: str = "cpu", on_batch: BatchObserver | None = None
@@ -51,7 +52,6 @@ class EngineWorker:
         self._cv = threading.Condition()
         self._seq = itertools.count()
         self._closed = False
-        self._compositors: dict[str, Compositor] = {}
         self.batches = 0
         self.frames = 0
         self.busy_seconds = 0.0
@@ -113,8 +113,9 @@ class EngineWorker:
                 continue
             started = time.perf_counter()
             try:
-                crops = self.engine.generate([job.request for job in batch])
-                frames = [self._compose(job.request, crop) for job, crop in zip(batch, crops, strict=True)]
+                frames = self.engine.compose([job.request for job in batch])
+                if len(frames) != len(batch):
+                    raise RuntimeError(f"engine returned {len(frames)} frames for {len(batch)} requests")
             except Exception as exc:  # noqa: BLE001 - a failed batch fails its frames, not the worker
                 log.exception("engine batch of %d failed on %s", len(batch), self.name)
                 for job in batch:
@@ -128,10 +129,3 @@ class EngineWorker:
                 job.future.set_result(frame)
             if self._on_batch is not None:
                 self._on_batch(len(batch), elapsed)
-
-    def _compose(self, request: FrameRequest, crop: np.ndarray) -> np.ndarray:
-        avatar = request.avatar
-        compositor = self._compositors.get(avatar.id)
-        if compositor is None or compositor.avatar is not avatar:
-            compositor = self._compositors[avatar.id] = Compositor(avatar)
-        return compositor.compose(request.frame_index, crop)

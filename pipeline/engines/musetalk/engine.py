@@ -4,12 +4,28 @@ Per request: latents [8, 32, 32] of its avatar frame (vae_cache) and audio token
 audio frame (features, positional encoding added here, once) -> UNet -> [4, 32, 32] -> / 0.18215 ->
 VAE decoder -> (x / 2 + 0.5).clamp(0, 1) * 255, rounded, RGB -> BGR. Requests of any avatars and
 sessions mix freely in one batch; all per-avatar state lives on the engine's device.
+
+:meth:`MuseTalkEngine.compose` also blends on the device (:mod:`.blend`): only the finished
+face-box regions (uint8) cross to the CPU, which pastes them into copies of the frames.
+
+Speed options (bench/musetalk_engine.py measures each; docs/benchmarks.md): ``channels_last``
+(NHWC convolutions, cuDNN's fast layout for fp16), ``cuda_graphs`` (UNet + VAE decode captured
+once per padded batch size and replayed: no per-kernel launch cost), ``compile`` (torch.compile
+of both models: "default" compiles once with a dynamic batch dimension, "static" and
+"max-autotune" once per padded batch size), ``attention`` ("sdpa", diffusers' default, or "classic" for the explicit
+softmax(QK^T)V the older official code ran). With graphs or compile, batches are padded up to a
+few fixed sizes (1, 2, 4, 8, 12, 16, 20, 24, 32, 40, 48, 64, ...) so only those shapes are captured;
+``warmup`` (default on a GPU) captures or compiles them all when the engine starts, so the first
+sessions do not stall on it.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
+import time
+from dataclasses import dataclass
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +45,7 @@ from pipeline.engines.musetalk.features import (
     WhisperBatcher,
     positional_encoding,
 )
+from pipeline.engines.musetalk.blend import AvatarBlendCache
 from pipeline.engines.musetalk.loader import DTYPES, load_models, resolve_device
 from pipeline.engines.musetalk.vae_cache import SCALING_FACTOR, load_or_compute_latents
 from pipeline.errors import ConfigError
@@ -43,8 +60,10 @@ class MuseTalkEngine(Engine):
     UNet/VAE pass), ``context_seconds`` / ``frames_per_run`` / ``hangover_seconds`` (streaming
     audio features, see :class:`~pipeline.engines.musetalk.features.MuseTalkFeaturizer`),
     ``whisper_batch`` (most 30 s windows per encoder pass), ``latents_batch`` (frames per VAE
-    encode when an avatar's cache is built). Unknown options are logged and ignored, so a newer
-    config still starts an older engine.
+    encode when an avatar's cache is built), ``gpu_blend`` (blend on the engine's device in
+    :meth:`compose`; default True), ``channels_last`` / ``cuda_graphs`` / ``compile`` /
+    ``attention`` (speed, module docstring; None picks :data:`CUDA_DEFAULTS` on a GPU and off on
+    a CPU). Unknown options are logged and ignored, so a newer config still starts an older engine.
     """
 
     name = "musetalk"
@@ -61,6 +80,12 @@ class MuseTalkEngine(Engine):
         hangover_seconds: float = DEFAULT_HANGOVER_SECONDS,
         whisper_batch: int = 8,
         latents_batch: int = 8,
+        gpu_blend: bool = True,
+        channels_last: bool | None = None,
+        cuda_graphs: bool | None = None,
+        compile: str | None = None,  # noqa: A002 - the option's name in configs
+        attention: str = "sdpa",
+        warmup: bool | None = None,
         **options: Any,
     ) -> None:
         if options:
@@ -78,8 +103,26 @@ class MuseTalkEngine(Engine):
         if dev.type == "cpu" and dtype == "fp16":
             log.info("musetalk engine on cpu: fp16 is slow or unsupported there, using fp32")
             dtype = "fp32"
+        on_cuda = dev.type == "cuda"
+        if channels_last is None:
+            channels_last = on_cuda and CUDA_DEFAULTS["channels_last"]
+        if cuda_graphs is None:
+            cuda_graphs = on_cuda and CUDA_DEFAULTS["cuda_graphs"]
+        if compile is None:
+            compile = CUDA_DEFAULTS["compile"] if on_cuda else "none"
+        if compile not in COMPILE_MODES:
+            raise ConfigError(f"musetalk compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+        if attention not in ("sdpa", "classic"):
+            raise ConfigError(f"musetalk attention must be 'sdpa' or 'classic', got {attention!r}")
+        if cuda_graphs and not on_cuda:
+            raise ConfigError("musetalk cuda_graphs needs a cuda device")
         self.device = dev
         self.dtype = DTYPES[dtype]
+        self.gpu_blend = bool(gpu_blend)
+        self.channels_last = bool(channels_last)
+        self.cuda_graphs = bool(cuda_graphs)
+        self.compile_mode = compile
+        self.attention = attention
         self.batch_size = batch_size
         self.latents_batch = latents_batch
         self._featurizer_options = {
@@ -99,8 +142,16 @@ class MuseTalkEngine(Engine):
         )
         self._pe = positional_encoding(device=dev, dtype=self.dtype)  # [50, 384]
         self._latents: dict[tuple[str, str], torch.Tensor] = {}
+        self._blends: dict[tuple[str, str], AvatarBlendCache] = {}
         self._avatar_lock = threading.Lock()
         self._run_lock = threading.Lock()
+        self._timestep = torch.zeros((), device=dev, dtype=torch.long)
+        self._graphs: dict[int, _Graph] = {}
+        self._graph_pool: Any = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._prepare_models()
+        if warmup if warmup is not None else on_cuda:
+            self.warmup()
 
     # -- Engine interface --------------------------------------------------------------------------
 
@@ -109,6 +160,77 @@ class MuseTalkEngine(Engine):
 
     def load_avatar(self, avatar: Avatar) -> None:
         self._avatar_latents(avatar)
+        if self.gpu_blend:
+            self._avatar_blend(avatar)
+
+    def compose(self, requests: Sequence[FrameRequest]) -> list[np.ndarray]:
+        """Full frames: generation and blending on the device, pasting the face boxes on the CPU."""
+        if not self.gpu_blend:
+            return super().compose(requests)
+        out: list[np.ndarray] = []
+        for lo in range(0, len(requests), self.batch_size):
+            chunk = requests[lo : lo + self.batch_size]
+            faces = self.generate_float(chunk)
+            regions: list[np.ndarray | None] = [None] * len(chunk)
+            groups: dict[int, list[int]] = {}
+            caches: dict[int, AvatarBlendCache] = {}
+            for k, r in enumerate(chunk):
+                cache = self._avatar_blend(r.avatar)
+                caches[id(cache)] = cache
+                groups.setdefault(id(cache), []).append(k)
+            for key, members in groups.items():
+                cache = caches[key]
+                picked = faces if len(members) == len(chunk) else faces[torch.tensor(members, device=faces.device)]
+                blended = cache.blend([chunk[k].frame_index for k in members], picked)
+                for row, k in enumerate(members):
+                    regions[k] = blended[row]
+            # full-frame copies are memory-bound numpy copies (the GIL is released): a few threads
+            pastes = [(self._avatar_blend(r.avatar), r.frame_index, region) for r, region in zip(chunk, regions, strict=True)]
+            if len(pastes) > 2:
+                out.extend(self._paste_pool().map(lambda job: job[0].paste(job[1], job[2]), pastes))
+            else:
+                out.extend(cache.paste(index, region) for cache, index, region in pastes)  # type: ignore[arg-type]
+        return out
+
+    def _paste_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(PASTE_THREADS, thread_name_prefix="musetalk-paste")
+        return self._pool
+
+    def warmup(self, max_batch: int | None = None) -> float:
+        """Run (capture, compile) every padded batch size up to ``max_batch`` (default: the
+        engine's batch size) once on dummy inputs; returns the seconds it took."""
+        started = time.perf_counter()
+        top = max_batch or self.batch_size
+        minimum = 2 if self.compile_mode != "none" else 1
+        if self.cuda_graphs or self.compile_mode in ("static", "max-autotune"):
+            sizes = sorted({padded_size(n, minimum) for n in range(1, top + 1)})
+        else:
+            sizes = [max(top, minimum)]
+        latent = torch.zeros((1, 8, 32, 32), device=self.device, dtype=self.dtype)
+        token = torch.zeros((1, N_TOKENS, D_MODEL), device=self.device, dtype=self.dtype)
+        with self._run_lock, torch.inference_mode():
+            for size in sizes:
+                latents, tokens = latent.expand(size, -1, -1, -1), token.expand(size, -1, -1)
+                if self.cuda_graphs:
+                    self._graph_forward(latents, tokens)
+                else:
+                    self._forward(latents.contiguous(), tokens.contiguous())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - started
+        log.info("musetalk: warm-up of batch sizes %s took %.1f s", sizes, seconds)
+        return seconds
+
+    def memory_bytes(self, avatar: Avatar) -> dict[str, int]:
+        """Device memory this avatar's state holds: latents and blend caches (benchmarks)."""
+        key = _avatar_key(avatar)
+        latents = self._latents.get(key)
+        blend = self._blends.get(key)
+        return {
+            "latents": 0 if latents is None else latents.numel() * latents.element_size(),
+            "blend": 0 if blend is None else blend.nbytes,
+        }
 
     def generate(self, requests: Sequence[FrameRequest]) -> list[np.ndarray]:
         out: list[np.ndarray] = []
@@ -120,6 +242,11 @@ class MuseTalkEngine(Engine):
 
     def close(self) -> None:
         self._latents.clear()
+        self._blends.clear()
+        self._graphs.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
         self.models = None  # type: ignore[assignment]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -133,12 +260,85 @@ class MuseTalkEngine(Engine):
             return torch.zeros((0, 3, self.crop_size, self.crop_size), device=self.device)
         latents = torch.stack([self._avatar_latents(r.avatar)[r.frame_index] for r in requests])
         tokens = torch.stack([self._tokens(r.features) for r in requests]) + self._pe
-        unet, vae = self.models.unet, self.models.vae
         with self._run_lock, torch.inference_mode():
-            timestep = torch.zeros((), device=self.device, dtype=torch.long)
-            pred = unet(latents, timestep, encoder_hidden_states=tokens).sample  # [B, 4, 32, 32]
-            image = vae.decode(pred / SCALING_FACTOR).sample
-            return (image.float() / 2 + 0.5).clamp(0, 1)
+            n = latents.shape[0]
+            if self.cuda_graphs:
+                return self._graph_forward(latents, tokens)
+            if self.compile_mode in ("static", "max-autotune"):  # one compiled graph per padded size
+                size = padded_size(n, minimum=2)
+                if size != n:
+                    latents = torch.cat([latents, latents[:1].expand(size - n, -1, -1, -1)])
+                    tokens = torch.cat([tokens, tokens[:1].expand(size - n, -1, -1)])
+                return self._forward(latents, tokens)[:n]
+            if self.compile_mode == "default" and n == 1:  # batch 1 would be specialised: pad to 2
+                return self._forward(latents.expand(2, -1, -1, -1), tokens.expand(2, -1, -1))[:1]
+            return self._forward(latents, tokens)
+
+    def _forward(self, latents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            latents = latents.contiguous(memory_format=torch.channels_last)
+        else:
+            latents = latents.contiguous()
+        tokens = tokens.contiguous()
+        if self.compile_mode == "default":  # one graph for every batch size
+            torch._dynamo.maybe_mark_dynamic(latents, 0)
+            torch._dynamo.maybe_mark_dynamic(tokens, 0)
+        pred = self._unet(latents, self._timestep, encoder_hidden_states=tokens).sample  # [B, 4, 32, 32]
+        z = pred / SCALING_FACTOR
+        if self.compile_mode == "default":
+            torch._dynamo.maybe_mark_dynamic(z, 0)
+        image = self._decode(z)
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    def _graph_forward(self, latents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        n = latents.shape[0]
+        size = padded_size(n, minimum=2 if self.compile_mode != "none" else 1)
+        graph = self._graphs.get(size)
+        if graph is None:
+            graph = self._graphs[size] = self._capture(size, latents[:1], tokens[:1])
+        graph.latents[:n].copy_(latents)
+        graph.tokens[:n].copy_(tokens)
+        graph.graph.replay()
+        # the output buffer is reused by the next replay: hand out a copy
+        return graph.output[:n].clone()
+
+    def _capture(self, size: int, latent: torch.Tensor, token: torch.Tensor) -> _Graph:
+        """Capture UNet + VAE decode at batch ``size`` (graphs share one memory pool: they are
+        replayed one at a time on one stream, and each output is copied before the next)."""
+        static_latents = latent.expand(size, -1, -1, -1).clone()
+        static_tokens = token.expand(size, -1, -1).clone()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the graph (cuDNN plans, lazy inits)
+                self._forward(static_latents, static_tokens)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: work that other threads (the feature worker) launch meanwhile is neither
+        # captured nor an error
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+            output = self._forward(static_latents, static_tokens)
+        log.info("musetalk: captured a CUDA graph for batch %d", size)
+        return _Graph(graph, static_latents, static_tokens, output)
+
+    def _prepare_models(self) -> None:
+        unet, vae = self.models.unet, self.models.vae
+        if self.attention == "classic":
+            from diffusers.models.attention_processor import AttnProcessor
+
+            unet.set_attn_processor(AttnProcessor())
+        if self.channels_last:
+            unet.to(memory_format=torch.channels_last)
+            vae.to(memory_format=torch.channels_last)
+        self._unet = unet
+        self._decode = lambda z: vae.decode(z).sample
+        if self.compile_mode != "none":
+            mode = "max-autotune-no-cudagraphs" if self.compile_mode == "max-autotune" else None
+            dynamic = None if self.compile_mode == "default" else False  # default: marked dims only
+            self._unet = torch.compile(unet, mode=mode, dynamic=dynamic)
+            self._decode = torch.compile(lambda z: vae.decode(z).sample, mode=mode, dynamic=dynamic)
 
     def _tokens(self, features: Any) -> torch.Tensor:
         t = torch.as_tensor(features)
@@ -146,8 +346,20 @@ class MuseTalkEngine(Engine):
             raise ValueError(f"musetalk features must be [{N_TOKENS}, {D_MODEL}], got {list(t.shape)}")
         return t.to(device=self.device, dtype=self.dtype)
 
+    def _avatar_blend(self, avatar: Avatar) -> AvatarBlendCache:
+        key = _avatar_key(avatar)
+        cache = self._blends.get(key)
+        if cache is not None and cache.avatar is avatar:
+            return cache
+        with self._avatar_lock:
+            cache = self._blends.get(key)
+            if cache is None or cache.avatar is not avatar:
+                cache = self._blends[key] = AvatarBlendCache.build(avatar, self.device)
+                log.info("avatar %s: blend cache on %s, %.1f MB", avatar.id, self.device, cache.nbytes / 1e6)
+        return cache
+
     def _avatar_latents(self, avatar: Avatar) -> torch.Tensor:
-        key = (str(Path(avatar.root).resolve()), str(avatar.meta.get("created", "")))
+        key = _avatar_key(avatar)
         latents = self._latents.get(key)
         if latents is not None and latents.shape[0] == avatar.frame_count:
             return latents
@@ -167,3 +379,30 @@ class MuseTalkEngine(Engine):
                 latents = cpu.to(device=self.device, dtype=self.dtype)
                 self._latents[key] = latents
         return latents
+
+
+#: What a cuda device gets when an option is left unset (chosen by bench/musetalk_engine.py).
+CUDA_DEFAULTS: dict[str, Any] = {"channels_last": True, "cuda_graphs": True, "compile": "default"}
+PASTE_THREADS = 4
+COMPILE_MODES = ("none", "default", "static", "max-autotune")
+#: Batch sizes compiled or captured; a batch is padded up to the next one.
+PADDED_SIZES = (1, 2, 4, 8, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128, 192, 256)
+
+
+def padded_size(n: int, minimum: int = 1) -> int:
+    for size in PADDED_SIZES:
+        if size >= max(n, minimum):
+            return size
+    return n
+
+
+def _avatar_key(avatar: Avatar) -> tuple[str, str]:
+    return (str(Path(avatar.root).resolve()), str(avatar.meta.get("created", "")))
+
+
+@dataclass
+class _Graph:
+    graph: Any  # torch.cuda.CUDAGraph
+    latents: torch.Tensor
+    tokens: torch.Tensor
+    output: torch.Tensor
