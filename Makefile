@@ -49,6 +49,7 @@ test: test-deps
 ## make bench: CPU benchmarks; their figures go to docs/benchmarks.md
 bench: install
 	$(BIN)/python bench/lite_engine.py --write
+	$(BIN)/python bench/rtmp_output.py --write
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info
