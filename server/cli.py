@@ -137,6 +137,7 @@ def avatar_prepare(
             max_side=settings.avatars.max_side,
             overwrite=overwrite,
             progress=progress,
+            parsing_model_path=settings.engine.models_dir / "face-parse-bisent/79999_iter.pth",
         )
     width, height = avatar.size
     typer.echo(f"prepared avatar '{avatar.id}': {avatar.frame_count} frames, {width}x{height}, at {avatar.root}")

@@ -19,6 +19,7 @@ from pipeline.avatar import geometry
 from pipeline.avatar.ids import validate_avatar_id
 from pipeline.avatar.landmarks import FaceLandmarker, default_landmarker
 from pipeline.avatar.model import CROP_SIZE, FORMAT_VERSION, FPS, Avatar, cycle_length
+from pipeline.avatar.parsing_mask import load_parsing_model, parsing_masks
 from pipeline.avatar.store import (
     FRAMES_FILE,
     AvatarStore,
@@ -50,6 +51,7 @@ def prepare_avatar(
     progress: Progress | None = None,
     source_name: str | None = None,
     landmarker: FaceLandmarker | None = None,
+    parsing_model_path: Path | None = None,
 ) -> Avatar:
     """Prepare ``source`` as avatar ``avatar_id`` in ``store`` and return it loaded.
 
@@ -58,7 +60,12 @@ def prepare_avatar(
     during face detection (the slow step). Frames where no face is found take landmarks
     interpolated from the nearest frames with one (listed in ``interpolated_frames``).
 
-    Raises InvalidAvatarId, AvatarExists, InputError (unreadable source), NoFaceFound.
+    ``parsing_model_path`` (optional) is BiSeNet's ``79999_iter.pth``: when the file exists and
+    torch is installed, masks are the official face-parsing 'jaw' masks ("mask": "bisenet" in
+    avatar.json); otherwise the landmark jaw mask ("landmark").
+
+    Raises InvalidAvatarId, AvatarExists, InputError (unreadable source), NoFaceFound,
+    EngineUnavailable (a parsing weights file that is there but does not load strictly).
     """
     validate_avatar_id(avatar_id)  # before anything touches the disk
     if not overwrite and store.exists(avatar_id):
@@ -67,6 +74,7 @@ def prepare_avatar(
         raise InputError(f"invalid limits: max_seconds={max_seconds} must be > 0, max_side={max_side} >= 16")
     name, frames_in, digest = _open_source(source, source_name, max_seconds, max_side)
     marker = landmarker or default_landmarker()
+    parser = load_parsing_model(parsing_model_path)
 
     with store.staging(avatar_id, overwrite=overwrite) as tmp:
         with FrameWriter(tmp / FRAMES_FILE) as writer:
@@ -82,10 +90,12 @@ def prepare_avatar(
         landmarks = interpolate_missing(landmarks, detected)
         det_boxes = interpolate_missing(det_boxes.astype(np.float64), detected)
         face_boxes, crop_boxes, masks = compute_geometry(landmarks, det_boxes, (w, h))
+        if parser is not None:
+            masks = parsing_masks(parser, frames, face_boxes, crop_boxes)
         write_geometry(tmp, face_boxes, crop_boxes, landmarks, detected.astype(np.uint8))
         write_masks(tmp, masks)
         write_preview(tmp, np.asarray(frames[0]))
-        write_meta(tmp, _meta(avatar_id, name, digest(), n, w, h, detected))
+        write_meta(tmp, _meta(avatar_id, name, digest(), n, w, h, detected, parser is not None))
         del frames  # drop the memmap before the directory is renamed or removed
     return store.load(avatar_id)
 
@@ -157,7 +167,9 @@ def _open_source(
     return name, frames, lambda: _sha256_file(path)
 
 
-def _meta(avatar_id: str, name: str, sha256: str, n: int, w: int, h: int, detected: np.ndarray) -> dict[str, Any]:
+def _meta(
+    avatar_id: str, name: str, sha256: str, n: int, w: int, h: int, detected: np.ndarray, bisenet: bool = False
+) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         "id": avatar_id,
@@ -168,7 +180,7 @@ def _meta(avatar_id: str, name: str, sha256: str, n: int, w: int, h: int, detect
         "width": int(w),
         "height": int(h),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "mask": "landmark",
+        "mask": "bisenet" if bisenet else "landmark",
         "landmarks": "dlib-68",
         "interpolated_frames": [int(i) for i in np.flatnonzero(~detected)],
     }
