@@ -47,10 +47,10 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from pipeline.avatar.model import Avatar  # noqa: E402
-from pipeline.engines.base import FrameRequest  # noqa: E402
+from pipeline.avatar.model import Avatar
+from pipeline.engines.base import FrameRequest
 
 FPS = 25
 SR = 16000
@@ -97,7 +97,7 @@ def make_avatar_arrays(n: int = 50, width: int = 1280, height: int = 720) -> dic
     box = np.array([x0 + 170 * s, 50 * s, x0 + 290 * s, 210 * s]).round().astype(np.int32)
     frames, boxes = [], []
     for i in range(n):
-        dx = int(round(4 * np.sin(2 * np.pi * i / n)))
+        dx = round(4 * np.sin(2 * np.pi * i / n))
         frames.append(np.roll(canvas, dx, axis=1))
         boxes.append(box + np.array([dx, 0, dx, 0], np.int32))
     yy, xx = np.mgrid[0:256, 0:256]
@@ -482,14 +482,19 @@ def section_sessions(args, avatar, res, clock, engine) -> None:
         in_budget = r["sessions"] * FPS * 0.25
         return r["p95_ms"] is not None and r["p95_ms"] < 250 and r["backlog_at_end"] <= in_budget and r["failures"] == 0
 
-    for share in [float(x) for x in args.speaking_shares.split(",")]:
+    streams = [int(x) for x in args.whisper_streams.split(",")]
+    series = [(share, st) for st in streams for share in [float(x) for x in args.speaking_shares.split(",")]]
+    for share, st in series:
+        if engine.device.type == "cuda":  # Whisper on its own CUDA stream, or on the default one
+            engine.whisper._stream = torch.cuda.Stream(engine.device) if st else None
         ok_n, bad_n = 0, None
-        n = max(1, int(round(args.sessions_start / max(share, 0.25))))
+        n = max(1, round(args.sessions_start / max(share, 0.25)))
         while clock.left > seconds + 25:
             r = session_trial(engine, avatar, n, seconds, batch, share)
+            r["whisper_stream"] = bool(st)
             out["trials"].append(r)
             log(
-                f"sessions share={share} n={n}: p50 {_f(r['p50_ms'])} p95 {_f(r['p95_ms'])} ms (features p95 "
+                f"sessions share={share} stream={st} n={n}: p50 {_f(r['p50_ms'])} p95 {_f(r['p95_ms'])} ms (features p95 "
                 f"{_f(r['features_p95_ms'])}) backlog {r['backlog_at_end']} mean batch {r['mean_batch']:.1f} busy {r['gpu_busy']:.2f}"
             )
             save(res, args)
@@ -508,7 +513,7 @@ def section_sessions(args, avatar, res, clock, engine) -> None:
                 n = (ok_n + bad_n) // 2
             if args.tiny and len(out["trials"]) >= 2:
                 break
-        out["max_sessions"][str(share)] = ok_n
+        out["max_sessions"][f"{share}" + ("" if len(streams) == 1 else f"/stream{st}")] = ok_n
         save(res, args)
 
 
@@ -555,7 +560,7 @@ def section_render(args, res, avatars_dir: Path) -> None:
     cmd = [sys.executable, "-m", "server.cli", "--config", str(cfg), "render", "--engine", "musetalk",
            "--avatar", "bench", "--audio", str(wav), "--out", str(out), "--quiet"]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     wall = time.perf_counter() - t
     r: dict[str, Any] = {"command": "lipstream --config render.yaml render --engine musetalk --avatar bench --audio speech10s.wav --out render.mp4",
                          "rc": proc.returncode, "wall_s": wall, "stdout": proc.stdout[-500:], "stderr": proc.stderr[-1500:]}
@@ -669,7 +674,7 @@ def report(path: Path, command: str, render_command: str, doc: Path | None = Non
         f"Device: {env.get('gpu', 'cpu')} (CUDA {env.get('cuda')}), PyTorch {env['torch']}, Python {env['python']}; "
         f"{env['date']}. Full-size MuseTalk v1.5 architecture with random weights (synthetic.py, fp16); "
         "avatar 1280x720 (astronaut photograph scaled into a 720p frame, synthetic face box "
-        f"and soft jaw mask). Command: `{command}` (then `--report` here).\n"
+        f"and soft jaw mask). Commands: `{command}`.\n"
     )
     lines = [head]
     v = r.get("variants", {})
@@ -681,6 +686,8 @@ def report(path: Path, command: str, render_command: str, doc: Path | None = Non
         for name, e in v.items():
             if "rows" in e:
                 cells = [f"{x['fps']:.1f} ({x['latency_ms']:.1f})" for x in e["rows"]]
+                if e.get("note"):
+                    cells[-1] += f" [{e['note']}]"
             else:
                 cells = [e.get("error", e.get("skipped", ""))[:80]] + [""] * (len(sizes) - 1)
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -705,7 +712,12 @@ def report(path: Path, command: str, render_command: str, doc: Path | None = Non
     s = r.get("sessions")
     if s:
         lines.append("### Concurrent 25 fps sessions\n")
-        maxes = ", ".join(f"{float(k):.0%} speech: **{v}**" for k, v in s["max_sessions"].items())
+        def label(key: str) -> str:
+            share, _, stream = key.partition("/")
+            where = {"stream0": " (Whisper on the default CUDA stream)", "stream1": " (Whisper on its own stream)"}.get(stream, "")
+            return f"{float(share):.0%} speech{where}"
+
+        maxes = ", ".join(f"{label(k)}: **{v}**" for k, v in s["max_sessions"].items())
         lines.append(
             f"Simulated in the bench process: each session submits a frame every 40 ms (phases spread) to the FeatureWorker "
             f"(real Whisper; all sessions' windows batched); active frames go to the EngineWorker (EDF, max batch {s['batch']}) with a "
@@ -713,11 +725,11 @@ def report(path: Path, command: str, render_command: str, doc: Path | None = Non
             f"skipped; a trial fails at p95 >= 250 ms or when more frames are in flight at its end than 250 ms of frames (falling behind); speech and silence alternate in 4 s cycles at each session's own phase (silence costs no engine work). "
             f"Most sessions with p95 < 250 ms and no backlog: {maxes}.\n"
         )
-        lines.append("| speech share | sessions | p50 ms | p95 ms | max ms | features p95 ms | backlog at end | mean batch | GPU worker busy |")
-        lines.append("|---|---|---|---|---|---|---|---|---|")
-        for t in sorted(s["trials"], key=lambda t: (-t.get("share", 1.0), t["sessions"])):
+        lines.append("| Whisper stream | speech share | sessions | p50 ms | p95 ms | max ms | features p95 ms | in flight at end | mean batch | GPU worker busy |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        for t in sorted(s["trials"], key=lambda t: (-t.get("whisper_stream", True), -t.get("share", 1.0), t["sessions"])):
             lines.append(
-                f"| {t.get('share', 1.0):.0%} | {t['sessions']} | {_f(t['p50_ms'])} | {_f(t['p95_ms'])} | {_f(t['max_ms'])} | "
+                f"| {'own' if t.get('whisper_stream', True) else 'default'} | {t.get('share', 1.0):.0%} | {t['sessions']} | {_f(t['p50_ms'])} | {_f(t['p95_ms'])} | {_f(t['max_ms'])} | "
                 f"{_f(t.get('features_p95_ms'))} | {t['backlog_at_end']} | {t['mean_batch']:.1f} | {t['gpu_busy']:.0%} |"
             )
         lines.append("")
@@ -731,6 +743,9 @@ def report(path: Path, command: str, render_command: str, doc: Path | None = Non
             f"in flight, one Whisper window's hidden states ({m.get('whisper_window_mb', 0):.1f} MB) per pass and "
             f"{m.get('tokens_per_frame_kb', 0):.0f} KB of tokens per frame. Peak allocated during the run: {m.get('max_allocated_gb', 0):.1f} GB.\n"
         )
+    if r.get("notes"):
+        lines.append("### Reading the figures\n")
+        lines.append(r["notes"].strip() + "\n")
     write_section("MuseTalk engine (GPU)", "\n".join(lines))
     rr = r.get("render")
     if rr:
@@ -747,6 +762,8 @@ def report(path: Path, command: str, render_command: str, doc: Path | None = Non
             )
         else:
             body += f"Failed (rc {rr['rc']}): {rr['stderr'][-400:]}\n"
+        if r.get("render_notes"):
+            body += "\n" + r["render_notes"].strip() + "\n"
         write_section("MuseTalk render (GPU)", body)
 
 
@@ -767,6 +784,7 @@ def main() -> None:
     p.add_argument("--sessions-step", type=int, default=2)
     p.add_argument("--sweep-batches", type=lambda v: [int(x) for x in v.split(",")], default=list(BATCHES))
     p.add_argument("--speaking-shares", default="1.0,0.5")
+    p.add_argument("--whisper-streams", default="1", help="1: Whisper on its own CUDA stream; 0: default stream; both: 0,1")
     p.add_argument("--variants", default="", help="comma-separated variant names (default: all non-compile ones)")
     p.add_argument("--force-options", default="", help="JSON engine options instead of the best variant")
     p.add_argument("--render-first", action="store_true")

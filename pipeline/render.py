@@ -225,15 +225,13 @@ class _RenderJob:
         features = self.featurizer.features(frames)
         cycle = [self.avatar.cycle_index(f.index) for f in frames]
         active = [k for k, feat in enumerate(features) if feat.active]
-        faces: dict[int, np.ndarray] = {}
+        composed: dict[int, np.ndarray] = {}
         if active:
+            # engine.compose blends where the engine runs (on its GPU for MuseTalk).
             requests = [FrameRequest(self.avatar, cycle[k], features[k].data) for k in active]
-            faces = dict(zip(active, self.engine.generate(requests), strict=True))
+            composed = dict(zip(active, self.engine.compose(requests), strict=True))
         for k in range(len(frames)):
-            if k in faces:
-                image = self.compositor.compose(cycle[k], faces[k])
-            else:
-                image = self.compositor.idle(cycle[k])
+            image = composed[k] if k in composed else self.compositor.idle(cycle[k])
             self.sink.write_video(image)
         self.done += len(frames)
         self.active += len(active)

@@ -76,7 +76,8 @@ async def _start(state: AppState) -> None:
         if settings.avatars.default == DEMO_ID:
             await asyncio.to_thread(ensure_demo_avatar, state.store)
         avatar = await asyncio.to_thread(state.store.load, settings.avatars.default)
-        state.engine = create_engine(settings.engine.name, **engine_options(settings.engine))
+        # Off the loop: a GPU engine compiles and captures CUDA graphs at start (minutes, cold).
+        state.engine = await asyncio.to_thread(create_engine, settings.engine.name, **engine_options(settings.engine))
         await asyncio.to_thread(state.engine.load_avatar, avatar)
         state.worker = EngineWorker(
             state.engine, settings.engine.batch_size, settings.engine.device, on_batch=state.metrics.on_batch

@@ -692,3 +692,114 @@ def test_gpu_blend_path_equals_cpu_compositor(tiny_dir: Path, tmp_path: Path) ->
         assert memory["latents"] > 0 and memory["blend"] > 0
     finally:
         eng.close()
+
+
+# --- features off the event loop: the FeatureWorker -----------------------------------------------------
+
+
+def test_feature_worker_batches_sessions_merges_backlog_and_keeps_order(engine) -> None:
+    """Two streams through the worker (real tiny Whisper) give the same tokens as the same frames
+    through the featurizers inline; a backlog of one stream shares encoder windows; futures
+    resolve in submission order; reset runs in order and cancel drops queued jobs."""
+    from pipeline.live.feature_worker import FeatureWorker
+
+    frames_a = audio_frames(speechy(0.6, seed=1))
+    frames_b = audio_frames(speechy(0.6, seed=2))
+    inline_a, inline_b = engine.new_featurizer(), engine.new_featurizer()
+    want_a = inline_a.features(frames_a[:6])
+    want_b = inline_b.features(frames_b[:6])
+    assert inline_a.blocking and inline_a.batcher is engine.whisper
+
+    worker = FeatureWorker("cpu")
+    try:
+        fa, fb = engine.new_featurizer(), engine.new_featurizer()
+        with worker._cv:  # hold the thread back so that everything is queued for one pass
+            jobs = []
+            for i in range(6):
+                jobs.append(("a", i, worker.submit(fa, [frames_a[i]], "a")))
+                jobs.append(("b", i, worker.submit(fb, [frames_b[i]], "b")))
+        order: list[tuple[str, int]] = []
+        for name, i, future in jobs:
+            future.add_done_callback(lambda _, name=name, i=i: order.append((name, i)))
+        before = engine.whisper.encoder_windows
+        results = {(name, i): future.result(timeout=120)[0] for name, i, future in jobs}
+        # one pass: each stream's 6 frames merged into one run of one 30 s window, both batched
+        assert engine.whisper.encoder_windows - before == 2
+        assert worker.passes == 1
+        for i in range(6):
+            for name, want in (("a", want_a), ("b", want_b)):
+                got = results[(name, i)]
+                assert got.active == want[i].active
+                if got.active:
+                    # merged frames see more lookahead than frame-by-frame ones: close, not equal
+                    assert torch.allclose(got.data, want[i].data, atol=0.5)
+        assert sorted(order) == sorted((n, i) for n, i, _ in jobs)
+
+        # reset in order, cancel of queued jobs
+        with worker._cv:
+            late = worker.submit(fa, [frames_a[6]], "a")
+            worker.reset(fa, "a")  # cancels the queued job above, then resets
+            fresh = worker.submit(fa, [frames_a[0]], "a")  # frame 0 again: legal only after a reset
+        assert late.cancelled()
+        assert fresh.result(timeout=120)[0].active
+    finally:
+        worker.close()
+
+
+def test_feature_worker_without_batcher_and_errors() -> None:
+    from pipeline.engines.base import Featurizer, FrameFeatures
+    from pipeline.live.feature_worker import FeatureWorker
+
+    class Counting(Featurizer):
+        blocking = True
+
+        def __init__(self) -> None:
+            self.calls: list[list[int]] = []
+
+        def features(self, frames):
+            if any(f.index < 0 for f in frames):
+                raise ValueError("bad frame")
+            self.calls.append([f.index for f in frames])
+            return [FrameFeatures(active=True, data=f.index) for f in frames]
+
+    window = np.zeros(3200, np.float32)
+    worker = FeatureWorker("test")
+    try:
+        feat = Counting()
+        with worker._cv:
+            futures = [worker.submit(feat, [AudioFrame(i, window, True)], 1) for i in range(4)]
+        assert [f.result(timeout=10)[0].data for f in futures] == [0, 1, 2, 3]
+        assert feat.calls == [[0, 1, 2, 3]]  # the backlog went as one call
+        bad = worker.submit(feat, [AudioFrame(-1, window, True)], 1)
+        with pytest.raises(ValueError, match="bad frame"):
+            bad.result(timeout=10)
+        assert worker.submit(feat, [AudioFrame(5, window, True)], 1).result(timeout=10)[0].data == 5
+    finally:
+        worker.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        worker.submit(feat, [AudioFrame(6, window, True)], 1)
+
+
+def test_engine_speed_options_and_gpu_config(tiny_dir: Path) -> None:
+    from pipeline.engines.musetalk.engine import CUDA_DEFAULTS, MuseTalkEngine, padded_size
+    from pipeline.errors import ConfigError
+    from server.config import load_settings
+
+    with pytest.raises(ConfigError, match="cuda_graphs needs a cuda device"):
+        MuseTalkEngine(models_dir=tiny_dir, device="cpu", cuda_graphs=True)
+    with pytest.raises(ConfigError, match="compile must be one of"):
+        MuseTalkEngine(models_dir=tiny_dir, device="cpu", compile="fast")
+    with pytest.raises(ConfigError, match="attention"):
+        MuseTalkEngine(models_dir=tiny_dir, device="cpu", attention="flash")
+    eng = MuseTalkEngine(models_dir=tiny_dir, device="cpu", dtype="fp32")
+    try:  # a CPU gets none of the GPU speed options unless asked
+        assert (eng.channels_last, eng.cuda_graphs, eng.compile_mode) == (False, False, "none")
+    finally:
+        eng.close()
+    assert set(CUDA_DEFAULTS) == {"channels_last", "cuda_graphs", "compile"}
+    assert [padded_size(n) for n in (1, 3, 17, 33, 48, 300)] == [1, 4, 20, 40, 48, 300]
+    assert padded_size(1, minimum=2) == 2
+
+    gpu = load_settings(Path(__file__).resolve().parent.parent / "configs" / "gpu.yaml")
+    assert (gpu.engine.name, gpu.engine.device, gpu.engine.dtype) == ("musetalk", "cuda:0", "fp16")
+    assert gpu.sessions.processing_seconds >= 0.1

@@ -134,7 +134,7 @@ class FeatureWorker:
                         try:
                             job.featurizer.reset()
                             job.future.set_result([])
-                        except Exception as exc:  # noqa: BLE001
+                        except Exception as exc:  # noqa: BLE001 - reported to the session, not raised here
                             job.future.set_exception(exc)
                 elif job.future.set_running_or_notify_cancel():
                     group.append(job)
@@ -184,7 +184,7 @@ class FeatureWorker:
     def _call(self, fn: Any) -> Any:
         try:
             return fn()
-        except Exception as exc:  # noqa: BLE001 - a failed pass fails its jobs, not the worker
+        except Exception as exc:  # a failed pass fails its jobs, not the worker
             log.exception("feature pass failed on %s", self.name)
             return exc
 

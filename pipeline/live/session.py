@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,9 +47,9 @@ from pipeline.audio.windows import (
 )
 from pipeline.avatar.model import Avatar
 from pipeline.engines.base import Featurizer, FrameFeatures, FrameRequest
+from pipeline.errors import LipstreamError
 from pipeline.live.feature_worker import FeatureWorker
 from pipeline.live.worker import EngineWorker
-from pipeline.errors import LipstreamError
 
 log = logging.getLogger("lipstream.session")
 
@@ -168,7 +169,9 @@ class LiveSession:
         self._arrivals: collections.deque[tuple[int, float]] = collections.deque()  # (16 kHz end pos, time)
         self._new_audio = asyncio.Event()
         self._subscribers: list[asyncio.Queue[OutputFrame]] = []
-        self._subscriber_queue = subscriber_queue
+        # Frames wait in a subscriber's queue until their release, up to ``delay`` after they are
+        # made: the queue must hold that many frames or a long processing budget drops frames.
+        self._subscriber_queue = max(subscriber_queue, math.ceil(self.delay / FRAME_SECONDS) + 25)
         self._task: asyncio.Task | None = None
         self._closed = False
         self._next_index = 0

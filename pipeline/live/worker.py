@@ -19,8 +19,6 @@ import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from pipeline.engines.base import Engine, FrameRequest
 
 log = logging.getLogger("lipstream.worker")
@@ -116,7 +114,7 @@ class EngineWorker:
                 frames = self.engine.compose([job.request for job in batch])
                 if len(frames) != len(batch):
                     raise RuntimeError(f"engine returned {len(frames)} frames for {len(batch)} requests")
-            except Exception as exc:  # noqa: BLE001 - a failed batch fails its frames, not the worker
+            except Exception as exc:  # a failed batch fails its frames, not the worker
                 log.exception("engine batch of %d failed on %s", len(batch), self.name)
                 for job in batch:
                     job.future.set_exception(exc)

@@ -25,8 +25,8 @@ import concurrent.futures
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ import torch
 
 from pipeline.avatar.model import Avatar
 from pipeline.engines.base import Engine, FrameRequest
+from pipeline.engines.musetalk.blend import AvatarBlendCache
 from pipeline.engines.musetalk.features import (
     D_MODEL,
     DEFAULT_CONTEXT_SECONDS,
@@ -45,7 +46,6 @@ from pipeline.engines.musetalk.features import (
     WhisperBatcher,
     positional_encoding,
 )
-from pipeline.engines.musetalk.blend import AvatarBlendCache
 from pipeline.engines.musetalk.loader import DTYPES, load_models, resolve_device
 from pipeline.engines.musetalk.vae_cache import SCALING_FACTOR, load_or_compute_latents
 from pipeline.errors import ConfigError
@@ -83,7 +83,7 @@ class MuseTalkEngine(Engine):
         gpu_blend: bool = True,
         channels_last: bool | None = None,
         cuda_graphs: bool | None = None,
-        compile: str | None = None,  # noqa: A002 - the option's name in configs
+        compile: str | None = None,  # the option's name in configs (shadows the builtin here only)
         attention: str = "sdpa",
         warmup: bool | None = None,
         **options: Any,

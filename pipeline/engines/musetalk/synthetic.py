@@ -125,6 +125,17 @@ TINY_UNET_OVERRIDES: dict[str, Any] = {"block_out_channels": [32, 32, 64, 64], "
 TINY_VAE_OVERRIDES: dict[str, Any] = {"block_out_channels": [16, 16, 32, 32], "norm_num_groups": 8}
 
 
+# Micro variants (tests/test_musetalk_live.py: a whole live session on a 2-core CI machine): on top
+# of tiny, one layer per block, single-head attention, an 8-wide VAE, and a Whisper encoder whose
+# feed-forward is 64 wide. Still the official interfaces: 8-in/4-out UNet over 32x32 latents,
+# 384-wide audio tokens, 4 encoder layers (5 hidden states) over 1500 positions, 8x VAE.
+MICRO_OVERRIDES: dict[str, dict[str, Any]] = {
+    "unet": {"block_out_channels": [8, 8, 16, 16], "norm_num_groups": 4, "layers_per_block": 1, "attention_head_dim": 1},
+    "vae": {"block_out_channels": [8, 8, 8, 8], "norm_num_groups": 4, "layers_per_block": 1},
+    "whisper": {"encoder_ffn_dim": 64, "decoder_ffn_dim": 64},
+}
+
+
 def unet_config(tiny: bool = False) -> dict[str, Any]:
     return {**UNET_CONFIG, **(TINY_UNET_OVERRIDES if tiny else {})}
 
@@ -169,6 +180,7 @@ def write_synthetic_checkpoints(
     dtype: torch.dtype | str = torch.float32,
     version: str = "v15",
     vae_format: str = "bin",
+    overrides: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     """Write random UNet, VAE and Whisper checkpoints in the official layout under ``models_dir``.
 
@@ -176,8 +188,10 @@ def write_synthetic_checkpoints(
     ``version`` "v15" writes ``musetalkV15/unet.pth``, "v1" writes ``musetalk/pytorch_model.bin``.
     ``vae_format`` "bin" (with the legacy attention key names of the real sd-vae-ft-mse file) or
     "safetensors" (current names). The Whisper file holds only ``model.encoder.*`` keys: the
-    decoder of the real file is ignored by the loader anyway.
+    decoder of the real file is ignored by the loader anyway. ``overrides`` ({"unet": {...},
+    "vae": {...}, "whisper": {...}}, e.g. :data:`MICRO_OVERRIDES`) change the configs further.
     """
+    overrides = overrides or {}
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
     root = Path(models_dir)
@@ -187,12 +201,12 @@ def write_synthetic_checkpoints(
         version
     ]
     (root / unet_dir).mkdir(parents=True, exist_ok=True)
-    ucfg = unet_config(tiny)
+    ucfg = {**unet_config(tiny), **overrides.get("unet", {})}
     _write_json(root / unet_dir / "musetalk.json", ucfg)
     torch.save(random_state_dict(build_unet(ucfg), gen, dtype), root / unet_dir / unet_file)
 
     (root / "sd-vae").mkdir(parents=True, exist_ok=True)
-    vcfg = vae_config(tiny)
+    vcfg = {**vae_config(tiny), **overrides.get("vae", {})}
     _write_json(root / "sd-vae" / "config.json", vcfg)
     vae_sd = random_state_dict(build_vae(vcfg), gen, dtype)
     if vae_format == "bin":
@@ -202,8 +216,9 @@ def write_synthetic_checkpoints(
 
         save_file(vae_sd, str(root / "sd-vae" / "diffusion_pytorch_model.safetensors"))
 
-    write_whisper_configs(root / "whisper")
-    enc_sd = random_state_dict(build_whisper_encoder(WHISPER_CONFIG), gen, dtype)
+    wcfg = {**WHISPER_CONFIG, **overrides.get("whisper", {})}
+    write_whisper_configs(root / "whisper", **overrides.get("whisper", {}))
+    enc_sd = random_state_dict(build_whisper_encoder(wcfg), gen, dtype)
     # Real whisper-tiny encoders use sinusoidal positions; random ones would do, but these keep
     # the synthetic encoder's attention closer to the real one's behaviour in tests.
     enc_sd["embed_positions.weight"] = whisper_sinusoids(1500, 384).to(dtype)
