@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -72,3 +73,19 @@ def running_server(avatars: Path, tmp: Path, overrides: dict[str, Any] | None = 
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+def ws_url(url: str, session_id: str) -> str:
+    """The audio WebSocket of a session on the server at ``url``."""
+    return url.replace("http://", "ws://") + f"/v1/sessions/{session_id}/audio"
+
+
+async def push_realtime(ws, pcm: bytes, bytes_per_second: int, chunk_seconds: float = 0.02) -> None:  # noqa: ANN001
+    """Sends 16-bit PCM in ``chunk_seconds`` messages paced in real time, as a live TTS would."""
+    chunk = int(bytes_per_second * chunk_seconds) // 2 * 2
+    start = time.monotonic()
+    for n, offset in enumerate(range(0, len(pcm), chunk)):
+        await ws.send(pcm[offset : offset + chunk])
+        delay = start + (n + 1) * chunk_seconds - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import websockets
 
-from tests.live_server import running_server
+from tests.live_server import push_realtime, running_server, ws_url
 from tests.rtc_client import RATE, Client, SpeechTrack, envelope, motion, onsets
 from tests.speech import espeak
 
@@ -126,18 +126,8 @@ async def wait_for_frames(client: Client, count: int, timeout: float = 10.0) -> 
         await asyncio.sleep(0.05)
 
 
-def ws_url(url: str, session_id: str) -> str:
-    return url.replace("http://", "ws://") + f"/v1/sessions/{session_id}/audio"
 
 
-async def push_realtime(ws, pcm: bytes, bytes_per_second: int, chunk_seconds: float = 0.02) -> None:
-    chunk = int(bytes_per_second * chunk_seconds) // 2 * 2
-    start = time.monotonic()
-    for n, offset in enumerate(range(0, len(pcm), chunk)):
-        await ws.send(pcm[offset : offset + chunk])
-        delay = start + (n + 1) * chunk_seconds - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
 
 
 async def collect_events(ws, events: list[dict]) -> None:

@@ -26,7 +26,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.config import Settings
-from tests.live_server import running_server
+from tests.live_server import running_server, ws_url
 from tests.rtc_client import Client
 from tests.speech import espeak
 
@@ -41,8 +41,6 @@ def server(avatars_root: Path, tmp_path_factory: pytest.TempPathFactory):
         yield url
 
 
-def ws_url(url: str, session_id: str) -> str:
-    return url.replace("http://", "ws://") + f"/v1/sessions/{session_id}/audio"
 
 
 START = {"type": "start", "format": "pcm_s16le", "sample_rate": 16000, "channels": 1}

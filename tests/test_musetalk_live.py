@@ -33,7 +33,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 websockets = pytest.importorskip("websockets")
 
-from tests.live_server import ROOT, running_server
+from tests.live_server import ROOT, push_realtime, running_server, ws_url
 from tests.rtc_client import Client
 from tests.speech import SpeechClip, espeak
 
@@ -70,15 +70,6 @@ def test_musetalk_live_session_over_websocket_and_whep(
         "limits": {"audio_buffer_seconds": 8},
     }
 
-    async def push_realtime(ws, data: bytes, chunk_seconds: float = 0.02) -> None:
-        chunk = int(rate * 2 * chunk_seconds) // 2 * 2
-        start = time.monotonic()
-        for n, offset in enumerate(range(0, len(data), chunk)):
-            await ws.send(data[offset : offset + chunk])
-            delay = start + (n + 1) * chunk_seconds - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-
     async def scenario(url: str):
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             session_id = (await http.post("/v1/sessions", json={"avatar": "demo"})).json()["id"]
@@ -89,8 +80,7 @@ def test_musetalk_live_session_over_websocket_and_whep(
                 assert time.monotonic() < deadline, "no video from the session"
                 await asyncio.sleep(0.05)
             events: list[dict] = []
-            ws_url = url.replace("http://", "ws://") + f"/v1/sessions/{session_id}/audio"
-            async with websockets.connect(ws_url) as ws:
+            async with websockets.connect(ws_url(url, session_id)) as ws:
 
                 async def listen() -> None:
                     try:
@@ -102,7 +92,7 @@ def test_musetalk_live_session_over_websocket_and_whep(
                 listener = asyncio.ensure_future(listen())
                 await ws.send(json.dumps({"type": "start", "format": "pcm_s16le", "sample_rate": rate, "channels": 1}))
                 await asyncio.sleep(0.5)
-                await push_realtime(ws, pcm)
+                await push_realtime(ws, pcm, rate * 2)
                 await ws.send(json.dumps({"type": "end"}))
                 await asyncio.sleep(3.5)  # the release delay (2.2 s) and a little silence after
                 listener.cancel()

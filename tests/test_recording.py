@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import websockets
 
-from tests.live_server import running_server
+from tests.live_server import push_realtime, running_server, ws_url
 from tests.speech import espeak
 
 pytestmark = pytest.mark.slow
@@ -71,18 +71,8 @@ def speech_pcm() -> bytes:
     return (np.clip(speech24, -1, 1) * 32767).astype("<i2").tobytes()
 
 
-async def push_realtime(ws, pcm: bytes, bytes_per_second: int = 48000, chunk_seconds: float = 0.02) -> None:
-    chunk = int(bytes_per_second * chunk_seconds) // 2 * 2
-    start = time.monotonic()
-    for n, offset in enumerate(range(0, len(pcm), chunk)):
-        await ws.send(pcm[offset : offset + chunk])
-        delay = start + (n + 1) * chunk_seconds - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
 
 
-def ws_url(url: str, session_id: str) -> str:
-    return url.replace("http://", "ws://") + f"/v1/sessions/{session_id}/audio"
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +94,7 @@ def test_record_download_and_finish_on_session_end(server: str) -> None:
                 first = (await http.post(f"/v1/sessions/{session_id}/outputs/record")).json()
                 second = (await http.post(f"/v1/sessions/{session_id}/outputs/record")).json()
                 await asyncio.sleep(0.5)
-                await push_realtime(ws, pcm)
+                await push_realtime(ws, pcm, 48000)
                 await ws.send(json.dumps({"type": "end"}))
                 await asyncio.sleep(0.5)
                 busy = await http.get(f"/v1/sessions/{session_id}/outputs/record/{first['id']}")
@@ -156,12 +146,12 @@ def test_sigterm_finishes_the_recording(avatars_root: Path, tmp_path: Path) -> N
                     await ws.send(json.dumps({"type": "start", "format": "pcm_s16le", "sample_rate": 24000, "channels": 1}))
                     started = time.monotonic()
                     rec = (await http.post(f"/v1/sessions/{session_id}/outputs/record")).json()
-                    await push_realtime(ws, pcm[: 48000 * 2])
+                    await push_realtime(ws, pcm[: 48000 * 2], 48000)
                     before = (await http.get(f"/v1/sessions/{session_id}/outputs")).json()["outputs"][0]
                     url.process.send_signal(signal.SIGTERM)  # mid-recording, speech still arriving
                     signalled = time.monotonic()
                     try:
-                        await push_realtime(ws, pcm[48000 * 2 :])
+                        await push_realtime(ws, pcm[48000 * 2 :], 48000)
                     except websockets.ConnectionClosed:
                         pass
                 return rec, before, signalled - started

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import websockets
 
-from tests.live_server import ROOT, free_port, running_server
+from tests.live_server import ROOT, free_port, push_realtime, running_server
 from tests.rtc_client import RATE, Client, envelope, motion, onsets
 from tests.speech import espeak
 
@@ -207,14 +207,6 @@ async def wait_state(http: httpx.AsyncClient, session_id: str, output_id: str, s
         await asyncio.sleep(0.05)
 
 
-async def push_realtime(ws, pcm: bytes, bytes_per_second: int, chunk_seconds: float = 0.02) -> None:
-    chunk = int(bytes_per_second * chunk_seconds) // 2 * 2
-    start = time.monotonic()
-    for n, offset in enumerate(range(0, len(pcm), chunk)):
-        await ws.send(pcm[offset : offset + chunk])
-        delay = start + (n + 1) * chunk_seconds - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
 
 
 async def collect(ws, events: list[dict]) -> None:
