@@ -514,10 +514,11 @@ def _tree(table: dict[int, tuple[int, int]], roots: set[int]) -> set[int]:
     return members
 
 
-def _machine_ticks() -> tuple[int, int]:
+def _machine_ticks() -> tuple[int, int, int]:
+    """(total, idle, steal) ticks of all CPUs; steal: time a hypervisor gave to other guests."""
     fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return sum(fields[:8]), idle
+    return sum(fields[:8]), idle, fields[7] if len(fields) > 7 else 0
 
 
 class CpuSampler(threading.Thread):
@@ -553,11 +554,13 @@ class CpuSampler(threading.Thread):
             total, idle = machine[0] - last_machine[0], machine[1] - last_machine[1]
             cores = os.cpu_count() or 1
             busy = 100.0 * cores * (total - idle) / total if total > 0 else 0.0
+            steal = 100.0 * cores * (machine[2] - last_machine[2]) / total if total > 0 else 0.0
             # Other programs: every process outside the server's tree, the clients and this one.
             ours = _tree(table, {self.server_pid or -1, os.getpid(), *self.client_pids})
             others = sum(max(0, t - last.get(pid, 0)) for pid, (_, t) in table.items() if pid not in ours)
             other = 100.0 * others / CLK_TCK / dt
-            sample = {"t": now, "server": server, "clients": clients, "machine": busy, "other": other}
+            sample = {"t": now, "server": server, "clients": clients, "machine": busy, "other": other,
+                      "steal": steal}
             self.samples.append(sample)
             last = {pid: ticks for pid, (_, ticks) in table.items()}
             last_t, last_machine = now, machine
@@ -791,6 +794,7 @@ def summarise(results: list[dict[str, Any]], cpu: CpuSampler, gpu: GpuSampler, t
     overall["machine_cpu_percent_mean"] = mean([s["machine"] for s in steady])
     # Everything else on the machine (other programs): a busy machine distorts the figures.
     overall["other_cpu_percent_mean"] = mean([s["other"] for s in steady])
+    overall["steal_cpu_percent_mean"] = mean([s.get("steal", 0.0) for s in steady])  # VM hosts' share
     overall["machine_cores"] = os.cpu_count()
     gsteady = window(gpu.samples)
     overall["gpu_util_percent_mean"] = mean([float(np.mean(s["util"])) for s in gsteady])
@@ -866,7 +870,8 @@ def print_summary(report: dict[str, Any]) -> None:
           f"{fmt(o['server_cpu_percent_mean'], '%')} mean, {fmt(o['server_cpu_percent_max'], '%')} max, "
           f"{fmt(o['server_cpu_percent_per_session'], '%')} per session; clients "
           f"{fmt(o['clients_cpu_percent_mean'], '%')}; other programs "
-          f"{fmt(o['other_cpu_percent_mean'], '%')}")
+          f"{fmt(o['other_cpu_percent_mean'], '%')}; taken by a VM host "
+          f"{fmt(o['steal_cpu_percent_mean'], '%')}")
     print(f"GPU: util {fmt(o['gpu_util_percent_mean'], '%')} mean, "
           f"{fmt(o['gpu_util_percent_max'], '%')} max, "
           f"memory {fmt(o['gpu_memory_mib_max'], ' MiB')} max")
