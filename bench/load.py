@@ -1252,6 +1252,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
         if server is not None:
             server.stop()
             shutil.copy(server.log_path, args.out / f"load-{stamp}-server.log")
+        shutil.rmtree(workdir, ignore_errors=True)
         if cpu is not None:
             cpu.join(timeout=2)
             gpu.join(timeout=6)
