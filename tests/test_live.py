@@ -39,14 +39,6 @@ def server(avatars_root: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def mouth_roi(demo_avatar) -> tuple[int, int, int, int]:
-    points = demo_avatar.landmarks[0][48:68]
-    x1, y1 = points.min(axis=0) - 8
-    x2, y2 = points.max(axis=0) + 8
-    return int(x1), int(y1), int(x2), int(y2)
-
-
-@pytest.fixture(scope="module")
 def speech48() -> np.ndarray:
     audio, _ = espeak(TEXT, sample_rate=RATE)
     return audio

@@ -117,14 +117,6 @@ def server(avatars_root: Path, tmp_path_factory: pytest.TempPathFactory):
         yield url
 
 
-@pytest.fixture(scope="module")
-def mouth_roi(demo_avatar) -> tuple[int, int, int, int]:
-    points = demo_avatar.landmarks[0][48:68]
-    x1, y1 = points.min(axis=0) - 8
-    x2, y2 = points.max(axis=0) + 8
-    return int(x1), int(y1), int(x2), int(y2)
-
-
 # ---------------------------------------------------------------------------------- the player
 def pull(url: str, out: str, roi: str, max_seconds: float, read_timeout: float) -> None:
     """Plays ``url`` until it ends (no data for ``read_timeout``) or ``max_seconds`` passed; saves
