@@ -16,6 +16,10 @@ jobs here and get a future; this thread takes everything pending at once and
 
 Featurizer state is only touched by this thread: a session's interrupt goes through
 :meth:`FeatureWorker.reset`, which drops its queued jobs and resets the featurizer in order.
+
+A failed pass fails its jobs only; when the failure is a device fault (the encoder runs on the
+engine's device: a CUDA error there means the device is broken, :mod:`pipeline.live.faults`),
+``on_fault`` tells the device pool, which takes the whole device out of rotation.
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.audio.windows import AudioFrame
 from pipeline.engines.base import Featurizer, FrameFeatures
+from pipeline.live.faults import is_device_fault
 
 log = logging.getLogger("lipstream.features")
 
@@ -47,8 +52,11 @@ class _Job:
 class FeatureWorker:
     """Computes features for queued jobs of many sessions, batched, on one thread."""
 
-    def __init__(self, name: str = "cpu", max_frames: int = 512) -> None:
+    def __init__(
+        self, name: str = "cpu", max_frames: int = 512, on_fault: Callable[[BaseException], None] | None = None
+    ) -> None:
         self.name = name
+        self._on_fault = on_fault
         self.max_frames = max_frames  # most frames taken in one pass (bounds one pass's latency)
         self._queue: collections.deque[_Job] = collections.deque()
         self._cv = threading.Condition()
@@ -186,6 +194,8 @@ class FeatureWorker:
             return fn()
         except Exception as exc:  # a failed pass fails its jobs, not the worker
             log.exception("feature pass failed on %s", self.name)
+            if self._on_fault is not None and is_device_fault(exc):
+                self._on_fault(exc)
             return exc
 
 

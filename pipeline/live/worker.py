@@ -1,29 +1,63 @@
 """One batching worker per engine device, shared by every session bound to it.
 
-Why a thread and a heap: the engine call (a GPU batch, or the lite warp on a CPU) must stay off
-the asyncio loop, and frames of all sessions compete for it. Jobs are taken earliest deadline
-first, up to ``batch_size`` at a time, so a session that floods requests cannot push another
-session's frame past its deadline: whoever is due first is served first. Compositing happens in
-the same thread, inside :meth:`Engine.compose` (generation + blending: on the CPU by default, on
-its own device for engines that can), so only finished frames come back to the loop.
+Why a thread: the engine call (a GPU batch, or the lite warp on a CPU) must stay off the asyncio
+loop, and frames of all sessions compete for it. Compositing happens in the same thread, inside
+:meth:`Engine.compose` (generation + blending: on the CPU by default, on its own device for
+engines that can), so only finished frames come back to the loop.
+
+Which frames go into a batch. Each job carries its frame's deadline (the wall time at which the
+session releases that frame to its outputs). A batch is filled in two passes over the jobs in
+earliest-deadline-first order:
+
+1. every session (``owner``) with queued jobs may take up to its *share* of the batch,
+   ``ceil(batch_size / sessions with queued jobs)``;
+2. slots left free go to the remaining jobs, earliest deadline first, whoever owns them.
+
+Why not EDF alone: a session is paced by its clock at 25 frames/s, so in steady state it has one
+or two frames queued; a session with many is catching up on a backlog (features that arrived in
+a burst after a stall, a loop that was held up). Those frames are usually already overdue, and
+an overdue deadline is the *earliest* deadline: EDF alone would serve one session's stale backlog
+before every other session's on-time frame, turning one session's stall into everyone's. The
+share gives each session with work a slot in the very next batch, which is all a paced session
+needs to stay on time, and the backlog still drains at full batch speed through the slots others
+leave free. Without contention (no more jobs queued than one batch holds) the batch is simply
+every queued job, exactly as EDF.
+
+Why not "serve overdue jobs after on-time ones" instead: outputs wait for every frame's picture
+in order (an overdue frame is never skipped), so demoting a late frame stalls its session's video
+further while helping nobody the share does not already protect; and under overload a demoted
+class would starve for good. The share keeps every session progressing.
+
+Device faults (:mod:`pipeline.live.faults`): an ordinary exception fails only its batch's frames.
+A device fault (CUDA error, out of memory, our :class:`~pipeline.live.faults.DeviceFailure`)
+marks the worker *failed*: no more batches, every queued frame fails with
+:class:`~pipeline.live.faults.DeviceFailed`, new submissions are refused, and ``on_fault`` tells
+the device pool, which takes the device out of rotation and ends its sessions.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import heapq
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from pipeline.engines.base import Engine, FrameRequest
+from pipeline.live.faults import DeviceFailed, describe_fault, is_device_fault
 
 log = logging.getLogger("lipstream.worker")
 
 BatchObserver = Callable[[int, float], None]  # (batch size, seconds) after every batch
+FaultObserver = Callable[[str], None]  # (reason) once, when the device fails
+
+#: Seconds of recent batches that :meth:`EngineWorker.utilisation` looks at.
+UTILISATION_WINDOW = 10.0
 
 
 @dataclass(order=True)
@@ -36,43 +70,56 @@ class _Job:
 
 
 class EngineWorker:
-    """Runs ``engine.compose`` (generation + compositing) for queued frame requests, earliest
-    deadline first."""
+    """Runs ``engine.compose`` (generation + compositing) for queued frame requests, batched
+    with a per-session share, earliest deadline first (module docstring)."""
 
     def __init__(
-        self, engine: Engine, batch_size: int = 16, name: str = "cpu", on_batch: BatchObserver | None = None
+        self,
+        engine: Engine,
+        batch_size: int = 16,
+        name: str = "cpu",
+        on_batch: BatchObserver | None = None,
+        on_fault: FaultObserver | None = None,
     ) -> None:
         self.engine = engine
         self.batch_size = batch_size
         self.name = name
         self._on_batch = on_batch
-        self._heap: list[_Job] = []
+        self._on_fault = on_fault
+        self._queues: dict[Hashable, list[_Job]] = {}  # per owner, a heap by (deadline, seq)
+        self._queued = 0
         self._cv = threading.Condition()
         self._seq = itertools.count()
         self._closed = False
+        self.failed: str | None = None  # the device fault's description once failed
         self.batches = 0
         self.frames = 0
         self.busy_seconds = 0.0
+        self.started = time.monotonic()
+        self._recent: collections.deque[tuple[float, float]] = collections.deque()  # (end, seconds)
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
     def submit(self, request: FrameRequest, deadline: float, owner: Hashable) -> concurrent.futures.Future:
-        """Queue one frame; the future resolves to the composed full BGR frame."""
+        """Queue one frame; the future resolves to the composed full BGR frame.
+
+        Raises :class:`DeviceFailed` once the device failed, RuntimeError once closed."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._cv:
+            if self.failed is not None:
+                raise DeviceFailed(self._failure_message())
             if self._closed:
                 raise RuntimeError(f"engine worker {self.name} is closed")
-            heapq.heappush(self._heap, _Job(deadline, next(self._seq), owner, request, future))
+            heapq.heappush(self._queues.setdefault(owner, []), _Job(deadline, next(self._seq), owner, request, future))
+            self._queued += 1
             self._cv.notify()
         return future
 
     def cancel(self, owner: Hashable) -> int:
         """Drop every queued request of ``owner`` (an interrupted or closed session)."""
         with self._cv:
-            kept = [job for job in self._heap if job.owner != owner]
-            dropped = [job for job in self._heap if job.owner == owner]
-            self._heap = kept
-            heapq.heapify(self._heap)
+            dropped = self._queues.pop(owner, [])
+            self._queued -= len(dropped)
         for job in dropped:
             job.future.cancel()
         return len(dropped)
@@ -80,33 +127,100 @@ class EngineWorker:
     @property
     def queued(self) -> int:
         with self._cv:
-            return len(self._heap)
+            return self._queued
+
+    def utilisation(self, window: float = UTILISATION_WINDOW) -> float:
+        """Share of the last ``window`` seconds (or of the time since start, if shorter) spent
+        running batches."""
+        now = time.monotonic()
+        with self._cv:
+            busy = sum(seconds for end, seconds in self._recent if end >= now - window)
+        span = min(window, max(now - self.started, 1e-3))
+        return min(1.0, busy / span)
+
+    def fail(self, reason: str) -> None:
+        """Take the device out of service: fail queued frames, refuse new ones, tell ``on_fault``.
+
+        Called by the worker thread on a device fault, or by the device pool when something
+        else on the device (its feature pass, loading an avatar) hit one. Idempotent."""
+        with self._cv:
+            if self.failed is not None:
+                return
+            self.failed = reason
+            pending = self._drain_locked()
+            self._cv.notify_all()
+        error = DeviceFailed(self._failure_message())
+        for job in pending:
+            if not job.future.done():
+                job.future.set_exception(error)
+        log.error("device %s failed: %s", self.name, reason)
+        if self._on_fault is not None:
+            self._on_fault(reason)
 
     def close(self) -> None:
         with self._cv:
             self._closed = True
-            pending, self._heap = self._heap, []
+            pending = self._drain_locked()
             self._cv.notify_all()
         for job in pending:
             job.future.cancel()
         self._thread.join(timeout=5)
 
+    # -- the thread ----------------------------------------------------------------------------------
+
+    def _failure_message(self) -> str:
+        return f"device {self.name} failed: {self.failed}"
+
+    def _drain_locked(self) -> list[_Job]:
+        pending = [job for queue in self._queues.values() for job in queue]
+        self._queues = {}
+        self._queued = 0
+        return pending
+
     def _take_batch(self) -> list[_Job]:
         with self._cv:
-            while not self._heap and not self._closed:
+            while not self._queued and not self._closed and self.failed is None:
                 self._cv.wait()
-            batch = []
-            while self._heap and len(batch) < self.batch_size:
-                job = heapq.heappop(self._heap)
-                if job.future.set_running_or_notify_cancel():
-                    batch.append(job)
-            return batch
+            if self._closed or self.failed is not None:
+                return []
+            return self._pick_locked()
+
+    def _pick_locked(self) -> list[_Job]:
+        """Up to ``batch_size`` jobs: each owner's share first, then the rest, earliest deadline
+        first (module docstring)."""
+        owners = sorted((queue[0], owner) for owner, queue in self._queues.items() if queue)
+        share = max(1, math.ceil(self.batch_size / max(1, len(owners))))
+        batch: list[_Job] = []
+
+        def take(queue: list[_Job]) -> None:
+            job = heapq.heappop(queue)
+            self._queued -= 1
+            if job.future.set_running_or_notify_cancel():  # skips frames cancelled meanwhile
+                batch.append(job)
+
+        for _, owner in owners:  # pass 1: every owner's share, owners by their earliest job
+            queue = self._queues[owner]
+            taken = len(batch)
+            while queue and len(batch) - taken < share and len(batch) < self.batch_size:
+                take(queue)
+        heads = [(queue[0], owner) for owner, queue in self._queues.items() if queue]
+        heapq.heapify(heads)
+        while heads and len(batch) < self.batch_size:  # pass 2: free slots, earliest deadline first
+            _, owner = heapq.heappop(heads)
+            queue = self._queues[owner]
+            take(queue)
+            if queue:
+                heapq.heappush(heads, (queue[0], owner))
+        for owner in [owner for owner, queue in self._queues.items() if not queue]:
+            del self._queues[owner]
+        batch.sort()
+        return batch
 
     def _run(self) -> None:
         while True:
             batch = self._take_batch()
             if not batch:
-                if self._closed:
+                if self._closed or self.failed is not None:
                     return
                 continue
             started = time.perf_counter()
@@ -114,15 +228,28 @@ class EngineWorker:
                 frames = self.engine.compose([job.request for job in batch])
                 if len(frames) != len(batch):
                     raise RuntimeError(f"engine returned {len(frames)} frames for {len(batch)} requests")
-            except Exception as exc:  # a failed batch fails its frames, not the worker
+            except Exception as exc:
+                if is_device_fault(exc):
+                    log.exception("engine batch of %d hit a device fault on %s", len(batch), self.name)
+                    error = DeviceFailed(f"device {self.name} failed: {describe_fault(exc)}")
+                    for job in batch:
+                        job.future.set_exception(error)
+                    self.fail(describe_fault(exc))
+                    return
+                # an ordinary failure fails this batch's frames, not the worker
                 log.exception("engine batch of %d failed on %s", len(batch), self.name)
                 for job in batch:
                     job.future.set_exception(exc)
                 continue
             elapsed = time.perf_counter() - started
-            self.batches += 1
-            self.frames += len(batch)
-            self.busy_seconds += elapsed
+            with self._cv:
+                self.batches += 1
+                self.frames += len(batch)
+                self.busy_seconds += elapsed
+                now = time.monotonic()
+                self._recent.append((now, elapsed))
+                while self._recent and self._recent[0][0] < now - UTILISATION_WINDOW:
+                    self._recent.popleft()
             for job, frame in zip(batch, frames, strict=True):
                 job.future.set_result(frame)
             if self._on_batch is not None:
