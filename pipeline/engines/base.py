@@ -82,6 +82,16 @@ class Engine(ABC):
     def generate(self, requests: Sequence[FrameRequest]) -> list[np.ndarray]:
         """One uint8 BGR [crop_size, crop_size, 3] face crop per request, in order."""
 
+    def calibration_features(self, n: int) -> list[Any]:
+        """``n`` feature payloads (``FrameFeatures.data``) of *active* frames, for timing.
+
+        The device pool times :meth:`compose` on them at start to learn how many talking
+        sessions a device carries (:mod:`pipeline.live.calibration`), so they must cost what
+        speech costs; random values of the right shape, dtype and device are fine. An engine
+        without them can only run with a configured ``engine.capacity_sessions``.
+        """
+        raise NotImplementedError
+
     def compose(self, requests: Sequence[FrameRequest]) -> list[np.ndarray]:
         """One full uint8 BGR avatar frame per request, the generated face blended in, in order.
 

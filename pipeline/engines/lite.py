@@ -484,6 +484,14 @@ class LiteEngine(Engine):
                 self._rigs.popitem(last=False)
         return rig
 
+    def calibration_features(self, n: int) -> list[np.ndarray]:
+        """Open, shaped mouths (an open mouth costs the interior fill; a closed one less)."""
+        rng = np.random.default_rng(0)
+        return [
+            np.array([rng.uniform(0.4, 1.0), rng.uniform(-0.6, 0.6), rng.uniform(0.0, 0.6)], dtype=np.float32)
+            for _ in range(n)
+        ]
+
     def generate(self, requests: Sequence[FrameRequest]) -> list[np.ndarray]:
         return [render_mouth(self.rig(r.avatar, r.frame_index), _params(r.features)) for r in requests]
 

@@ -163,6 +163,14 @@ class MuseTalkEngine(Engine):
         if self.gpu_blend:
             self._avatar_blend(avatar)
 
+    def calibration_features(self, n: int) -> list[torch.Tensor]:
+        """Random [50, 384] audio tokens on the engine's device: the UNet's cost does not depend on
+        their values."""
+        gen = torch.Generator().manual_seed(0)
+        return [
+            torch.randn(N_TOKENS, D_MODEL, generator=gen).to(device=self.device, dtype=self.dtype) for _ in range(n)
+        ]
+
     def compose(self, requests: Sequence[FrameRequest]) -> list[np.ndarray]:
         """Full frames: generation and blending on the device, pasting the face boxes on the CPU."""
         if not self.gpu_blend:
