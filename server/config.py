@@ -94,6 +94,8 @@ class IceServer(Section):
 class WebRtcConfig(Section):
     ice_servers: list[IceServer] = Field(default_factory=list)
     host_addresses: list[str] = Field(default_factory=list)
+    # processes running the WebRTC peers (encoding, RTP); 0: one per four cores, 1 to 8
+    peer_processes: int = Field(0, ge=0, le=64)
 
 
 class SessionsConfig(Section):

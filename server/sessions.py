@@ -15,8 +15,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiortc import RTCPeerConnection
-
 from pipeline.avatar.ids import validate_avatar_id
 from pipeline.avatar.store import AvatarStore
 from pipeline.engines.base import Engine
@@ -26,7 +24,7 @@ from pipeline.live.session import LiveSession
 from pipeline.live.worker import EngineWorker
 from server.config import Settings
 from server.metrics import Metrics
-from server.webrtc import SessionAudioTrack, SessionVideoTrack
+from server.peer_pool import PeerPool, RemotePeer
 
 log = logging.getLogger("lipstream.sessions")
 
@@ -46,9 +44,8 @@ class SessionExists(LipstreamError):
 @dataclass
 class Viewer:
     id: str
-    peer: RTCPeerConnection
-    video: SessionVideoTrack
-    audio: SessionAudioTrack
+    peer: RemotePeer
+    answer: str  # the answer SDP sent back to the viewer
 
 
 @dataclass
@@ -59,8 +56,7 @@ class ServerSession:
     live: LiveSession
     created: float = field(default_factory=time.time)
     input_kind: str | None = None  # "call" | "whip" | "websocket" once an input attached
-    input_peer: RTCPeerConnection | None = None
-    input_tracks: list[Any] = field(default_factory=list)  # outgoing tracks of the input peer (calls)
+    input_peer: RemotePeer | None = None
     websockets: int = 0
     viewers: dict[str, Viewer] = field(default_factory=dict)
     listeners: set[asyncio.Queue] = field(default_factory=set)
@@ -71,6 +67,7 @@ class ServerSession:
     ended: bool = False
     outputs: Any = None  # server.outputs.SessionOutputs once an RTMP output or recording was added
     persistent: bool = False  # the `serve --rtmp` session: no idle/vanish timeout, only DELETE or shutdown
+    peers: PeerPool | None = None  # where its WebRTC peers live
 
     def heard_input(self) -> None:
         self.last_input = time.monotonic()
@@ -82,10 +79,9 @@ class ServerSession:
                 queue.put_nowait(event)
 
     def output_tracks(self) -> list[Any]:
-        tracks = list(self.input_tracks)
-        for viewer in self.viewers.values():
-            tracks += [viewer.video, viewer.audio]
-        return tracks
+        """What sends its frames to WebRTC peers (one feed for the call and every viewer)."""
+        feed = self.peers.feed(self.id) if self.peers is not None else None
+        return [feed] if feed is not None else []
 
     def describe(self) -> dict[str, Any]:
         stats = self.live.stats
@@ -127,6 +123,7 @@ class SessionManager:
         worker: EngineWorker,
         metrics: Metrics,
         feature_worker: FeatureWorker | None = None,
+        peers: PeerPool | None = None,
     ) -> None:
         self.settings = settings
         self.feature_worker = feature_worker
@@ -134,11 +131,13 @@ class SessionManager:
         self.engine = engine
         self.worker = worker
         self.metrics = metrics
+        self.peers = peers or PeerPool(settings.webrtc, settings.webrtc.peer_processes, settings.server.log_level)
         self.sessions: dict[str, ServerSession] = {}
         self.draining = False
         self._watchdog: asyncio.Task | None = None
 
     def start(self) -> None:
+        self.peers.start()
         self._watchdog = asyncio.get_running_loop().create_task(self._watch(), name="session-watchdog")
 
     async def create(
@@ -174,7 +173,9 @@ class SessionManager:
             observer=self.metrics,
             feature_worker=self.feature_worker,
         )
-        session = holder["s"] = ServerSession(session_id, avatar_id, self.settings.engine.name, live, persistent=persistent)
+        session = holder["s"] = ServerSession(
+            session_id, avatar_id, self.settings.engine.name, live, persistent=persistent, peers=self.peers
+        )
         self.sessions[session_id] = session
         live.start()
         self.metrics.sessions.set(len(self.sessions))
@@ -194,18 +195,33 @@ class SessionManager:
         task.add_done_callback(session.tasks.discard)
         return task
 
-    def output_tracks(self, session: ServerSession) -> tuple[SessionVideoTrack, SessionAudioTrack]:
-        late = self.metrics.late_frames.inc
-        return SessionVideoTrack(session.live, on_late=late), SessionAudioTrack(session.live)
-
     def mean_fps(self) -> float:
         rates = [t.fps for s in self.sessions.values() for t in s.output_tracks() if t.kind == "video"]
         return sum(rates) / len(rates) if rates else 0.0
 
-    def add_viewer(self, session: ServerSession, peer: RTCPeerConnection) -> Viewer:
-        viewer = Viewer(secrets.token_urlsafe(8), peer, *self.output_tracks(session))
-        peer.addTrack(viewer.video)
-        peer.addTrack(viewer.audio)
+    async def open_peer(
+        self, session: ServerSession, sdp: str, send_media: bool, microphone: bool
+    ) -> tuple[RemotePeer, str]:
+        """A WebRTC peer of ``session`` (in its peer process) from a checked offer, and the answer."""
+
+        def heard(planar: Any, rate: int, layout: str) -> None:
+            session.heard_input()
+            try:
+                session.live.push(planar, rate, layout)
+            except LipstreamError as exc:
+                log.warning("microphone audio refused: %s", exc, extra={"session_id": session.id})
+
+        return await self.peers.open(
+            session.id, session.live, sdp, send_media,
+            on_mic=heard if microphone else None, on_late=self.metrics.late_frames.inc,
+        )
+
+    async def add_viewer(self, session: ServerSession, sdp: str) -> Viewer:
+        peer, answer = await self.peers.open(session.id, session.live, sdp, True, on_late=self.metrics.late_frames.inc)
+        if session.ended:  # ended while negotiating
+            await self.peers.close_peer(peer)
+            raise SessionNotFound(f"session '{session.id}' ended")
+        viewer = Viewer(secrets.token_urlsafe(8), peer, answer)
         session.viewers[viewer.id] = viewer
         session.last_activity = time.monotonic()
         return viewer
@@ -214,7 +230,7 @@ class SessionManager:
         viewer = session.viewers.pop(viewer_id, None)
         if viewer is None:
             raise SessionNotFound(f"unknown viewer '{viewer_id}' of session '{session.id}'")
-        await _close_viewer(viewer)
+        await self.peers.close_peer(viewer.peer)
 
     async def end(self, session_id: str, reason: str) -> None:
         session = self.sessions.pop(session_id, None)
@@ -227,13 +243,8 @@ class SessionManager:
         await session.live.close()
         if session.outputs is not None:  # RTMP outputs get the last frames, recordings are finished
             await session.outputs.close()
-        for viewer in list(session.viewers.values()):
-            await _close_viewer(viewer)
+        await self.peers.release(session_id)  # the call's and viewers' peers, and the feed
         session.viewers.clear()
-        for track in session.input_tracks:
-            track.stop()
-        if session.input_peer is not None:
-            await session.input_peer.close()
         for task in list(session.tasks):
             task.cancel()
         if session.tasks:
@@ -247,6 +258,7 @@ class SessionManager:
         if self._watchdog is not None:
             self._watchdog.cancel()
         await asyncio.gather(*(self.end(sid, "server shutting down") for sid in list(self.sessions)))
+        await self.peers.stop()
 
     async def _watch(self) -> None:
         while True:
@@ -288,9 +300,3 @@ class SessionManager:
         elif now - session.last_activity >= cfg.idle_timeout_seconds:
             return "idle timeout"
         return None
-
-
-async def _close_viewer(viewer: Viewer) -> None:
-    viewer.video.stop()
-    viewer.audio.stop()
-    await viewer.peer.close()

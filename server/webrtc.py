@@ -1,32 +1,24 @@
-"""WebRTC plumbing over aiortc: peers from config, SDP checks, and tracks fed by a live session.
+"""WebRTC plumbing over aiortc: ICE set-up, peers from config, SDP checks, and what a frame shows.
 
-The outgoing tracks release frame ``i`` of the session at its scheduled time on the session
-clock, video and audio alike, so RTCP sender reports map both RTP clocks to the same wall
-clock and the receiver plays them in sync. A frame of an older interrupt epoch becomes the idle
-picture and silence at release time, which is what makes an interrupt visible within a frame.
+The peers themselves run in peer processes (:mod:`server.peer_process`); the server releases
+frame ``i`` of a session at its scheduled time on the session clock (:mod:`server.peer_pool`),
+video and audio alike, so RTCP sender reports map both RTP clocks to the same wall clock and
+the receiver plays them in sync. A frame of an older interrupt epoch becomes the idle picture
+and silence at release time, which is what makes an interrupt visible within a frame.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import ipaddress
 import logging
-import time
-from collections.abc import Callable
-from fractions import Fraction
 
 import aioice.ice
-import av
 import numpy as np
-from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
-from pipeline.audio.decode import frame_to_planar, layout_name
-from pipeline.errors import InputError, LipstreamError
+from pipeline.errors import InputError
 from pipeline.live.session import (
-    FRAME_SECONDS,
-    OUTPUT_RATE,
     OUTPUT_SAMPLES_PER_FRAME,
     LiveSession,
     OutputFrame,
@@ -133,29 +125,6 @@ async def answer(peer: RTCPeerConnection) -> str:
     return peer.localDescription.sdp
 
 
-# ---------------------------------------------------------------------------------- input
-async def pump_microphone(
-    track: MediaStreamTrack, session: LiveSession, on_audio: Callable[[], None] | None = None
-) -> None:
-    """Feeds a remote audio track (a browser's microphone, a WHIP sender) into the session.
-
-    ``on_audio`` is called per frame: a sender streams audio continuously (silence included),
-    so a pause in its packets is how a peer that vanished without a goodbye is noticed, long
-    before ICE consent would fail.
-    """
-    while not session.closed:
-        try:
-            frame = await track.recv()
-        except MediaStreamError:
-            return
-        if on_audio is not None:
-            on_audio()
-        try:
-            session.push(frame_to_planar(frame), frame.sample_rate, layout_name(frame.layout))
-        except LipstreamError as exc:
-            log.warning("microphone audio refused: %s", exc)
-
-
 # ---------------------------------------------------------------------------------- output
 async def output_picture(session: LiveSession, out: OutputFrame) -> np.ndarray:
     """Frame ``out``'s picture as every output shows it at its release time: the composed frame,
@@ -179,89 +148,3 @@ def output_audio(session: LiveSession, out: OutputFrame) -> np.ndarray:
     if out.epoch != session.epoch:
         return np.zeros(OUTPUT_SAMPLES_PER_FRAME, np.int16)
     return out.audio
-
-
-class _SessionTrack(MediaStreamTrack):
-    """A subscription to a session's frames, released on the session clock."""
-
-    def __init__(self, session: LiveSession, on_late: Callable[[], None] | None = None) -> None:
-        super().__init__()
-        self.session = session
-        self._on_late = on_late
-        self._queue = session.subscribe()
-        self.sent = 0
-        self.late = 0
-        self._sent_times: collections.deque[float] = collections.deque(maxlen=50)
-
-    async def _next_output(self) -> OutputFrame:
-        out = await self._queue.get()
-        if out is None:
-            self.stop()
-            raise MediaStreamError
-        return out
-
-    async def _wait_until(self, release: float) -> None:
-        delay = release - asyncio.get_running_loop().time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-
-    def _mark_sent(self, release: float) -> None:
-        now = asyncio.get_running_loop().time()
-        if now - release > FRAME_SECONDS:
-            self.late += 1
-            if self._on_late is not None:
-                self._on_late()
-        self.sent += 1
-        self._sent_times.append(time.monotonic())
-
-    @property
-    def fps(self) -> float:
-        times = self._sent_times
-        if len(times) < 2 or time.monotonic() - times[-1] > 1.0:
-            return 0.0
-        return (len(times) - 1) / (times[-1] - times[0])
-
-    def stop(self) -> None:
-        super().stop()
-        self.session.unsubscribe(self._queue)
-
-
-class SessionVideoTrack(_SessionTrack):
-    kind = "video"
-
-    async def recv(self) -> av.VideoFrame:
-        out = await self._next_output()
-        await self._wait_until(out.release)
-        image = await self._picture(out)
-        self._mark_sent(out.release)
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="bgr24")
-        frame.pts = out.index * (VIDEO_CLOCK // 25)
-        frame.time_base = Fraction(1, VIDEO_CLOCK)
-        return frame
-
-    async def _picture(self, out: OutputFrame) -> np.ndarray:
-        return await output_picture(self.session, out)
-
-
-class SessionAudioTrack(_SessionTrack):
-    kind = "audio"
-
-    def __init__(self, session: LiveSession) -> None:
-        super().__init__(session, on_late=None)
-        self._halves: collections.deque[tuple[OutputFrame, int]] = collections.deque()
-
-    async def recv(self) -> av.AudioFrame:
-        if not self._halves:
-            out = await self._next_output()
-            self._halves.extend([(out, 0), (out, 1)])
-        out, half = self._halves.popleft()
-        release = out.release + half * FRAME_SECONDS / 2
-        await self._wait_until(release)
-        chunk = output_audio(self.session, out)[half * AUDIO_CHUNK : (half + 1) * AUDIO_CHUNK]
-        if half == 0:
-            self._mark_sent(release)
-        frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = OUTPUT_RATE
-        frame.pts = out.index * OUTPUT_SAMPLES_PER_FRAME + half * AUDIO_CHUNK
-        frame.time_base = Fraction(1, OUTPUT_RATE)
-        return frame

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict
 from pipeline.errors import LipstreamError
 from server.routes.deps import app_state
 from server.sessions import ServerSession, SessionManager
-from server.webrtc import answer, apply_offer, check_offer, new_peer, pump_microphone
+from server.webrtc import check_offer
 
 router = APIRouter(prefix="/v1", tags=["webrtc"])
 
@@ -29,20 +29,9 @@ class CallOffer(BaseModel):
 
 async def _connect_input(manager: SessionManager, session: ServerSession, kind: str, sdp: str, send_back: bool) -> str:
     """Negotiates the session's input peer: its microphone in and, for calls, the avatar out."""
-    peer = new_peer(manager.settings.webrtc)
+    peer, answer_sdp = await manager.open_peer(session, sdp, send_media=send_back, microphone=True)
     session.input_kind, session.input_peer = kind, peer
-
-    @peer.on("track")
-    def _on_track(track) -> None:  # noqa: ANN001 - aiortc's callback signature
-        if track.kind == "audio":
-            manager.track(session, pump_microphone(track, session.live, session.heard_input), "microphone")
-
-    await apply_offer(peer, sdp)
-    if send_back:
-        session.input_tracks = list(manager.output_tracks(session))
-        for track in session.input_tracks:
-            peer.addTrack(track)
-    return await answer(peer)
+    return answer_sdp
 
 
 @router.post("/calls")
@@ -101,18 +90,8 @@ async def whep(session_id: str, request: Request, state=Depends(app_state)) -> R
     manager = state.require_manager()
     session = manager.get(session_id)
     sdp = check_offer(await _sdp_body(request), manager.settings.webrtc)
-    peer = new_peer(manager.settings.webrtc)
-    viewer = None
-    try:
-        await apply_offer(peer, sdp)
-        viewer = manager.add_viewer(session, peer)
-        answer_sdp = await answer(peer)
-    except BaseException:
-        if viewer is not None:
-            await manager.remove_viewer(session, viewer.id)
-        await peer.close()
-        raise
-    return _sdp_created(answer_sdp, f"/v1/sessions/{session_id}/whep/{viewer.id}")
+    viewer = await manager.add_viewer(session, sdp)
+    return _sdp_created(viewer.answer, f"/v1/sessions/{session_id}/whep/{viewer.id}")
 
 
 @router.delete("/sessions/{session_id}/whep/{viewer_id}", status_code=200)

@@ -1,0 +1,315 @@
+"""The server's side of the peer processes: which process serves which session, and the feeds.
+
+Every WebRTC peer of a session (its call, its WHIP sender, its WHEP viewers) lives in the same
+peer process (:mod:`server.peer_process`), chosen when the session gets its first peer (the
+process with the fewest sessions), so one message per frame serves all of a session's viewers.
+:class:`SessionFeed` releases a session's frames to that process on the session clock: the
+audio at the frame's release time, the picture (through a :class:`~server.frame_ring.FrameRing`)
+as soon as it is composed, never before its release time. A peer process that dies takes its
+peers with it (they read as ``failed``, so the sessions' watchdog ends what depended on them);
+the next session gets a fresh process in its place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import multiprocessing
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import LipstreamError
+from pipeline.live.session import FRAME_SECONDS, LiveSession, OutputFrame
+from server.config import WebRtcConfig
+from server.frame_ring import FrameRing
+from server.peer_channel import Channel
+from server.webrtc import BadSdp, output_audio, output_picture
+
+log = logging.getLogger("lipstream.peers")
+
+MicHandler = Callable[[np.ndarray, int, str], None]
+
+
+class PeerProcessError(LipstreamError):
+    http_status = 503
+
+
+def default_processes() -> int:
+    """One peer process per four cores (a process encodes on several threads), 1 to 8."""
+    return max(1, min(8, (os.cpu_count() or 2) // 4))
+
+
+@dataclass
+class RemotePeer:
+    """A peer connection living in a peer process; reads like aiortc's for the watchdog."""
+
+    id: str
+    session_id: str
+    worker: _Worker
+    send_media: bool
+    on_mic: MicHandler | None = None
+    connectionState: str = "new"  # the name aiortc (and the watchdog) use
+    closed: bool = False
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.connectionState = "closed"
+        await self.worker.request("close", self.id)
+
+
+class SessionFeed:
+    """Releases one session's frames to its peer process, and counts what went out late."""
+
+    kind = "video"  # counted with the outgoing video tracks in session stats
+
+    def __init__(self, session_id: str, live: LiveSession, worker: _Worker, on_late: Callable[[], None] | None) -> None:
+        self.session_id = session_id
+        self.live = live
+        self.worker = worker
+        self._on_late = on_late
+        shape = live.avatar.frames[0].shape
+        self.ring = FrameRing.create(shape)
+        self.sent = 0
+        self.late = 0
+        self._sent_times: collections.deque[float] = collections.deque(maxlen=50)
+        worker.channel.send(("ring", session_id, *self.ring.describe()))
+        self._queue = live.subscribe()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"feed-{session_id}")
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        pictures: collections.deque[asyncio.Task] = collections.deque()
+        try:
+            while True:
+                out = await self._queue.get()
+                if out is None:
+                    return
+                delay = out.release - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                release = time.monotonic() + (out.release - loop.time())
+                audio = output_audio(self.live, out)
+                self.worker.channel.send(("audio", self.session_id, out.index, audio.tobytes(), release))
+                # The picture may still be composing: send it when ready, in frame order, while
+                # the next frames' audio goes out on time.
+                pictures.append(loop.create_task(self._picture(out, pictures[-1] if pictures else None)))
+                while pictures and pictures[0].done():
+                    pictures.popleft()
+        finally:
+            for task in pictures:
+                task.cancel()
+
+    async def _picture(self, out: OutputFrame, previous: asyncio.Task | None) -> None:
+        image = await output_picture(self.live, out)
+        if previous is not None:
+            await asyncio.wait([previous])
+        slot = self.ring.write(out.index, np.ascontiguousarray(image))
+        self.worker.channel.send(("frame", self.session_id, out.index, slot))
+        now = asyncio.get_running_loop().time()
+        if now - out.release > FRAME_SECONDS:
+            self.late += 1
+            if self._on_late is not None:
+                self._on_late()
+        self.sent += 1
+        self._sent_times.append(time.monotonic())
+
+    @property
+    def fps(self) -> float:
+        times = self._sent_times
+        if len(times) < 2 or time.monotonic() - times[-1] > 1.0:
+            return 0.0
+        return (len(times) - 1) / (times[-1] - times[0])
+
+    async def close(self) -> None:
+        if self.worker.feeds.get(self.session_id) is not self:
+            return  # closed already
+        self.worker.feeds.pop(self.session_id, None)
+        self._task.cancel()
+        await asyncio.wait([self._task])
+        self.live.unsubscribe(self._queue)
+        self.worker.channel.send(("drop", self.session_id))
+        # The process drops its mapping on "drop"; unlinking now only removes the name.
+        self.ring.close()
+
+
+class _Worker:
+    """One peer process and its channel."""
+
+    def __init__(self, index: int, webrtc: WebRtcConfig, log_level: str) -> None:
+        from server import peer_process
+
+        self.index = index
+        context = multiprocessing.get_context("spawn")  # no fork: the server holds threads (and CUDA)
+        ours, theirs = context.Pipe(duplex=True)
+        self.process = context.Process(
+            target=peer_process.run, args=(theirs, webrtc, log_level), name=f"lipstream-peers-{index}", daemon=True
+        )
+        self.process.start()
+        theirs.close()
+        self.channel = Channel(ours, f"peers-{index}")
+        self.peers: dict[str, RemotePeer] = {}
+        self.sessions: set[str] = set()
+        self.feeds: dict[str, SessionFeed] = {}
+        self._replies: dict[int, asyncio.Future] = {}
+        self._requests = itertools.count()
+        self.alive = True
+        self.channel.listen(asyncio.get_running_loop(), self._handle, self._gone)
+
+    async def request(self, kind: str, *args: Any, timeout: float = 20.0) -> Any:
+        if not self.alive:
+            raise PeerProcessError(f"peer process {self.index} is gone")
+        request = next(self._requests)
+        future = self._replies[request] = asyncio.get_running_loop().create_future()
+        self.channel.send((kind, request, *args))
+        try:
+            error, value = await asyncio.wait_for(future, timeout)
+        finally:
+            self._replies.pop(request, None)
+        if error is not None:
+            name, text = error
+            raise (BadSdp if name == "BadSdp" else PeerProcessError)(text)
+        return value
+
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "mic":
+            peer = self.peers.get(message[1])
+            if peer is not None and peer.on_mic is not None and not peer.closed:
+                peer.on_mic(*message[2:])
+        elif kind == "state":
+            peer = self.peers.get(message[1])
+            if peer is not None and not peer.closed:
+                peer.connectionState = message[2]
+        elif kind == "reply":
+            future = self._replies.get(message[1])
+            if future is not None and not future.done():
+                future.set_result(message[2:])
+
+    def _gone(self) -> None:
+        """The process exited (crash, OOM kill): its peers failed; pending requests fail."""
+        if not self.alive:
+            return
+        self.alive = False
+        log.error("peer process %d exited (code %s); its %d peers failed", self.index, self.process.exitcode,
+                  len(self.peers))
+        for peer in self.peers.values():
+            peer.connectionState = "failed"
+        for future in self._replies.values():
+            if not future.done():
+                future.set_result((("PeerProcessError", f"peer process {self.index} exited"), None))
+
+    async def stop(self) -> None:
+        if self.alive:
+            self.channel.send(("stop",))
+        await asyncio.to_thread(self.process.join, 5)
+        if self.process.is_alive():
+            self.process.terminate()
+            await asyncio.to_thread(self.process.join, 2)
+        self.alive = False
+        self.channel.close()
+
+
+class PeerPool:
+    """Starts the peer processes, assigns sessions to them, opens and closes peers."""
+
+    def __init__(self, webrtc: WebRtcConfig, processes: int, log_level: str = "warning") -> None:
+        self.webrtc = webrtc
+        self.processes = processes or default_processes()
+        self.log_level = log_level
+        self._workers: list[_Worker] = []
+        self._by_session: dict[str, _Worker] = {}
+        self._stopped = False
+
+    def start(self) -> None:
+        self._workers = [_Worker(i, self.webrtc, self.log_level) for i in range(self.processes)]
+
+    def _worker_for(self, session_id: str) -> _Worker:
+        worker = self._by_session.get(session_id)
+        if worker is not None and worker.alive:
+            return worker
+        for i, candidate in enumerate(self._workers):
+            if not candidate.alive:  # replace a process that died
+                log.warning("starting a new peer process in place of process %d", candidate.index)
+                self._workers[i] = _Worker(candidate.index, self.webrtc, self.log_level)
+        worker = min(self._workers, key=lambda w: len(w.sessions))
+        worker.sessions.add(session_id)
+        self._by_session[session_id] = worker
+        return worker
+
+    async def open(
+        self,
+        session_id: str,
+        live: LiveSession,
+        sdp: str,
+        send_media: bool,
+        on_mic: MicHandler | None = None,
+        on_late: Callable[[], None] | None = None,
+    ) -> tuple[RemotePeer, str]:
+        """A new peer of ``session_id`` from a checked offer; returns it and the answer SDP."""
+        worker = self._worker_for(session_id)
+        if send_media and session_id not in worker.feeds:
+            worker.feeds[session_id] = SessionFeed(session_id, live, worker, on_late)
+        peer = RemotePeer(secrets.token_urlsafe(8), session_id, worker, send_media, on_mic)
+        worker.peers[peer.id] = peer
+        try:
+            answer_sdp = await worker.request("open", peer.id, session_id, sdp, send_media, on_mic is not None)
+        except BaseException:
+            worker.peers.pop(peer.id, None)
+            peer.closed = True
+            await self._stop_unwatched_feed(worker, session_id)
+            raise
+        return peer, answer_sdp
+
+    def feed(self, session_id: str) -> SessionFeed | None:
+        worker = self._by_session.get(session_id)
+        return worker.feeds.get(session_id) if worker is not None else None
+
+    async def close_peer(self, peer: RemotePeer) -> None:
+        try:
+            await peer.close()
+        except (PeerProcessError, TimeoutError) as exc:
+            log.warning("closing peer %s: %s", peer.id, exc)
+        peer.worker.peers.pop(peer.id, None)
+        await self._stop_unwatched_feed(peer.worker, peer.session_id)
+
+    async def _stop_unwatched_feed(self, worker: _Worker, session_id: str) -> None:
+        """Nobody left to send a session's frames to: stop copying them."""
+        if any(p.session_id == session_id and p.send_media for p in worker.peers.values()):
+            return
+        feed = worker.feeds.get(session_id)
+        if feed is not None:
+            await feed.close()
+
+    async def release(self, session_id: str) -> None:
+        """The session ended: close its peers and its feed, forget its process."""
+        worker = self._by_session.pop(session_id, None)
+        if worker is None:
+            return
+        peers = [p for p in worker.peers.values() if p.session_id == session_id]
+        await asyncio.gather(*(self.close_peer(p) for p in peers))
+        await self._stop_unwatched_feed(worker, session_id)
+        worker.sessions.discard(session_id)
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        for session_id in list(self._by_session):
+            await self.release(session_id)
+        await asyncio.gather(*(w.stop() for w in self._workers))
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [
+            {"index": w.index, "pid": w.process.pid, "alive": w.alive, "sessions": len(w.sessions), "peers": len(w.peers)}
+            for w in self._workers
+        ]

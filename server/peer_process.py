@@ -1,0 +1,264 @@
+"""A peer process: WebRTC peer connections, VP8/Opus encoding and RTP, away from the server's loop.
+
+Why a separate process: measured on the lite engine (docs/design-notes.md, "Process model"),
+a session's WebRTC output costs the server ~4x what generating its frames does: VP8 encoding,
+RTP packetisation, SRTP and ICE run Python per packet, and all of it shared one event loop and
+one GIL with the API, the session clocks and the engine's dispatch. The server keeps sessions,
+clocks and engines; each peer process runs the peers of the sessions assigned to it. Per frame it
+gets a message with a :class:`~server.frame_ring.FrameRing` slot (the picture, in shared
+memory) and the frame's 40 ms of audio, sent by the server at the frame's release time, and
+hands them to every track of that session. Microphone audio goes the other way as PCM messages.
+
+The commands (tuples, first item the kind):
+
+- server -> process: ``open(request, peer, session, sdp, send_media, receive_audio)``,
+  ``close(request, peer)``, ``ring(session, name, shape, slots)``, ``audio(session, index,
+  pcm, release)``, ``frame(session, index, slot)``, ``drop(session)``, ``stop()``;
+- process -> server: ``reply(request, error, value)``, ``state(peer, connection_state)``,
+  ``mic(peer, planar, rate, layout)``.
+
+``release`` is a ``time.monotonic()`` instant: CLOCK_MONOTONIC is one clock for every process
+of the machine, so both processes agree on when a frame is due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from multiprocessing.connection import Connection
+from typing import Any
+
+import av
+import numpy as np
+from aiortc import MediaStreamTrack, RTCPeerConnection
+from aiortc.mediastreams import MediaStreamError
+
+from pipeline.audio.decode import frame_to_planar, layout_name
+from pipeline.live.session import FRAME_SECONDS, OUTPUT_RATE
+from server.config import WebRtcConfig
+from server.frame_ring import FrameRing
+from server.peer_channel import Channel
+from server.webrtc import AUDIO_CHUNK, VIDEO_CLOCK, answer, apply_offer, configure_host_addresses, new_peer
+
+log = logging.getLogger("lipstream.peers")
+
+QUEUE_FRAMES = 8  # frames a track may fall behind before the oldest is dropped (encoder overload)
+
+
+class _QueueTrack(MediaStreamTrack):
+    """An outgoing track fed by the process's message handler."""
+
+    def __init__(self, feed: _Feed) -> None:
+        super().__init__()
+        self.feed = feed
+        self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=QUEUE_FRAMES)
+        self.dropped = 0
+
+    def offer(self, item: Any) -> None:
+        if self.queue.full():
+            self.queue.get_nowait()
+            self.dropped += 1
+        self.queue.put_nowait(item)
+
+    async def _next(self) -> Any:
+        item = await self.queue.get()
+        if item is None:
+            self.stop()
+            raise MediaStreamError
+        return item
+
+    def stop(self) -> None:
+        super().stop()
+        self.feed.tracks.discard(self)
+
+
+class FeedVideoTrack(_QueueTrack):
+    kind = "video"
+
+    async def recv(self) -> av.VideoFrame:
+        return await self._next()
+
+
+class FeedAudioTrack(_QueueTrack):
+    """Each frame's 40 ms in two 20 ms Opus frames, the second one 20 ms after the first."""
+
+    kind = "audio"
+
+    def __init__(self, feed: _Feed) -> None:
+        super().__init__(feed)
+        self._second: tuple[int, np.ndarray, float] | None = None
+
+    async def recv(self) -> av.AudioFrame:
+        if self._second is not None:
+            index, pcm, release = self._second
+            self._second = None
+            delay = release + FRAME_SECONDS / 2 - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            return _audio_frame(pcm[AUDIO_CHUNK:], index * 2 * AUDIO_CHUNK + AUDIO_CHUNK)
+        index, pcm, release = await self._next()
+        self._second = (index, pcm, release)
+        return _audio_frame(pcm[:AUDIO_CHUNK], index * 2 * AUDIO_CHUNK)
+
+
+def _audio_frame(chunk: np.ndarray, pts: int) -> av.AudioFrame:
+    frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+    frame.sample_rate = OUTPUT_RATE
+    frame.pts = pts
+    frame.time_base = Fraction(1, OUTPUT_RATE)
+    return frame
+
+
+@dataclass
+class _Feed:
+    """What the process holds for one session: its frame ring and its outgoing tracks."""
+
+    ring: FrameRing | None = None
+    tracks: set[_QueueTrack] = field(default_factory=set)
+
+    def frame(self, index: int, slot: int) -> None:
+        if self.ring is None:
+            return
+        frame = av.VideoFrame.from_ndarray(self.ring.view(slot), format="bgr24")  # a copy: the slot is reused
+        frame.pts = index * (VIDEO_CLOCK // 25)
+        frame.time_base = Fraction(1, VIDEO_CLOCK)
+        for track in list(self.tracks):
+            if track.kind == "video":
+                track.offer(frame)
+
+    def audio(self, index: int, pcm: bytes, release: float) -> None:
+        samples = np.frombuffer(pcm, dtype=np.int16)
+        for track in list(self.tracks):
+            if track.kind == "audio":
+                track.offer((index, samples, release))
+
+    def close(self) -> None:
+        for track in list(self.tracks):
+            track.offer(None)
+        self.tracks.clear()
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+
+
+@dataclass
+class _Peer:
+    connection: RTCPeerConnection
+    tracks: list[_QueueTrack] = field(default_factory=list)
+    tasks: set[asyncio.Task] = field(default_factory=set)
+
+
+class PeerProcess:
+    """The process's state: peers by id, feeds by session id."""
+
+    def __init__(self, conn: Connection, webrtc: WebRtcConfig) -> None:
+        self.channel = Channel(conn, "peer-process")
+        self.webrtc = webrtc
+        self.peers: dict[str, _Peer] = {}
+        self.feeds: dict[str, _Feed] = collections.defaultdict(_Feed)  # by session id
+        self._done = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+
+    async def serve(self) -> None:
+        self.channel.listen(asyncio.get_running_loop(), self.handle, self._done.set)
+        await self._done.wait()
+        await asyncio.gather(*(self._close_peer(peer_id) for peer_id in list(self.peers)), return_exceptions=True)
+        for feed in self.feeds.values():
+            feed.close()
+        self.channel.close()
+
+    def handle(self, message: tuple) -> None:
+        kind, args = message[0], message[1:]
+        if kind in ("frame", "audio"):
+            feed = self.feeds.get(args[0])  # none: the session was dropped meanwhile
+            if feed is not None:
+                (feed.frame if kind == "frame" else feed.audio)(*args[1:])
+        elif kind == "ring":
+            session, name, shape, slots = args
+            feed = self.feeds[session]
+            if feed.ring is not None:
+                feed.ring.close()
+            feed.ring = FrameRing.attach(name, shape, slots)
+        elif kind == "open":
+            self._spawn(self._open(*args))
+        elif kind == "close":
+            self._spawn(self._close(*args))
+        elif kind == "drop":
+            feed = self.feeds.pop(args[0], None)
+            if feed is not None:
+                feed.close()
+        elif kind == "stop":
+            self._done.set()
+        else:
+            log.error("unknown command %r", kind)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _open(self, request: int, peer_id: str, session: str, sdp: str, send_media: bool, receive_audio: bool) -> None:
+        connection = new_peer(self.webrtc)
+        peer = self.peers[peer_id] = _Peer(connection)
+
+        @connection.on("connectionstatechange")
+        def _state() -> None:
+            self.channel.send(("state", peer_id, connection.connectionState))
+
+        @connection.on("track")
+        def _on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "audio" and receive_audio:
+                task = asyncio.get_running_loop().create_task(self._pump(peer_id, track))
+                peer.tasks.add(task)
+                task.add_done_callback(peer.tasks.discard)
+
+        try:
+            await apply_offer(connection, sdp)
+            if send_media:
+                feed = self.feeds[session]
+                for track in (FeedVideoTrack(feed), FeedAudioTrack(feed)):
+                    feed.tracks.add(track)
+                    peer.tracks.append(track)
+                    connection.addTrack(track)
+            self.channel.send(("reply", request, None, await answer(connection)))
+        except Exception as exc:  # noqa: BLE001 - the server maps the error to a status
+            await self._close_peer(peer_id)
+            self.channel.send(("reply", request, (type(exc).__name__, str(exc)), None))
+
+    async def _pump(self, peer_id: str, track: MediaStreamTrack) -> None:
+        """Microphone frames to the server, as planar PCM at the sender's rate."""
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            self.channel.send(("mic", peer_id, frame_to_planar(frame), frame.sample_rate, layout_name(frame.layout)))
+
+    async def _close(self, request: int, peer_id: str) -> None:
+        await self._close_peer(peer_id)
+        self.channel.send(("reply", request, None, None))
+
+    async def _close_peer(self, peer_id: str) -> None:
+        peer = self.peers.pop(peer_id, None)
+        if peer is None:
+            return
+        for track in peer.tracks:
+            track.stop()
+        for task in list(peer.tasks):
+            task.cancel()
+        await peer.connection.close()
+
+
+def run(conn: Connection, webrtc: WebRtcConfig, log_level: str) -> None:
+    """The process's entry point (multiprocessing spawn target)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server stops us (Ctrl-C reaches the whole group)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if webrtc.host_addresses:
+        configure_host_addresses(webrtc.host_addresses)
+    asyncio.run(PeerProcess(conn, webrtc).serve())
