@@ -1,9 +1,10 @@
 """The FastAPI application: one asyncio loop serving the API, signalling, sockets and the page.
 
-Start-up work (preparing the demo avatar on first use, loading the engine, starting the
-device worker) runs in the app's lifespan, off the event loop, so ``/healthz`` answers at once
-and ``/readyz`` turns ready when the server can take sessions. Shutdown (SIGTERM) drains:
-new sessions are refused, every session's peers and sockets are closed, the worker stops.
+Start-up work (preparing the demo avatar on first use, creating an engine on every configured
+device, calibrating them, starting their workers: :mod:`pipeline.live.devices`) runs in the app's
+lifespan, off the event loop, so ``/healthz`` answers at once and ``/readyz`` turns ready when the
+server can take sessions. Shutdown (SIGTERM) drains: new sessions are refused, every session's
+peers and sockets are closed, the workers stop.
 """
 
 from __future__ import annotations
@@ -22,15 +23,13 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pipeline.avatar.store import AvatarStore
-from pipeline.engines.base import Engine
 from pipeline.errors import LipstreamError
-from pipeline.live.feature_worker import FeatureWorker
-from pipeline.live.worker import EngineWorker
+from pipeline.live.devices import DevicePool
 from server.auth import ApiKeyMiddleware, BodyLimitMiddleware, check_auth_config, is_loopback_host
 from server.config import Settings, engine_options
 from server.metrics import Metrics
 from server.outputs import BootSession, OutputManager, start_boot_session
-from server.routes import audio_ws, outputs, sessions, webrtc
+from server.routes import audio_ws, devices, outputs, sessions, webrtc
 from server.sessions import SessionManager
 from server.webrtc import configure_host_addresses
 
@@ -48,9 +47,7 @@ class AppState:
     settings: Settings
     store: AvatarStore
     metrics: Metrics = field(default_factory=Metrics)
-    engine: Engine | None = None
-    worker: EngineWorker | None = None
-    feature_worker: FeatureWorker | None = None
+    pool: DevicePool | None = None  # the engine devices
     manager: SessionManager | None = None
     outputs: OutputManager | None = None  # RTMP outputs and recordings
     boot: BootSession | None = None  # `serve --rtmp/--session-id`: a session created at start
@@ -76,24 +73,34 @@ async def _start(state: AppState) -> None:
         if settings.avatars.default == DEMO_ID:
             await asyncio.to_thread(ensure_demo_avatar, state.store)
         avatar = await asyncio.to_thread(state.store.load, settings.avatars.default)
-        # Off the loop: a GPU engine compiles and captures CUDA graphs at start (minutes, cold).
-        state.engine = await asyncio.to_thread(create_engine, settings.engine.name, **engine_options(settings.engine))
-        await asyncio.to_thread(state.engine.load_avatar, avatar)
-        state.worker = EngineWorker(
-            state.engine, settings.engine.batch_size, settings.engine.device, on_batch=state.metrics.on_batch
+        engine = settings.engine
+        state.pool = DevicePool(
+            engine.devices,
+            lambda device: create_engine(engine.name, **engine_options(engine, device)),
+            engine_name=engine.name,
+            batch_size=engine.batch_size,
+            processing_seconds=settings.sessions.processing_seconds,
+            capacity_sessions=engine.capacity_sessions,
+            headroom=engine.capacity_headroom,
+            on_batch=state.metrics.on_batch,
         )
-        # audio features of blocking featurizers (MuseTalk's Whisper), batched across sessions
-        state.feature_worker = FeatureWorker(settings.engine.device)
-        state.manager = SessionManager(
-            settings, state.store, state.engine, state.worker, state.metrics, feature_worker=state.feature_worker
-        )
+        state.metrics.set_device_source(state.pool.describe)
+        # Off the loop: a GPU engine compiles and captures CUDA graphs at start (minutes, cold),
+        # then every device is calibrated (under a second for the lite engine).
+        await asyncio.to_thread(state.pool.start, avatar)
+        state.manager = SessionManager(settings, state.store, state.pool, state.metrics)
         state.manager.start()
         state.outputs = OutputManager(settings, state.metrics, state.manager)
         if state.boot is not None:
             await start_boot_session(state.manager, state.outputs, state.boot)
         state.metrics.set_fps_source(state.manager.mean_fps)
         state.ready = True
-        log.info("ready: engine=%s avatar=%s", settings.engine.name, avatar.id)
+        log.info(
+            "ready: engine=%s avatar=%s devices=%s",
+            settings.engine.name,
+            avatar.id,
+            ", ".join(f"{d['name']} ({d['state']}, {d['capacity']} talking sessions)" for d in state.pool.describe()),
+        )
     except LipstreamError as exc:
         state.startup_error = str(exc)
         log.error("start-up failed: %s", exc)
@@ -104,12 +111,8 @@ async def _stop(state: AppState) -> None:
         await state.manager.shutdown()
     if state.outputs is not None:
         await state.outputs.drain()  # recordings finished on disk before the process exits
-    if state.worker is not None:
-        await asyncio.to_thread(state.worker.close)
-    if state.feature_worker is not None:
-        await asyncio.to_thread(state.feature_worker.close)
-    if state.engine is not None:
-        state.engine.close()
+    if state.pool is not None:
+        await asyncio.to_thread(state.pool.close)
 
 
 def create_app(settings: Settings, boot: BootSession | None = None) -> FastAPI:
@@ -137,6 +140,7 @@ def create_app(settings: Settings, boot: BootSession | None = None) -> FastAPI:
         public_files=public_files,
     )
     app.include_router(sessions.router)
+    app.include_router(devices.router)
     app.include_router(webrtc.router)
     app.include_router(audio_ws.router)
     app.include_router(outputs.router)
@@ -152,9 +156,13 @@ def create_app(settings: Settings, boot: BootSession | None = None) -> FastAPI:
 
     @app.get("/readyz", tags=["health"])
     async def readyz() -> JSONResponse:
-        """Readiness: the engine and the default avatar are loaded."""
-        if state.ready:
+        """Readiness: the engine and the default avatar are loaded on at least one device that
+        has not failed (a load balancer stops sending sessions once none is left)."""
+        unavailable = state.pool.unavailable_reason() if state.ready and state.pool is not None else None
+        if state.ready and unavailable is None:
             return JSONResponse({"status": "ready", "engine": settings.engine.name})
+        if unavailable is not None:
+            return JSONResponse({"status": "failed", "detail": unavailable}, status_code=503)
         body = {"status": "starting" if state.startup_error is None else "failed"}
         if state.startup_error:
             body["detail"] = state.startup_error

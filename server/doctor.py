@@ -53,7 +53,8 @@ def _codec_rows() -> list[Row]:
 
 
 def _gpu_rows(settings: Settings) -> list[Row]:
-    needed = settings.engine.device.startswith("cuda")
+    wanted = [d for d in settings.engine.devices if d.startswith("cuda")]
+    needed = bool(wanted)
     try:
         import torch  # noqa: PLC0415 - optional extra
     except ImportError:
@@ -64,6 +65,9 @@ def _gpu_rows(settings: Settings) -> list[Row]:
     for index in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(index)
         rows.append(Row("gpu", f"cuda:{index}", OK, f"{props.name}, {props.total_memory / 2**30:.0f} GiB", needed))
+    for name in wanted:  # configured in engine.devices but not on this machine
+        if int(name.partition(":")[2]) >= torch.cuda.device_count():
+            rows.append(Row("gpu", name, MISSING, f"in engine.devices, but torch sees {torch.cuda.device_count()} GPU(s)", True))
     return rows
 
 
@@ -110,7 +114,7 @@ def run_doctor(settings: Settings) -> bool:
     """Prints the table; True when everything the configured engine needs is there."""
     rows = collect(settings)
     widths = [max(len(getattr(r, f)) for r in rows) for f in ("group", "item", "status")]
-    print(f"lipstream doctor  (engine={settings.engine.name}, device={settings.engine.device})")
+    print(f"lipstream doctor  (engine={settings.engine.name}, devices={', '.join(settings.engine.devices)})")
     for r in rows:
         print(f"{r.group:<{widths[0]}}  {r.item:<{widths[1]}}  {r.status:<{widths[2]}}  {r.detail}")
     problems = [r for r in rows if r.needed and r.status == MISSING]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 
 class Metrics:
@@ -47,6 +50,14 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16), registry=r,
         )
 
+        # engine devices (pipeline/live/devices.py), read from the pool at every scrape
+        self._devices = _DeviceCollector()
+        r.register(self._devices)
+
+    def set_device_source(self, source: Callable[[], list[dict[str, Any]]]) -> None:
+        """Where per-device gauges come from: the device pool's ``describe``."""
+        self._devices.source = source
+
     def on_output_state(self, kind: str, old: str | None, new: str | None) -> None:
         if old is not None:
             self.outputs.labels(kind, old).dec()
@@ -70,3 +81,38 @@ class Metrics:
     def on_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
         self.batch_seconds.observe(seconds)
+
+
+class _DeviceCollector(Collector):
+    """Per-device gauges (label ``device``) from the pool's description at scrape time: one source
+    of truth with ``GET /v1/devices``, nothing to keep in step."""
+
+    GAUGES = (
+        ("lipstream_device_ready", "1 while the device serves sessions, 0 once failed", lambda d: d["state"] == "ready"),
+        ("lipstream_device_capacity_sessions", "Talking sessions the device can carry", lambda d: d["capacity"]),
+        ("lipstream_device_sessions", "Sessions bound to the device", lambda d: d["sessions"]),
+        ("lipstream_device_demand_sessions", "Demand in talking-session equivalents", lambda d: d["demand"]["talking_sessions"]),
+        ("lipstream_device_demand_fps", "Demand in frames/s", lambda d: d["demand"]["frames_per_second"]),
+        ("lipstream_device_queued_frames", "Frame requests waiting for the device", lambda d: d["queued_frames"]),
+        ("lipstream_device_utilisation", "Share of the last 10 s the device spent in batches", lambda d: d["utilisation"]),
+    )
+    COUNTERS = (
+        ("lipstream_device_frames", "Frames the device composed", lambda d: d["frames"]),
+        ("lipstream_device_busy_seconds", "Seconds the device spent in batches", lambda d: d["busy_seconds"]),
+    )
+
+    def __init__(self) -> None:
+        self.source: Callable[[], list[dict[str, Any]]] | None = None
+
+    def collect(self) -> Iterator[Any]:
+        devices = self.source() if self.source is not None else []
+        for name, text, value in self.GAUGES:
+            family = GaugeMetricFamily(name, text, labels=["device"])
+            for d in devices:
+                family.add_metric([d["name"]], float(value(d)))
+            yield family
+        for name, text, value in self.COUNTERS:
+            family = CounterMetricFamily(name, text, labels=["device"])
+            for d in devices:
+                family.add_metric([d["name"]], float(value(d)))
+            yield family

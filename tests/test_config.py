@@ -41,7 +41,9 @@ def test_yaml_then_environment_override(tmp_path: Path, monkeypatch: pytest.Monk
     [
         ("engine:\n  batchsize: 3\n", "engine.batchsize"),
         ("engine:\n  name: nosuch\n", "engine.name"),
-        ("engine:\n  device: gpu0\n", "engine.device"),
+        ("engine:\n  devices: [gpu0]\n", "engine.devices"),
+        ("engine:\n  devices: [cuda:0, cuda:0]\n", "engine.devices"),
+        ("sessions:\n  expected_talk_fraction: 0\n", "sessions.expected_talk_fraction"),
         ("server:\n  port: 70000\n", "server.port"),
         ("bogus: 1\n", "bogus"),
     ],
@@ -70,3 +72,22 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
     listy.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_settings(listy)
+
+
+def test_the_old_device_key_says_what_replaced_it(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("engine:\n  device: cuda:1\n")
+    with pytest.raises(ConfigError, match=r"'engine.device' is now 'engine.devices', a list: devices: \[cuda:1\]"):
+        load_settings(path)
+
+
+def test_devices_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.config import engine_device, engine_options
+
+    monkeypatch.setenv("LIPSTREAM_ENGINE__DEVICES", '["cuda:0", "cuda:1", "cpu:2"]')
+    settings = load_settings()
+    assert settings.engine.devices == ["cuda:0", "cuda:1", "cpu:2"]
+    assert [engine_device(d) for d in settings.engine.devices] == ["cuda:0", "cuda:1", "cpu"]
+    settings.engine.name = "musetalk"
+    assert engine_options(settings.engine)["device"] == "cuda:0"
+    assert engine_options(settings.engine, "cpu:2")["device"] == "cpu"

@@ -801,5 +801,5 @@ def test_engine_speed_options_and_gpu_config(tiny_dir: Path) -> None:
     assert padded_size(1, minimum=2) == 2
 
     gpu = load_settings(Path(__file__).resolve().parent.parent / "configs" / "gpu.yaml")
-    assert (gpu.engine.name, gpu.engine.device, gpu.engine.dtype) == ("musetalk", "cuda:0", "fp16")
+    assert (gpu.engine.name, gpu.engine.devices, gpu.engine.dtype) == ("musetalk", ["cuda:0"], "fp16")
     assert gpu.sessions.processing_seconds >= 0.1

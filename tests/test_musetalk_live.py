@@ -52,7 +52,7 @@ def micro_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def engine_section(models: Path) -> dict:
-    return {"name": "musetalk", "device": "cpu", "dtype": "fp32", "models_dir": str(models), "batch_size": 8}
+    return {"name": "musetalk", "devices": ["cpu"], "dtype": "fp32", "models_dir": str(models), "batch_size": 8}
 
 
 def test_musetalk_live_session_over_websocket_and_whep(

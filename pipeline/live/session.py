@@ -48,12 +48,15 @@ from pipeline.audio.windows import (
 from pipeline.avatar.model import Avatar
 from pipeline.engines.base import Featurizer, FrameFeatures, FrameRequest
 from pipeline.errors import LipstreamError
+from pipeline.live.faults import DeviceFailed
 from pipeline.live.feature_worker import FeatureWorker
 from pipeline.live.worker import EngineWorker
 
 log = logging.getLogger("lipstream.session")
 
 FRAME_SECONDS = SAMPLES_PER_FRAME / SAMPLE_RATE  # 0.04
+#: Time constant of a session's measured talk fraction (the device pool's demand estimate).
+TALK_SECONDS = 10.0
 LOOKAHEAD_SECONDS = WINDOW_AFTER / SAMPLE_RATE  # 0.12
 OUTPUT_RATE = 48000  # WebRTC (Opus), RTMP and MP4 outputs all take 48 kHz
 OUTPUT_SAMPLES_PER_FRAME = OUTPUT_RATE * SAMPLES_PER_FRAME // SAMPLE_RATE  # 1920
@@ -114,6 +117,9 @@ class SessionStats:
     dropped_frames: int = 0  # not delivered to a slow output
     padded_seconds: float = 0.0  # silence inserted for gaps in the input
     received_seconds: float = 0.0
+    # Share of recent frames that needed the engine (speech), as an exponential average over
+    # ~TALK_SECONDS: the device pool counts a session's demand by it (starts at 0).
+    talk_fraction: float = 0.0
     latencies: collections.deque = field(default_factory=lambda: collections.deque(maxlen=500))
 
     def latency_ms(self, q: float) -> float | None:
@@ -370,10 +376,15 @@ class LiveSession:
         """Account for a frame's features (in frame order) and start its picture."""
         self._track_speaking(features.active, index)
         self.observer.on_frame(features.active)
+        self.stats.talk_fraction += (FRAME_SECONDS / TALK_SECONDS) * (features.active - self.stats.talk_fraction)
         if features.active and self._subscribers:
             request = FrameRequest(self.avatar, avatar_index, features.data)
             wall_deadline = time.monotonic() + (release - asyncio.get_running_loop().time())
-            image = asyncio.wrap_future(self.worker.submit(request, wall_deadline, self))
+            try:
+                submitted = self.worker.submit(request, wall_deadline, self)
+            except DeviceFailed:  # the device is out of rotation; the server is ending this session
+                return self.avatar.frames[avatar_index]
+            image = asyncio.wrap_future(submitted)
             image.add_done_callback(_consume_cancellation)
             self.stats.active_frames += 1
             return image

@@ -149,13 +149,13 @@ class EngineWorker:
             self.failed = reason
             pending = self._drain_locked()
             self._cv.notify_all()
+        log.error("device %s failed: %s", self.name, reason)
+        if self._on_fault is not None:  # out of rotation before any frame hears of the failure
+            self._on_fault(reason)
         error = DeviceFailed(self._failure_message())
         for job in pending:
             if not job.future.done():
                 job.future.set_exception(error)
-        log.error("device %s failed: %s", self.name, reason)
-        if self._on_fault is not None:
-            self._on_fault(reason)
 
     def close(self) -> None:
         with self._cv:
@@ -231,10 +231,10 @@ class EngineWorker:
             except Exception as exc:
                 if is_device_fault(exc):
                     log.exception("engine batch of %d hit a device fault on %s", len(batch), self.name)
-                    error = DeviceFailed(f"device {self.name} failed: {describe_fault(exc)}")
+                    self.fail(describe_fault(exc))
+                    error = DeviceFailed(self._failure_message())
                     for job in batch:
                         job.future.set_exception(error)
-                    self.fail(describe_fault(exc))
                     return
                 # an ordinary failure fails this batch's frames, not the worker
                 log.exception("engine batch of %d failed on %s", len(batch), self.name)

@@ -1,4 +1,4 @@
-"""``/v1/sessions``: create, list, inspect, end and interrupt live sessions; ``/v1/devices``."""
+"""``/v1/sessions``: create, list, inspect, end and interrupt live sessions; ``/v1/server``."""
 
 from __future__ import annotations
 
@@ -70,21 +70,3 @@ async def server_info(state=Depends(app_state)) -> dict[str, Any]:
         "subscribers": sum(s.live.subscribers for s in manager.sessions.values()),
     }
 
-
-@router.get("/devices", tags=["devices"])
-async def devices(state=Depends(app_state)) -> dict[str, list[dict[str, Any]]]:
-    worker = state.require_manager().worker
-    return {
-        "devices": [
-            {
-                "name": worker.name,
-                "engine": state.settings.engine.name,
-                "sessions": len(state.require_manager().sessions),
-                "capacity": state.settings.limits.max_sessions,
-                "queued_frames": worker.queued,
-                "batches": worker.batches,
-                "frames": worker.frames,
-                "busy_seconds": round(worker.busy_seconds, 3),
-            }
-        ]
-    }
