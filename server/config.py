@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pipeline.errors import ConfigError
@@ -40,9 +40,13 @@ class AvatarsConfig(Section):
 
 class EngineConfig(Section):
     name: str = "lite"
-    device: str = "cpu"
+    # one engine, batching worker and feature worker per device; sessions are bound to one
+    devices: list[str] = Field(default_factory=lambda: ["cpu"])
     dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
     batch_size: int = Field(16, ge=1, le=256)
+    # talking sessions per device; 0: measured at start (pipeline/live/calibration.py)
+    capacity_sessions: int = Field(0, ge=0)
+    capacity_headroom: float = Field(0.9, gt=0, le=1)
     vad_aggressiveness: int = Field(2, ge=0, le=3)
     models_dir: Path = Path("models")
 
@@ -55,21 +59,52 @@ class EngineConfig(Section):
             raise ValueError(f"unknown engine {value!r}; available: {', '.join(available_engines())}")
         return value
 
-    @field_validator("device")
+    @model_validator(mode="before")
     @classmethod
-    def _device_name(cls, value: str) -> str:
-        kind, _, index = value.partition(":")
-        if kind not in {"cpu", "cuda"} or (index and not index.isdigit()) or (kind == "cpu" and index):
-            raise ValueError(f"device must be 'cpu' or 'cuda:N', got {value!r}")
+    def _renamed_device(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "device" in data:
+            raise ValueError(
+                f"'engine.device' is now 'engine.devices', a list: devices: [{data['device']}]"
+            )
+        return data
+
+    @field_validator("devices")
+    @classmethod
+    def _device_names(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("name at least one device, e.g. [cpu] or [cuda:0, cuda:1]")
+        seen: dict[tuple[str, int], str] = {}
+        for name in value:
+            key = device_key(name)
+            if key in seen:
+                raise ValueError(f"device {name!r} is listed twice (as {seen[key]!r} too)")
+            seen[key] = name
         return value
 
 
-def engine_options(engine: EngineConfig) -> dict[str, Any]:
-    """Constructor arguments for the configured engine (the lite engine takes none: it has no
-    weights and always runs on the CPU)."""
+def device_key(name: str) -> tuple[str, int]:
+    """``("cpu", N)`` or ``("cuda", N)`` for a device name ``cpu``, ``cpu:N`` or ``cuda:N``.
+
+    ``cpu:N`` names several CPU workers (a many-core machine can run several lite workers, and
+    tests exercise several devices without a GPU); ``cpu`` is ``cpu:0``."""
+    kind, colon, index = name.partition(":")
+    if kind not in {"cpu", "cuda"} or (colon and not index.isdigit()) or (kind == "cuda" and not colon):
+        raise ValueError(f"device must be 'cpu', 'cpu:N' or 'cuda:N', got {name!r}")
+    return kind, int(index or 0)
+
+
+def engine_device(name: str) -> str:
+    """The torch device an engine on device ``name`` uses: ``cpu:N`` workers all run on ``cpu``."""
+    kind, index = device_key(name)
+    return "cpu" if kind == "cpu" else f"cuda:{index}"
+
+
+def engine_options(engine: EngineConfig, device: str | None = None) -> dict[str, Any]:
+    """Constructor arguments for the configured engine on ``device`` (default: the first
+    configured one). The lite engine takes none: it has no weights and always runs on the CPU."""
     if engine.name == "musetalk":
         return {
-            "device": engine.device,
+            "device": engine_device(device or engine.devices[0]),
             "dtype": engine.dtype,
             "models_dir": engine.models_dir,
             "batch_size": engine.batch_size,
@@ -101,6 +136,8 @@ class WebRtcConfig(Section):
 class SessionsConfig(Section):
     jitter_seconds: float = Field(0.04, ge=0, le=1)
     processing_seconds: float = Field(0.06, ge=0.005, le=2)
+    # share of frames a new session is expected to speak in (admission counts its demand by it)
+    expected_talk_fraction: float = Field(1.0, gt=0, le=1)
     idle_timeout_seconds: float = Field(300.0, gt=0)
     vanish_timeout_seconds: float = Field(1.5, gt=0, le=30)
 

@@ -17,11 +17,10 @@ from typing import Any
 
 from pipeline.avatar.ids import validate_avatar_id
 from pipeline.avatar.store import AvatarStore
-from pipeline.engines.base import Engine
 from pipeline.errors import LipstreamError
-from pipeline.live.feature_worker import FeatureWorker
+from pipeline.live.devices import AtCapacity, DevicePool
+from pipeline.live.faults import DeviceFailed
 from pipeline.live.session import LiveSession
-from pipeline.live.worker import EngineWorker
 from server.config import Settings
 from server.metrics import Metrics
 from server.peer_pool import PeerPool, RemotePeer
@@ -31,10 +30,6 @@ log = logging.getLogger("lipstream.sessions")
 
 class SessionNotFound(LipstreamError):
     http_status = 404
-
-
-class AtCapacity(LipstreamError):
-    http_status = 503
 
 
 class SessionExists(LipstreamError):
@@ -55,6 +50,7 @@ class ServerSession:
     engine: str
     live: LiveSession
     created: float = field(default_factory=time.time)
+    device: str = ""  # the engine device its frames are made on (pipeline/live/devices.py)
     input_kind: str | None = None  # "call" | "whip" | "websocket" once an input attached
     input_peer: RemotePeer | None = None
     websockets: int = 0
@@ -90,6 +86,7 @@ class ServerSession:
             "id": self.id,
             "avatar": self.avatar_id,
             "engine": self.engine,
+            "device": self.device,
             "created": self.created,
             "state": "ended" if self.ended else ("speaking" if self.live.speaking else "idle"),
             "input": self.input_kind,
@@ -119,26 +116,27 @@ class SessionManager:
         self,
         settings: Settings,
         store: AvatarStore,
-        engine: Engine,
-        worker: EngineWorker,
+        pool: DevicePool,
         metrics: Metrics,
-        feature_worker: FeatureWorker | None = None,
         peers: PeerPool | None = None,
     ) -> None:
         self.settings = settings
-        self.feature_worker = feature_worker
         self.store = store
-        self.engine = engine
-        self.worker = worker
+        self.pool = pool  # the engine devices sessions are bound to
         self.metrics = metrics
         self.peers = peers or PeerPool(settings.webrtc, settings.webrtc.peer_processes, settings.server.log_level)
         self.sessions: dict[str, ServerSession] = {}
+        self._creating: set[str] = set()  # sessions being created: their device place is reserved
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._background: set[asyncio.Task] = set()
         self.draining = False
         self._watchdog: asyncio.Task | None = None
 
     def start(self) -> None:
         self.peers.start()
-        self._watchdog = asyncio.get_running_loop().create_task(self._watch(), name="session-watchdog")
+        self._loop = asyncio.get_running_loop()
+        self._watchdog = self._loop.create_task(self._watch(), name="session-watchdog")
+        self.pool.add_failure_listener(self._on_device_failure)
 
     async def create(
         self,
@@ -151,30 +149,47 @@ class SessionManager:
             raise AtCapacity("server is shutting down; not taking new sessions")
         if engine is not None and engine != self.settings.engine.name:
             raise LipstreamError(f"engine {engine!r} is not loaded; this server runs {self.settings.engine.name!r}")
-        if len(self.sessions) >= self.settings.limits.max_sessions:
-            raise AtCapacity(f"at capacity: {len(self.sessions)} of {self.settings.limits.max_sessions} sessions in use")
+        in_use = len(self.sessions) + len(self._creating)
+        if in_use >= self.settings.limits.max_sessions:
+            raise AtCapacity(f"at capacity: {in_use} of {self.settings.limits.max_sessions} sessions in use")
         avatar_id = validate_avatar_id(avatar_id or self.settings.avatars.default)
         avatar = await asyncio.to_thread(self.store.load, avatar_id)
-        await asyncio.to_thread(self.engine.load_avatar, avatar)
         cfg = self.settings.sessions
-        if session_id is not None and session_id in self.sessions:
+        if session_id is not None and (session_id in self.sessions or session_id in self._creating):
             raise SessionExists(f"session '{session_id}' already exists")
         session_id = session_id or secrets.token_urlsafe(12)
+        # Choose a device and reserve the session's place there in one step (no await between):
+        # concurrent creations cannot both take the last place.
+        expected = cfg.expected_talk_fraction
+        device = self.pool.admit(session_id, avatar_id, expected)
+        self._creating.add(session_id)
         holder: dict[str, ServerSession] = {}
-        live = LiveSession(
-            avatar,
-            self.worker,
-            self.engine.new_featurizer(),
-            vad_aggressiveness=self.settings.engine.vad_aggressiveness,
-            max_buffer_seconds=self.settings.limits.audio_buffer_seconds,
-            jitter_seconds=cfg.jitter_seconds,
-            processing_seconds=cfg.processing_seconds,
-            on_event=lambda event: holder["s"].broadcast(event),
-            observer=self.metrics,
-            feature_worker=self.feature_worker,
-        )
+        try:
+            await asyncio.to_thread(self.pool.load_avatar, device, avatar)
+            if not device.ready or device.worker is None or device.engine is None:
+                raise DeviceFailed(f"device {device.name} failed: {device.error}")
+            live = LiveSession(
+                avatar,
+                device.worker,
+                device.engine.new_featurizer(),
+                vad_aggressiveness=self.settings.engine.vad_aggressiveness,
+                max_buffer_seconds=self.settings.limits.audio_buffer_seconds,
+                jitter_seconds=cfg.jitter_seconds,
+                processing_seconds=cfg.processing_seconds,
+                on_event=lambda event: holder["s"].broadcast(event),
+                observer=self.metrics,
+                feature_worker=device.feature_worker,
+            )
+        except BaseException:
+            self.pool.release(session_id)
+            raise
+        finally:
+            self._creating.discard(session_id)
+        # its demand from now on: the expected talk fraction, or what it measurably talks if more
+        self.pool.track(session_id, lambda: max(expected, live.stats.talk_fraction))
         session = holder["s"] = ServerSession(
-            session_id, avatar_id, self.settings.engine.name, live, persistent=persistent, peers=self.peers
+            session_id, avatar_id, self.settings.engine.name, live, device=device.name, persistent=persistent,
+            peers=self.peers,
         )
         self.sessions[session_id] = session
         live.start()
@@ -237,6 +252,7 @@ class SessionManager:
         if session is None or session.ended:
             return
         session.ended = True
+        self.pool.release(session_id)
         session.broadcast({"type": "session_ended", "reason": reason})
         for queue in list(session.listeners):
             queue.put_nowait(None)  # tells WebSocket handlers to close
@@ -251,6 +267,20 @@ class SessionManager:
             await asyncio.wait(session.tasks, timeout=2)
         self.metrics.sessions.set(len(self.sessions))
         log.info("session ended: %s", reason, extra={"session_id": session_id})
+
+    def _on_device_failure(self, name: str, reason: str) -> None:
+        """A device went out of rotation (called from whichever thread saw the fault)."""
+        if self._loop is None or self._loop.is_closed():
+            return
+        self._loop.call_soon_threadsafe(self._end_device_sessions, name, reason)
+
+    def _end_device_sessions(self, name: str, reason: str) -> None:
+        """End every session bound to the failed device, with the reason; others keep running."""
+        for session in list(self.sessions.values()):
+            if session.device == name:
+                task = asyncio.ensure_future(self.end(session.id, f"device {name} failed: {reason}"))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
 
     async def shutdown(self) -> None:
         """Drain: refuse new sessions, close every peer and socket cleanly."""
