@@ -10,7 +10,7 @@ an ``av.VideoFrame`` (its own copy) as soon as the message arrives, long before 
 from __future__ import annotations
 
 import secrets
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 
 import numpy as np
 
@@ -35,10 +35,9 @@ class FrameRing:
 
     @classmethod
     def attach(cls, name: str, shape: tuple[int, ...], slots: int) -> FrameRing:
+        # A spawned peer process shares the server's resource tracker, which keeps one entry
+        # per name: attaching registers nothing new, and only the owner's unlink removes it.
         shm = shared_memory.SharedMemory(name=name)
-        # The creating process owns the segment: without this, the reader's resource tracker
-        # would unlink it (and warn) when the reader exits first (Python < 3.13 has no track=False).
-        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
         return cls(shm, shape, slots, owner=False)
 
     @property

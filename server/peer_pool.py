@@ -163,6 +163,7 @@ class _Worker:
         self._replies: dict[int, asyncio.Future] = {}
         self._requests = itertools.count()
         self.alive = True
+        self.stopping = False  # an orderly stop, not a crash
         self.channel.listen(asyncio.get_running_loop(), self._handle, self._gone)
 
     async def request(self, kind: str, *args: Any, timeout: float = 20.0) -> Any:
@@ -200,6 +201,8 @@ class _Worker:
         if not self.alive:
             return
         self.alive = False
+        if self.stopping:
+            return
         log.error("peer process %d exited (code %s); its %d peers failed", self.index, self.process.exitcode,
                   len(self.peers))
         for peer in self.peers.values():
@@ -209,6 +212,7 @@ class _Worker:
                 future.set_result((("PeerProcessError", f"peer process {self.index} exited"), None))
 
     async def stop(self) -> None:
+        self.stopping = True
         if self.alive:
             self.channel.send(("stop",))
         await asyncio.to_thread(self.process.join, 5)
@@ -307,6 +311,11 @@ class PeerPool:
         for session_id in list(self._by_session):
             await self.release(session_id)
         await asyncio.gather(*(w.stop() for w in self._workers))
+
+    @property
+    def frame_rings(self) -> int:
+        """Shared-memory rings in use (one per session with WebRTC viewers)."""
+        return sum(len(w.feeds) for w in self._workers)
 
     def describe(self) -> list[dict[str, Any]]:
         return [

@@ -68,5 +68,7 @@ async def server_info(state=Depends(app_state)) -> dict[str, Any]:
             (1 if s.input_peer is not None else 0) + len(s.viewers) for s in manager.sessions.values()
         ),
         "subscribers": sum(s.live.subscribers for s in manager.sessions.values()),
+        "peer_processes": manager.peers.describe(),
+        "frame_rings": manager.peers.frame_rings,
     }
 

@@ -1,0 +1,83 @@
+"""Peer processes: frames through shared memory, and a crashed peer process costs only its sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from server.frame_ring import FrameRing
+from tests.live_server import running_server
+from tests.rtc_client import RATE, Client, SpeechTrack
+
+
+def test_frame_ring_round_trip_and_unlink() -> None:
+    ring = FrameRing.create((4, 6, 3), slots=3)
+    reader = FrameRing.attach(*ring.describe())
+    frames = [np.full((4, 6, 3), i, np.uint8) for i in range(5)]
+    for index, frame in enumerate(frames):
+        slot = ring.write(index, frame)
+        assert slot == index % 3
+        np.testing.assert_array_equal(reader.view(slot), frame)  # the reader sees the writer's copy
+    with pytest.raises(ValueError, match="does not fit"):
+        ring.write(5, np.zeros((6, 4, 3), np.uint8))
+    reader.close()
+    assert Path("/dev/shm", ring.name).exists()  # a reader closing never removes the segment
+    ring.close()
+    assert not Path("/dev/shm", ring.name).exists()
+
+
+async def _frames(client: Client, count: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(client.recording.frames) < count:
+        assert time.monotonic() < deadline, f"only {len(client.recording.frames)} frames arrived"
+        await asyncio.sleep(0.05)
+
+
+def test_crashed_peer_process_ends_only_its_sessions(avatars_root: Path, tmp_path: Path) -> None:
+    """Two calls in two peer processes; killing one process ends that call only, frees its
+    shared memory, and the next call gets a fresh process."""
+    with running_server(avatars_root, tmp_path, {"webrtc": {"peer_processes": 2}}) as url:
+
+        async def scenario() -> None:
+            async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+                clients = [Client(), Client()]
+                ids = [await c.call(http, SpeechTrack(np.zeros(RATE * 60, np.float32))) for c in clients]
+                for client in clients:
+                    await _frames(client, 10)
+                info = (await http.get("/v1/server")).json()
+                processes = info["peer_processes"]
+                assert [p["sessions"] for p in processes] == [1, 1]  # one session each: fewest sessions wins
+                assert info["frame_rings"] == 2
+
+                os.kill(processes[0]["pid"], signal.SIGKILL)
+                deadline = time.monotonic() + 10
+                while (await http.get(f"/v1/sessions/{ids[0]}")).status_code != 404:
+                    assert time.monotonic() < deadline, "the call of the dead process was not ended"
+                    await asyncio.sleep(0.1)
+                survivor = clients[1]
+                before = len(survivor.recording.frames)
+                await asyncio.sleep(1.0)
+                assert len(survivor.recording.frames) >= before + 15  # the other call kept going
+                assert (await http.get(f"/v1/sessions/{ids[1]}")).status_code == 200
+
+                while (await http.get("/v1/server")).json()["frame_rings"] != 1:  # the dead session's ring
+                    assert time.monotonic() < deadline, "the ended session's frame ring was kept"
+                    await asyncio.sleep(0.1)
+
+                late = Client()
+                await late.call(http, SpeechTrack(np.zeros(RATE * 60, np.float32)))
+                await _frames(late, 10)  # served by a replacement process
+                info = (await http.get("/v1/server")).json()
+                assert all(p["alive"] for p in info["peer_processes"])
+                assert processes[0]["pid"] not in [p["pid"] for p in info["peer_processes"]]
+                for client in (*clients, late):
+                    await client.close()
+
+        asyncio.run(scenario())
