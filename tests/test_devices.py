@@ -108,6 +108,7 @@ def test_devices_endpoint_reports_a_calibrated_device(avatars_root: Path) -> Non
             assert f'lipstream_device_capacity_sessions{{device="cpu"}} {float(device["capacity"])}' in metrics
             assert 'lipstream_device_ready{device="cpu"} 1.0' in metrics
             assert 'lipstream_device_sessions{device="cpu"} 1.0' in metrics
+            assert 'lipstream_device_frames_total{device="cpu"}' in metrics
 
     run(scenario())
 
@@ -167,7 +168,9 @@ def test_admission_refuses_past_a_calibrated_capacity(avatars_root: Path) -> Non
             assert device["capacity_source"] == "calibrated"
             table = [BatchTiming(row["batch_size"], row["seconds"]) for row in device["calibration"]["table"]]
             capacity = device["capacity"]
-            assert capacity == max(1, capacity_from(table, 16, 0.06, headroom=0.1)) <= 10
+            # the rule applied to the reported table (rounded to microseconds: may differ by one)
+            assert abs(capacity - max(1, capacity_from(table, 16, 0.06, headroom=0.1))) <= 1
+            assert capacity <= 10
             for _ in range(capacity):
                 await create(http)
             refused = await http.post("/v1/sessions", json={})

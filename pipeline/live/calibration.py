@@ -56,7 +56,7 @@ class BatchTiming:
     def describe(self) -> dict[str, Any]:
         return {
             "batch_size": self.batch_size,
-            "seconds": round(self.seconds, 5),
+            "seconds": round(self.seconds, 6),
             "frames_per_second": round(self.frames_per_second, 1),
         }
 
