@@ -8,6 +8,7 @@ documents every key; a test keeps it equal to the defaults below.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pipeline.errors import ConfigError
+
+log = logging.getLogger("lipstream.config")
 
 
 class Section(BaseModel):
@@ -62,10 +65,14 @@ class EngineConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _renamed_device(cls, data: Any) -> Any:
+        """``device: X``, the key before several devices, still works as ``devices: [X]``."""
         if isinstance(data, dict) and "device" in data:
-            raise ValueError(
-                f"'engine.device' is now 'engine.devices', a list: devices: [{data['device']}]"
-            )
+            if "devices" in data:
+                raise ValueError("give 'engine.devices' only ('engine.device' is its old, one-device form)")
+            old = data["device"]
+            log.warning("config key 'engine.device' is deprecated: use 'engine.devices: [%s]'", old)
+            data = {key: value for key, value in data.items() if key != "device"}
+            data["devices"] = [old]
         return data
 
     @field_validator("devices")

@@ -74,10 +74,15 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
         load_settings(listy)
 
 
-def test_the_old_device_key_says_what_replaced_it(tmp_path: Path) -> None:
+def test_the_old_device_key_still_names_one_device(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("engine:\n  device: cuda:1\n")
-    with pytest.raises(ConfigError, match=r"'engine.device' is now 'engine.devices', a list: devices: \[cuda:1\]"):
+    assert load_settings(path).engine.devices == ["cuda:1"]
+    path.write_text("engine:\n  device: cuda:1\n  devices: [cuda:0]\n")
+    with pytest.raises(ConfigError, match="give 'engine.devices' only"):
+        load_settings(path)
+    path.write_text("engine:\n  device: gpu0\n")
+    with pytest.raises(ConfigError, match="'engine.devices'"):
         load_settings(path)
 
 
