@@ -22,6 +22,7 @@ sessions do not stall on it.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -217,7 +218,7 @@ class MuseTalkEngine(Engine):
             sizes = [max(top, minimum)]
         latent = torch.zeros((1, 8, 32, 32), device=self.device, dtype=self.dtype)
         token = torch.zeros((1, N_TOKENS, D_MODEL), device=self.device, dtype=self.dtype)
-        with self._run_lock, torch.inference_mode():
+        with self._run_lock, torch.inference_mode(), self._on_device():
             for size in sizes:
                 latents, tokens = latent.expand(size, -1, -1, -1), token.expand(size, -1, -1)
                 if self.cuda_graphs:
@@ -268,7 +269,7 @@ class MuseTalkEngine(Engine):
             return torch.zeros((0, 3, self.crop_size, self.crop_size), device=self.device)
         latents = torch.stack([self._avatar_latents(r.avatar)[r.frame_index] for r in requests])
         tokens = torch.stack([self._tokens(r.features) for r in requests]) + self._pe
-        with self._run_lock, torch.inference_mode():
+        with self._run_lock, torch.inference_mode(), self._on_device():
             n = latents.shape[0]
             if self.cuda_graphs:
                 return self._graph_forward(latents, tokens)
@@ -325,11 +326,19 @@ class MuseTalkEngine(Engine):
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         # thread_local: work that other threads (the feature worker) launch meanwhile is neither
-        # captured nor an error
-        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+        # captured nor an error. The capture stream is this device's: torch's default capture
+        # stream is one per process, made on whichever device captured first, so an engine on
+        # cuda:1 beside one on cuda:0 would capture on the wrong device.
+        with torch.cuda.graph(graph, pool=self._graph_pool, stream=stream, capture_error_mode="thread_local"):
             output = self._forward(static_latents, static_tokens)
         log.info("musetalk: captured a CUDA graph for batch %d", size)
         return _Graph(graph, static_latents, static_tokens, output)
+
+    def _on_device(self) -> contextlib.AbstractContextManager[Any]:
+        """Makes this engine's GPU the thread's current device while it runs (the worker threads
+        of several engines each start on cuda:0), so graph capture, replay and the allocator's
+        pools all use the right device."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def _prepare_models(self) -> None:
         unet, vae = self.models.unet, self.models.vae
