@@ -85,7 +85,7 @@ TWO_CPUS = {"devices": ["cpu:0", "cpu:1"], "capacity_sessions": 2}
 
 def test_devices_endpoint_reports_a_calibrated_device(avatars_root: Path) -> None:
     async def scenario() -> None:
-        async with server(avatars_root) as (state, http):
+        async with server(avatars_root) as (_, http):
             (device,) = (await http.get("/v1/devices")).json()["devices"]
             assert device.keys() == {
                 "name", "engine", "state", "error", "capacity", "capacity_source", "calibration", "sessions",
@@ -233,7 +233,7 @@ def test_a_failed_device_ends_only_its_sessions(avatars_root: Path, speech: Spee
             workers = [pool.devices[name].worker for name in ("cpu:0", "cpu:1")]
             await until(lambda: all(w.frames > 0 for w in workers), "lip-synced frames on both devices")
 
-            def broken(requests):  # noqa: ANN001, ANN202
+            def broken(requests):
                 raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore torch advice")
 
             pool.devices["cpu:1"].engine.compose = broken
@@ -304,7 +304,7 @@ class _Engine:
     def __init__(self, behaviour: Callable[[Any], Any]) -> None:
         self.behaviour = behaviour
 
-    def compose(self, requests):  # noqa: ANN001, ANN201
+    def compose(self, requests):
         return self.behaviour(requests)
 
 
@@ -313,7 +313,7 @@ def test_an_ordinary_error_fails_only_its_batch() -> None:
 
     calls = []
 
-    def once_bad(requests):  # noqa: ANN001, ANN202
+    def once_bad(requests):
         calls.append(len(requests))
         if len(calls) == 1:
             raise ValueError("bad features")
@@ -348,7 +348,7 @@ def test_a_device_fault_fails_the_worker_and_everything_queued(fault: Exception)
 
     gate = threading.Event()
 
-    def fault_after_gate(requests):  # noqa: ANN001, ANN202
+    def fault_after_gate(requests):
         gate.wait(WAIT)
         raise fault
 

@@ -16,10 +16,10 @@ router = APIRouter(prefix="/v1", tags=["devices"])
 
 
 @router.get("/devices")
-async def devices(state=Depends(app_state)) -> dict[str, list[dict[str, Any]]]:
+async def devices(state=Depends(app_state)) -> dict[str, list[dict[str, Any]]]:  # the routes' pattern
     """Per device: engine, state (ready/failed) and error, capacity in talking sessions and whether
     calibrated or configured, the calibration table, sessions bound, current demand (talking
     sessions and frames/s), avatars resident, queued frames, batches, frames, busy time and
     utilisation over the last 10 s."""
-    state.require_manager()
-    return {"devices": state.pool.describe()}
+    manager = state.require_manager()  # 503 while starting
+    return {"devices": manager.pool.describe()}
