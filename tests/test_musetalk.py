@@ -803,3 +803,13 @@ def test_engine_speed_options_and_gpu_config(tiny_dir: Path) -> None:
     gpu = load_settings(Path(__file__).resolve().parent.parent / "configs" / "gpu.yaml")
     assert (gpu.engine.name, gpu.engine.devices, gpu.engine.dtype) == ("musetalk", ["cuda:0"], "fp16")
     assert gpu.sessions.processing_seconds >= 0.1
+
+
+def test_warmup_plans_every_whisper_batch_size(tiny_dir: Path) -> None:
+    """The feature path's batch sizes are run once at start (a GPU plans each on first use)."""
+    from pipeline.engines.musetalk.engine import MuseTalkEngine
+
+    eng = MuseTalkEngine(models_dir=tiny_dir, device="cpu", dtype="fp32", batch_size=2, whisper_batch=3)
+    assert eng.whisper.encoder_windows == 0  # no warm-up on a CPU by default
+    eng.warmup()
+    assert eng.whisper.encoder_windows == 1 + 2 + 3

@@ -43,6 +43,7 @@ from pipeline.engines.musetalk.features import (
     DEFAULT_FRAMES_PER_RUN,
     DEFAULT_HANGOVER_SECONDS,
     N_TOKENS,
+    SAMPLE_RATE,
     MuseTalkFeaturizer,
     WhisperBatcher,
     positional_encoding,
@@ -225,10 +226,16 @@ class MuseTalkEngine(Engine):
                     self._graph_forward(latents, tokens)
                 else:
                     self._forward(latents.contiguous(), tokens.contiguous())
+        # The feature path runs eagerly: cuDNN and cuFFT plan every new batch size of windows on
+        # first use. Left to the first speech, that stalled every session ~2 s (and again when a
+        # larger group of sessions first spoke at once) on an H200; plan them all now.
+        silence = np.zeros(SAMPLE_RATE, np.float32)
+        for n in range(1, self.whisper.max_batch + 1):
+            self.whisper.encode_audio([silence] * n)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - started
-        log.info("musetalk: warm-up of batch sizes %s took %.1f s", sizes, seconds)
+        log.info("musetalk: warm-up of batch sizes %s (Whisper 1-%d) took %.1f s", sizes, self.whisper.max_batch, seconds)
         return seconds
 
     def memory_bytes(self, avatar: Avatar) -> dict[str, int]:
