@@ -1,9 +1,13 @@
 """A message channel between the server process and a peer process, usable from asyncio.
 
-Why a thread for sending: a pipe holds ~64 KiB; if the other side is slow, ``Connection.send``
-blocks, and on the event loop that would stall every session of the process. Messages are put
-on a queue and written (pickled) by one thread, in order. Receiving uses the loop's reader
-callback on the pipe's file descriptor, so nothing polls.
+Why threads on both ends: a pipe holds ~64 KiB; if the other side is slow, ``Connection.send``
+blocks, and on the event loop that would stall every session of the process. And the pipe must
+stay a *blocking* file descriptor: registering it with the loop (``add_reader``) lets uvloop
+(libuv) switch it to non-blocking, after which a full pipe makes a send fail with EAGAIN and a
+half-arrived message makes a receive fail, silently cutting the channel (seen on the GPU load
+test: every peer request timed out once 30 sessions filled the pipe). So one thread writes
+queued messages in order, another reads and hands each message to the loop with
+``call_soon_threadsafe``.
 
 Messages are small tuples (commands, 40 ms of audio, a frame's ring slot): pictures never travel
 through the pipe, they go through :class:`~server.frame_ring.FrameRing` shared memory.
@@ -32,37 +36,39 @@ class Channel:
         self.name = name
         self.closed = False
         self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._sender = threading.Thread(target=self._send_loop, name=f"channel-{name}", daemon=True)
+        self._sender = threading.Thread(target=self._send_loop, name=f"channel-out-{name}", daemon=True)
         self._sender.start()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._receiver: threading.Thread | None = None
 
     def listen(
         self, loop: asyncio.AbstractEventLoop, handler: Callable[[Any], None], on_closed: Callable[[], None]
     ) -> None:
         """Call ``handler`` on ``loop`` for every message; ``on_closed`` once the other end is gone."""
-        self._loop = loop
 
-        def readable() -> None:
+        def deliver(message: Any) -> None:
             try:
-                while self.conn.poll():
+                handler(message)
+            except Exception:  # a bad message must not stop the channel
+                log.exception("%s: handling %r failed", self.name, message[:1])
+
+        def receive() -> None:
+            while True:
+                try:
                     message = self.conn.recv()
-                    try:
-                        handler(message)
-                    except Exception:  # a bad message must not stop the channel
-                        log.exception("%s: handling %r failed", self.name, message[:1])
-            except (EOFError, OSError):
-                self._reader_gone()
-                on_closed()
-
-        loop.add_reader(self.conn.fileno(), readable)
-
-    def _reader_gone(self) -> None:
-        if self._loop is not None and not self.conn.closed:
+                except (EOFError, OSError):
+                    break
+                try:
+                    loop.call_soon_threadsafe(deliver, message)
+                except RuntimeError:  # the loop is closed
+                    return
+            self.closed = True
             try:
-                self._loop.remove_reader(self.conn.fileno())
-            except (ValueError, OSError):
+                loop.call_soon_threadsafe(on_closed)
+            except RuntimeError:
                 pass
-        self.closed = True
+
+        self._receiver = threading.Thread(target=receive, name=f"channel-in-{self.name}", daemon=True)
+        self._receiver.start()
 
     def send(self, message: Any) -> None:
         if not self.closed:
@@ -75,13 +81,15 @@ class Channel:
                 return
             try:
                 self.conn.send(message)
-            except (OSError, ValueError, BrokenPipeError):
-                self.closed = True
-                return
+            except Exception as exc:
+                if isinstance(exc, OSError | ValueError):
+                    self.closed = True
+                    return
+                log.exception("%s: cannot send %r", self.name, message[:1])
 
     def close(self) -> None:
-        """Stop sending (after what is queued) and reading; close the pipe."""
+        """Stop sending (after what is queued), close the pipe (which ends the receiver)."""
         self._outbox.put(_STOP)
         self._sender.join(timeout=2)
-        self._reader_gone()
+        self.closed = True
         self.conn.close()

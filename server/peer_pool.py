@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import multiprocessing
 import os
 import secrets
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -164,6 +166,7 @@ class _Worker:
         self._requests = itertools.count()
         self.alive = True
         self.stopping = False  # an orderly stop, not a crash
+        self._dumped = False
         self.channel.listen(asyncio.get_running_loop(), self._handle, self._gone)
 
     async def request(self, kind: str, *args: Any, timeout: float = 20.0) -> Any:
@@ -174,12 +177,22 @@ class _Worker:
         self.channel.send((kind, request, *args))
         try:
             error, value = await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            self._dump_stacks()
+            raise PeerProcessError(f"peer process {self.index} did not answer '{kind}' within {timeout:.0f} s") from None
         finally:
             self._replies.pop(request, None)
         if error is not None:
             name, text = error
             raise (BadSdp if name == "BadSdp" else PeerProcessError)(text)
         return value
+
+    def _dump_stacks(self) -> None:
+        """A stuck process: have it print every thread's stack into the log (once)."""
+        if self.alive and not self._dumped and self.process.pid is not None:
+            self._dumped = True
+            with contextlib.suppress(OSError):
+                os.kill(self.process.pid, signal.SIGUSR1)
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]

@@ -255,9 +255,11 @@ class PeerProcess:
 
 def run(conn: Connection, webrtc: WebRtcConfig, log_level: str) -> None:
     """The process's entry point (multiprocessing spawn target)."""
+    import faulthandler
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server stops us (Ctrl-C reaches the whole group)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the server asks when we stop answering
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if webrtc.host_addresses:
         configure_host_addresses(webrtc.host_addresses)
