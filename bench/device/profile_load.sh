@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Profile the server process during one load scenario on the lent GPU machine: runs
+# bench/device/gpu_load.sh in the background and, once the clients talk, records the server's
+# main process with py-spy (carried as a wheel in .whl): 10 s of samples of the threads holding
+# the GIL (--gil), then 10 s of all threads. Raw flame-graph files land in $OUT.
+#
+#   bash bench/device/profile_load.sh [gpu_load.sh options] SCENARIO   e.g. 16:all
+set -uo pipefail
+OUT=${OUT:-$PWD/bench-results/profile-$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT"
+export OUT
+bash bench/device/gpu_load.sh --warmup 0 "$@" > "$OUT/gpu_load.out" 2>&1 &
+LOAD=$!
+until grep -q "talking for" "$OUT/gpu_load.out" 2>/dev/null; do
+    kill -0 $LOAD 2>/dev/null || { tail -50 "$OUT/gpu_load.out"; exit 1; }
+    sleep 1
+done
+sleep 5
+SERVER=$(pgrep -f "server.cli --config /tmp/lipstream-load/server.yaml" | head -1)
+SPY=/tmp/site/bin/py-spy
+echo "server pid $SERVER; children: $(pgrep -P "$SERVER" | tr '\n' ' ')"
+ps -o pid,pcpu,nlwp,cmd --ppid "$SERVER" -p "$SERVER" | cut -c1-120
+$SPY record -p "$SERVER" -d 10 -r 100 --gil --format raw -o "$OUT/server-gil.raw" --nonblocking
+$SPY record -p "$SERVER" -d 10 -r 100 --threads --format raw -o "$OUT/server-threads.raw" --nonblocking
+CHILD=$(pgrep -P "$SERVER" -f "multiprocessing" | head -1)
+[ -n "$CHILD" ] && $SPY record -p "$CHILD" -d 5 -r 100 --threads --format raw -o "$OUT/peer-threads.raw" --nonblocking
+top -b -n 1 -H -p "$SERVER" | head -30 > "$OUT/top-threads.txt"
+wait $LOAD
+tail -40 "$OUT/gpu_load.out"
