@@ -20,10 +20,10 @@ SERVER=$(pgrep -f "server.cli --config /tmp/lipstream-load/server.yaml" | head -
 SPY=/tmp/site/bin/py-spy
 echo "server pid $SERVER; children: $(pgrep -P "$SERVER" | tr '\n' ' ')"
 ps -o pid,pcpu,nlwp,cmd --ppid "$SERVER" -p "$SERVER" | cut -c1-120
+top -b -n 1 -H -p "$SERVER" | head -40 > "$OUT/top-threads.txt"
 $SPY record -p "$SERVER" -d 10 -r 100 --gil --format raw -o "$OUT/server-gil.raw" --nonblocking
 $SPY record -p "$SERVER" -d 10 -r 100 --threads --format raw -o "$OUT/server-threads.raw" --nonblocking
-CHILD=$(pgrep -P "$SERVER" -f "multiprocessing" | head -1)
+CHILD=$(pgrep -P "$SERVER" -f "spawn_main" | head -1)
 [ -n "$CHILD" ] && $SPY record -p "$CHILD" -d 5 -r 100 --threads --format raw -o "$OUT/peer-threads.raw" --nonblocking
-top -b -n 1 -H -p "$SERVER" | head -30 > "$OUT/top-threads.txt"
 wait $LOAD
 tail -40 "$OUT/gpu_load.out"
