@@ -813,3 +813,19 @@ def test_warmup_plans_every_whisper_batch_size(tiny_dir: Path) -> None:
     assert eng.whisper.encoder_windows == 0  # no warm-up on a CPU by default
     eng.warmup()
     assert eng.whisper.encoder_windows == 1 + 2 + 3
+
+
+@pytest.mark.gpu
+def test_whisper_cuda_graphs_replay_the_eager_encoder(tiny_dir: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from pipeline.engines.musetalk.engine import MuseTalkEngine
+
+    gpu = MuseTalkEngine(models_dir=tiny_dir, device="cuda:0", dtype="fp16", warmup=False)
+    assert gpu.whisper.cuda_graphs
+    windows = [speechy(0.5 + 0.25 * i) for i in range(3)]
+    graphed = [h.float().cpu() for h in gpu.whisper.encode_audio(windows)]
+    gpu.whisper.cuda_graphs = False
+    eager = [h.float().cpu() for h in gpu.whisper.encode_audio(windows)]
+    for a, b in zip(graphed, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-3)

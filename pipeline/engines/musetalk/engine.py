@@ -140,7 +140,8 @@ class MuseTalkEngine(Engine):
 
         self.models = load_models(models_dir, device=dev, dtype=self.dtype)
         self.whisper = WhisperBatcher(
-            self.models.whisper, self.models.feature_extractor, max_batch=whisper_batch
+            self.models.whisper, self.models.feature_extractor, max_batch=whisper_batch,
+            cuda_graphs=bool(self.cuda_graphs),
         )
         self._pe = positional_encoding(device=dev, dtype=self.dtype)  # [50, 384]
         self._latents: dict[tuple[str, str], torch.Tensor] = {}

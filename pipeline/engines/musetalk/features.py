@@ -119,7 +119,9 @@ class WhisperBatcher:
     without it). The tokens it returns are complete when it returns.
     """
 
-    def __init__(self, encoder: torch.nn.Module, feature_extractor: Any, *, max_batch: int = 8) -> None:
+    def __init__(
+        self, encoder: torch.nn.Module, feature_extractor: Any, *, max_batch: int = 8, cuda_graphs: bool = False
+    ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         param = next(encoder.parameters())
@@ -140,6 +142,12 @@ class WhisperBatcher:
         self._lock = threading.Lock()
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.encoder_windows = 0  # windows encoded so far (a cost counter for metrics and tests)
+        # Whisper-tiny at a few windows is launch-bound: ~300 small kernels, each one Python call
+        # holding the GIL that the engine's batch thread and the event loop also need. A CUDA
+        # graph per batch size replays them all in one call.
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._graph_pool: Any = None
 
     # -- maths ------------------------------------------------------------------------------------
 
@@ -167,14 +175,44 @@ class WhisperBatcher:
     def encode(self, mel: torch.Tensor) -> torch.Tensor:
         """[B, 80, 3000] log-mel -> [B, 1500, 5, 384] stacked hidden states (encoder dtype)."""
         with self._lock, torch.inference_mode():
-            out = self.encoder(mel.to(device=self.device, dtype=self.dtype), output_hidden_states=True)
-            states = out.hidden_states
-            if len(states) != self.n_layers + 1:  # the official recipe relies on exactly this
-                raise RuntimeError(
-                    f"Whisper encoder returned {len(states)} hidden states, expected {self.n_layers + 1}"
-                )
+            mel = mel.to(device=self.device, dtype=self.dtype)
             self.encoder_windows += mel.shape[0]
-            return torch.stack(states, dim=2)
+            if self.cuda_graphs:
+                with torch.cuda.device(self.device):
+                    return self._replay(mel)
+            return self._encode(mel)
+
+    def _encode(self, mel: torch.Tensor) -> torch.Tensor:
+        states = self.encoder(mel, output_hidden_states=True).hidden_states
+        if len(states) != self.n_layers + 1:  # the official recipe relies on exactly this
+            raise RuntimeError(f"Whisper encoder returned {len(states)} hidden states, expected {self.n_layers + 1}")
+        return torch.stack(states, dim=2)
+
+    def _replay(self, mel: torch.Tensor) -> torch.Tensor:
+        size = mel.shape[0]
+        entry = self._graphs.get(size)
+        if entry is None:
+            entry = self._graphs[size] = self._capture(mel)
+        graph, static_in, static_out = entry
+        static_in.copy_(mel)
+        graph.replay()
+        return static_out.clone()  # the next replay reuses the output buffer
+
+    def _capture(self, mel: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        static_in = mel.clone()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # outside the graph: cuDNN plans, lazy inits
+                self._encode(static_in)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._graph_pool, stream=stream):
+            static_out = self._encode(static_in)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        return graph, static_in, static_out
 
     def encode_audio(self, windows: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """Each 16 kHz window (<= 30 s) -> its [1500, 5, 384] hidden states, ``max_batch`` per pass."""
