@@ -4,7 +4,7 @@
 # main process with py-spy (carried as a wheel in .whl): 10 s of samples of the threads holding
 # the GIL (--gil), then 10 s of all threads. Raw flame-graph files land in $OUT.
 #
-#   bash bench/device/profile_load.sh [gpu_load.sh options] SCENARIO   e.g. 16:all
+#   bash bench/device/profile_load.sh [gpu_load.sh options] SCENARIOS   (the first one is profiled)
 set -uo pipefail
 OUT=${OUT:-$PWD/bench-results/profile-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
@@ -16,7 +16,7 @@ until grep -q "talking for" "$OUT/gpu_load.out" 2>/dev/null; do
     sleep 1
 done
 sleep 5
-SERVER=$(pgrep -f "server.cli --config /tmp/lipstream-load/server.yaml" | head -1)
+SERVER=$(pgrep -f "server.cli --config" | head -1)
 SPY=/tmp/site/bin/py-spy
 echo "server pid $SERVER; children: $(pgrep -P "$SERVER" | tr '\n' ' ')"
 ps -o pid,pcpu,nlwp,cmd --ppid "$SERVER" -p "$SERVER" | cut -c1-120
