@@ -25,5 +25,6 @@ $SPY record -p "$SERVER" -d 10 -r 100 --gil --format raw -o "$OUT/server-gil.raw
 $SPY record -p "$SERVER" -d 10 -r 100 --threads --format raw -o "$OUT/server-threads.raw" --nonblocking
 CHILD=$(pgrep -P "$SERVER" -f "spawn_main" | head -1)
 [ -n "$CHILD" ] && $SPY record -p "$CHILD" -d 5 -r 100 --threads --format raw -o "$OUT/peer-threads.raw" --nonblocking
+(cd "$OUT" && tar czf profile.tgz ./*.raw top-threads.txt && rm -f ./*.raw top-threads.txt)  # the run tool returns few files
 wait $LOAD
 tail -40 "$OUT/gpu_load.out"
