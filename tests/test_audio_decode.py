@@ -204,6 +204,23 @@ def test_resampler_passthrough_16k_mono() -> None:
     np.testing.assert_allclose(out, x, atol=1e-6)
 
 
+def test_resampler_switches_between_passthrough_and_filtering() -> None:
+    """16 kHz mono goes straight through (bit-exact); a segment at another rate in between is
+    filtered and flushed at its exact length; back at 16 kHz it passes straight through again."""
+    rng = np.random.default_rng(2)
+    x = rng.uniform(-0.5, 0.5, 8000).astype(np.float32)
+    y = (0.3 * np.sin(2 * np.pi * 200 * np.arange(24000) / 48000)).astype(np.float32)
+    resampler = Resampler16k()
+    first = resampler.push(x, 16000)
+    np.testing.assert_array_equal(first, x)
+    middle = resampler.push(y, 48000)
+    last = resampler.push(x, 16000)  # flushes the 48 kHz segment, then passes through
+    tail = resampler.flush()
+    assert len(tail) == 0
+    assert len(middle) + len(last) == 8000 + 8000
+    np.testing.assert_array_equal(last[-8000:], x)
+
+
 # ---- errors ------------------------------------------------------------------------------
 
 

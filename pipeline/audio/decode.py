@@ -136,6 +136,12 @@ class MonoResampler:
             out.append(self.flush())
         if planar.shape[1] == 0:
             return _join(out)
+        if self._resampler is None and sample_rate == self.rate and layout == "mono":
+            # Already what we make: no filter, no frame objects. Every session pushes a chunk
+            # every 20 ms through two of these; on a loaded GPU server the frame round trip
+            # was the largest single share of the main process's GIL time (docs/benchmarks.md).
+            out.append(np.array(planar[0], dtype=np.float32))
+            return _join(out)
         if self._resampler is None:
             self._resampler = av.AudioResampler(
                 format="flt", layout="mono", rate=self.rate, options=SWR_OPTIONS
