@@ -111,7 +111,8 @@ def test_record_download_and_finish_on_session_end(server: str) -> None:
             return first, second, busy, listed, final, download, ended, unknown, sneaky, stopped - started
 
     first, second, busy, listed, final, download, ended, unknown, sneaky, span = asyncio.run(scenario())
-    assert first["kind"] == "record" and first["path"].endswith(f"{first['id']}.mp4") and first["state"] == "starting"
+    assert first["kind"] == "record" and first["path"].endswith(f"{first['id']}.mp4")
+    assert first["state"] in ("starting", "recording")  # its writer may start before the answer goes out
     assert busy.status_code == 409 and "DELETE" in busy.json()["detail"]
     assert {o["state"] for o in listed} == {"recording"}
     # Both recordings started on the same frame (one shared encode, one forced keyframe).
