@@ -167,6 +167,7 @@ class _Worker:
         self.alive = True
         self.stopping = False  # an orderly stop, not a crash
         self._dumped = False
+        self._closing: set[asyncio.Task] = set()  # feeds being closed after the process died
         self.channel.listen(asyncio.get_running_loop(), self._handle, self._gone)
 
     async def request(self, kind: str, *args: Any, timeout: float = 20.0) -> Any:
@@ -223,6 +224,13 @@ class _Worker:
         for future in self._replies.values():
             if not future.done():
                 future.set_result((("PeerProcessError", f"peer process {self.index} exited"), None))
+        # Nobody reads these sessions' rings any more: unlink them now. A session that opens a
+        # new peer gets a new feed in the replacement process.
+        loop = asyncio.get_running_loop()
+        for feed in list(self.feeds.values()):
+            task = loop.create_task(feed.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def stop(self) -> None:
         self.stopping = True
@@ -254,6 +262,8 @@ class PeerPool:
         worker = self._by_session.get(session_id)
         if worker is not None and worker.alive:
             return worker
+        if worker is not None:  # its process died: the session moves to a live one
+            worker.sessions.discard(session_id)
         for i, candidate in enumerate(self._workers):
             if not candidate.alive:  # replace a process that died
                 log.warning("starting a new peer process in place of process %d", candidate.index)
