@@ -784,7 +784,7 @@ class SpawnedServer:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120.0) -> None:
-        import httpx
+        from tests.live_server import wait_until_ready
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("LIPSTREAM_")}
         self._log = open(self.log_path, "wb")
@@ -793,24 +793,7 @@ class SpawnedServer:
             cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=_die_with_parent,
         )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited (code {self.process.returncode}):\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the server was not ready within {timeout:.0f} s:\n{self.log_tail()}")
-            time.sleep(0.2)
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
+        wait_until_ready(self.url, self.process, self.log_path, timeout, poll=0.2)
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -31,6 +31,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_until_ready(
+    url: str, process: subprocess.Popen, log: Path, timeout: float = 60.0, poll: float = 0.1
+) -> None:
+    """Returns once ``url``'s /readyz answers 200; raises with the log's tail if the server
+    exits first or is not ready within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited (code {process.returncode}):\n{_tail(log)}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server was not ready within {timeout:.0f} s:\n{_tail(log)}")
+        time.sleep(poll)
+
+
+def _tail(log: Path, chars: int = 3000) -> str:
+    try:
+        return log.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
 @contextmanager
 def running_server(avatars: Path, tmp: Path, overrides: dict[str, Any] | None = None) -> Iterator[ServerUrl]:
     """Starts ``lipstream serve`` and yields its base URL once /readyz says ready."""
@@ -53,18 +79,7 @@ def running_server(avatars: Path, tmp: Path, overrides: dict[str, Any] | None = 
     url = ServerUrl(f"http://127.0.0.1:{port}")
     url.process = process
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited: {(tmp / f'server-{port}.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server not ready within 60 s")
-            time.sleep(0.1)
+        wait_until_ready(url, process, tmp / f"server-{port}.log")
         yield url
     finally:
         process.terminate()

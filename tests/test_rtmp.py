@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import websockets
 
-from tests.live_server import ROOT, free_port, push_realtime, running_server
+from tests.live_server import ROOT, free_port, push_realtime, running_server, wait_until_ready
 from tests.rtc_client import RATE, Client, envelope, motion, onsets
 from tests.speech import espeak
 
@@ -608,16 +608,7 @@ def test_serve_rtmp_starts_a_session(avatars_root: Path, nginx: Nginx, tmp_path:
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_until_ready(base, process, tmp_path / "serve.log")
         deadline = time.monotonic() + 10
         while True:
             outputs = httpx.get(f"{base}/v1/sessions/studio/outputs").json()["outputs"]
