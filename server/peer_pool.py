@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import LipstreamError
-from pipeline.live.session import FRAME_SECONDS, LiveSession, OutputFrame
+from pipeline.live.session import FRAME_SECONDS, LiveSession, OutputFrame, monotonic_of
 from server.config import WebRtcConfig
 from server.frame_ring import FrameRing
 from server.peer_channel import Channel
@@ -99,7 +99,7 @@ class SessionFeed:
                 delay = out.release - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                release = time.monotonic() + (out.release - loop.time())
+                release = monotonic_of(out.release)
                 audio = output_audio(self.live, out)
                 self.worker.channel.send(("audio", self.session_id, out.index, audio.tobytes(), release))
                 # The picture may still be composing: send it when ready, in frame order, while

@@ -379,7 +379,7 @@ class LiveSession:
         self.stats.talk_fraction += (FRAME_SECONDS / TALK_SECONDS) * (features.active - self.stats.talk_fraction)
         if features.active and self._subscribers:
             request = FrameRequest(self.avatar, avatar_index, features.data)
-            wall_deadline = time.monotonic() + (release - asyncio.get_running_loop().time())
+            wall_deadline = monotonic_of(release)
             try:
                 submitted = self.worker.submit(request, wall_deadline, self)
             except DeviceFailed:  # the device is out of rotation; the server is ending this session
@@ -420,7 +420,7 @@ class LiveSession:
             self._arrivals.popleft()
         if self._arrivals:
             arrived = self._arrivals[0][1]
-            release_wall = time.monotonic() + (release - asyncio.get_running_loop().time())
+            release_wall = monotonic_of(release)
             latency = max(0.0, release_wall - arrived)
             self.stats.latencies.append(latency)
             self.observer.on_latency(latency)
@@ -442,6 +442,12 @@ class LiveSession:
         if self.on_event is not None:
             kind = "speaking_started" if speaking else "speaking_stopped"
             self.on_event({"type": kind, "media_time": round(media_time, 3)})
+
+
+def monotonic_of(loop_time: float) -> float:
+    """A time on the running loop's clock as ``time.monotonic()``: the clock worker threads and
+    other processes share. uvloop's clock is libuv's cached millisecond one, not the same."""
+    return time.monotonic() + (loop_time - asyncio.get_running_loop().time())
 
 
 def _consume_cancellation(future: asyncio.Future) -> None:
