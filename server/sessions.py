@@ -232,7 +232,7 @@ class SessionManager:
         )
 
     async def add_viewer(self, session: ServerSession, sdp: str) -> Viewer:
-        peer, answer = await self.peers.open(session.id, session.live, sdp, True, on_late=self.metrics.late_frames.inc)
+        peer, answer = await self.open_peer(session, sdp, send_media=True, microphone=False)
         if session.ended:  # ended while negotiating
             await self.peers.close_peer(peer)
             raise SessionNotFound(f"session '{session.id}' ended")
