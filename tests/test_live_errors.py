@@ -90,6 +90,16 @@ async def bad_requests(http: httpx.AsyncClient, url: str) -> None:
     assert response.status_code == 400
     response = await http.post("/v1/whip", content="v=0\r\n", headers={"content-type": "application/sdp"})
     assert response.status_code == 400
+    # Well-formed enough for the server's own check, refused by the peer process (no ICE
+    # credentials): the error travels back as a 400, and the call's session is not kept.
+    odd = (
+        "v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=fingerprint:sha-256 AB:CD\r\n"
+        "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=rtpmap:111 opus/48000/2\r\n"
+    )
+    before = len((await http.get("/v1/sessions")).json()["sessions"])
+    response = await http.post("/v1/calls", json={"sdp": odd, "type": "offer"})
+    assert response.status_code == 400 and "SDP" in response.json()["detail"], response.text
+    assert len((await http.get("/v1/sessions")).json()["sessions"]) == before
     response = await http.post("/v1/whip", content="v=0", headers={"content-type": "text/plain"})
     assert response.status_code == 415
     response = await http.post("/v1/calls", json={"type": "offer"})
