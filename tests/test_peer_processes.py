@@ -81,3 +81,32 @@ def test_crashed_peer_process_ends_only_its_sessions(avatars_root: Path, tmp_pat
                     await client.close()
 
         asyncio.run(scenario())
+
+
+def test_session_outlives_its_dead_peer_process(avatars_root: Path, tmp_path: Path) -> None:
+    """A session fed over its WebSocket keeps running when its viewer's peer process dies: the
+    dead viewer and its ring are dropped, and a new viewer is served by a fresh process."""
+    with running_server(avatars_root, tmp_path, {"webrtc": {"peer_processes": 1}}) as url:
+
+        async def scenario() -> None:
+            async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+                session_id = (await http.post("/v1/sessions", json={})).json()["id"]
+                viewer = Client()
+                await viewer.watch(http, session_id)
+                await _frames(viewer, 10)
+                pid = (await http.get("/v1/server")).json()["peer_processes"][0]["pid"]
+                os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 10
+                while (info := (await http.get("/v1/server")).json())["frame_rings"] != 0:
+                    assert time.monotonic() < deadline, f"the dead process's ring was kept: {info}"
+                    await asyncio.sleep(0.1)
+                assert (await http.get(f"/v1/sessions/{session_id}")).status_code == 200
+                again = Client()
+                await again.watch(http, session_id)
+                await _frames(again, 10)
+                info = (await http.get("/v1/server")).json()
+                assert info["frame_rings"] == 1 and info["peer_processes"][0]["pid"] != pid
+                for client in (viewer, again):
+                    await client.close()
+
+        asyncio.run(scenario())
