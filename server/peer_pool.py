@@ -4,7 +4,7 @@ Every WebRTC peer of a session (its call, its WHIP sender, its WHEP viewers) liv
 peer process (:mod:`server.peer_process`), chosen when the session gets its first peer (the
 process with the fewest sessions), so one message per frame serves all of a session's viewers.
 :class:`SessionFeed` releases a session's frames to that process on the session clock: the
-audio at the frame's release time, the picture (through a :class:`~server.frame_ring.FrameRing`)
+audio at the frame's release time, the picture (through a :class:`~pipeline.ipc.frame_ring.FrameRing`)
 as soon as it is composed, never before its release time. A peer process that dies takes its
 peers with it (they read as ``failed``, so the sessions' watchdog ends what depended on them);
 the next session gets a fresh process in its place.
@@ -31,8 +31,8 @@ import numpy as np
 from pipeline.errors import LipstreamError
 from pipeline.live.session import FRAME_SECONDS, LiveSession, OutputFrame, monotonic_of
 from server.config import WebRtcConfig
-from server.frame_ring import FrameRing
-from server.peer_channel import Channel
+from pipeline.ipc.frame_ring import FrameRing
+from pipeline.ipc.channel import Channel
 from server.webrtc import BadSdp, output_audio, output_picture
 
 log = logging.getLogger("lipstream.peers")

@@ -5,7 +5,7 @@ a session's WebRTC output costs the server ~4x what generating its frames does: 
 RTP packetisation, SRTP and ICE run Python per packet, and all of it shared one event loop and
 one GIL with the API, the session clocks and the engine's dispatch. The server keeps sessions,
 clocks and engines; each peer process runs the peers of the sessions assigned to it. Per frame it
-gets a message with a :class:`~server.frame_ring.FrameRing` slot (the picture, in shared
+gets a message with a :class:`~pipeline.ipc.frame_ring.FrameRing` slot (the picture, in shared
 memory) and the frame's 40 ms of audio, sent by the server at the frame's release time, and
 hands them to every track of that session. Microphone audio goes the other way as PCM messages.
 
@@ -40,8 +40,8 @@ from aiortc.mediastreams import MediaStreamError
 from pipeline.audio.decode import frame_to_planar, layout_name
 from pipeline.live.session import FRAME_SECONDS, OUTPUT_RATE
 from server.config import WebRtcConfig
-from server.frame_ring import FrameRing
-from server.peer_channel import Channel
+from pipeline.ipc.frame_ring import FrameRing
+from pipeline.ipc.channel import Channel
 from server.webrtc import AUDIO_CHUNK, VIDEO_CLOCK, answer, apply_offer, configure_host_addresses, new_peer
 
 log = logging.getLogger("lipstream.peers")

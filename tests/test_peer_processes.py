@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from server.frame_ring import FrameRing
+from pipeline.ipc.frame_ring import FrameRing
 from tests.live_server import running_server
 from tests.rtc_client import RATE, Client, SpeechTrack
 

@@ -1,4 +1,4 @@
-"""A message channel between the server process and a peer process, usable from asyncio.
+"""A message channel between the server process and a worker process (peers, a device).
 
 Why threads on both ends: a pipe holds ~64 KiB; if the other side is slow, ``Connection.send``
 blocks, and on the event loop that would stall every session of the process. And the pipe must
@@ -7,10 +7,11 @@ stay a *blocking* file descriptor: registering it with the loop (``add_reader``)
 half-arrived message makes a receive fail, silently cutting the channel (seen on the GPU load
 test: every peer request timed out once 30 sessions filled the pipe). So one thread writes
 queued messages in order, another reads and hands each message to the loop with
-``call_soon_threadsafe``.
+``call_soon_threadsafe`` (or, for a device's channel, handles it right there: resolving a
+frame's future needs no loop).
 
 Messages are small tuples (commands, 40 ms of audio, a frame's ring slot): pictures never travel
-through the pipe, they go through :class:`~server.frame_ring.FrameRing` shared memory.
+through the pipe, they go through :class:`~pipeline.ipc.frame_ring.FrameRing` shared memory.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from typing import Any
 log = logging.getLogger("lipstream.peers")
 
 _STOP = object()
+
+
+class _Deaf(Exception):
+    """The receiving end has nobody to hand messages to any more."""
 
 
 class Channel:
@@ -51,6 +56,24 @@ class Channel:
             except Exception:  # a bad message must not stop the channel
                 log.exception("%s: handling %r failed", self.name, message[:1])
 
+        def closed() -> None:
+            try:
+                loop.call_soon_threadsafe(on_closed)
+            except RuntimeError:  # the loop is closed
+                pass
+
+        def hand_over(message: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(deliver, message)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                raise _Deaf from None
+
+        self.listen_in_thread(hand_over, closed)
+
+    def listen_in_thread(self, handler: Callable[[Any], None], on_closed: Callable[[], None]) -> None:
+        """Call ``handler`` for every message on the receiving thread itself, in order; for ends
+        without an event loop, or whose handling is quick and thread-safe (resolving futures)."""
+
         def receive() -> None:
             while True:
                 try:
@@ -58,14 +81,13 @@ class Channel:
                 except (EOFError, OSError):
                     break
                 try:
-                    loop.call_soon_threadsafe(deliver, message)
-                except RuntimeError:  # the loop is closed
+                    handler(message)
+                except _Deaf:
                     return
+                except Exception:  # a bad message must not stop the channel
+                    log.exception("%s: handling %r failed", self.name, message[:1])
             self.closed = True
-            try:
-                loop.call_soon_threadsafe(on_closed)
-            except RuntimeError:
-                pass
+            on_closed()
 
         self._receiver = threading.Thread(target=receive, name=f"channel-in-{self.name}", daemon=True)
         self._receiver.start()

@@ -1,0 +1,1 @@
+"""Talking to the server's worker processes: message channels and shared-memory frame rings."""

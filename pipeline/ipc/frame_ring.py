@@ -1,0 +1,180 @@
+"""Composed frames in shared memory between the server and its worker processes.
+
+:class:`FrameRing`: a session's released frames, written by the server, read by its peer process.
+:class:`ResultRing`: frames a device process composed, written there, copied out by the server.
+
+Why shared memory: a 720p BGR frame is 2.7 MB; pickling 25 of them a second per session through
+a pipe would cost more CPU than encoding them. For a session's ring, the server copies each released frame into the
+next slot of a small ring and sends only the slot number; the peer process turns the slot into
+an ``av.VideoFrame`` (its own copy) as soon as the message arrives, long before the ring wraps
+(``slots`` x 40 ms later).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from multiprocessing import shared_memory
+
+import numpy as np
+
+log = logging.getLogger("lipstream.ipc")
+
+DEFAULT_SLOTS = 8
+
+
+class FrameRing:
+    """``slots`` uint8 frames of one shape in one shared-memory segment."""
+
+    def __init__(self, shm: shared_memory.SharedMemory, shape: tuple[int, ...], slots: int, owner: bool) -> None:
+        self._shm = shm
+        self.shape = tuple(shape)
+        self.slots = slots
+        self.owner = owner
+        self._frames = np.ndarray((slots, *self.shape), dtype=np.uint8, buffer=shm.buf)
+
+    @classmethod
+    def create(cls, shape: tuple[int, ...], slots: int = DEFAULT_SLOTS) -> FrameRing:
+        size = slots * int(np.prod(shape))
+        shm = shared_memory.SharedMemory(name=f"lipstream-{secrets.token_hex(6)}", create=True, size=size)
+        return cls(shm, shape, slots, owner=True)
+
+    @classmethod
+    def attach(cls, name: str, shape: tuple[int, ...], slots: int) -> FrameRing:
+        # A spawned peer process shares the server's resource tracker, which keeps one entry
+        # per name: attaching registers nothing new, and only the owner's unlink removes it.
+        shm = shared_memory.SharedMemory(name=name)
+        return cls(shm, shape, slots, owner=False)
+
+    @property
+    def name(self) -> str:
+        return self._shm.name
+
+    def describe(self) -> tuple[str, tuple[int, ...], int]:
+        """What a reader needs to :meth:`attach`."""
+        return self.name, self.shape, self.slots
+
+    def write(self, index: int, image: np.ndarray) -> int:
+        """Copy frame ``index`` into its slot; returns the slot."""
+        if image.shape != self.shape:
+            raise ValueError(f"frame shape {image.shape} does not fit the ring's {self.shape}")
+        slot = index % self.slots
+        np.copyto(self._frames[slot], image)
+        return slot
+
+    def view(self, slot: int) -> np.ndarray:
+        """The slot's frame, without a copy (valid until the ring wraps)."""
+        return self._frames[slot]
+
+    def close(self) -> None:
+        del self._frames
+        try:
+            self._shm.close()
+        except BufferError:  # a view still in use somewhere: the mapping goes with the process
+            pass
+        if self.owner:
+            try:
+                self._shm.unlink()
+            except FileNotFoundError:
+                pass
+
+
+class ResultRing:
+    """Composed frames handed from a device process (the writer) to the server (the reader).
+
+    Unlike a session's :class:`FrameRing`, frames arrive at the engine's pace, a batch at a time,
+    and the reader copies each one out as soon as its message arrives. The reader marks every
+    frame it is done with (copied, or not wanted) in a small header, and the writer waits for a
+    slot's previous frame to be marked before reusing the slot: a slow reader slows the writer
+    instead of losing frames. A frame overwritten anyway (the writer gave up waiting, e.g. the
+    reader is stuck) is detected by its stamp and reported as missing, never shown torn.
+
+    Layout of the segment: ``int64 [2, slots]`` (frame number written into each slot, frame
+    number the reader released from each slot), then the frames. Frame numbers start at 1.
+    """
+
+    HEADER = 16  # bytes per slot: written + released stamps
+
+    def __init__(self, shm: shared_memory.SharedMemory, shape: tuple[int, ...], slots: int, owner: bool) -> None:
+        self._shm = shm
+        self.shape = tuple(shape)
+        self.slots = slots
+        self.owner = owner
+        self._stamps = np.ndarray((2, slots), dtype=np.int64, buffer=shm.buf)
+        self._frames = np.ndarray((slots, *self.shape), dtype=np.uint8, buffer=shm.buf, offset=self.HEADER * slots)
+        self._next = 1
+        self._lock = threading.Lock()
+
+    @classmethod
+    def create(cls, shape: tuple[int, ...], slots: int) -> ResultRing:
+        size = slots * (cls.HEADER + int(np.prod(shape)))
+        shm = shared_memory.SharedMemory(name=f"lipstream-r-{secrets.token_hex(6)}", create=True, size=size)
+        ring = cls(shm, shape, slots, owner=True)
+        ring._stamps[:] = 0
+        return ring
+
+    @classmethod
+    def attach(cls, name: str, shape: tuple[int, ...], slots: int) -> ResultRing:
+        return cls(shared_memory.SharedMemory(name=name), shape, slots, owner=False)
+
+    @property
+    def name(self) -> str:
+        return self._shm.name
+
+    def describe(self) -> tuple[str, tuple[int, ...], int]:
+        return self.name, self.shape, self.slots
+
+    # -- writer --------------------------------------------------------------------------------------
+
+    def put(self, image: np.ndarray, timeout: float = 2.0) -> tuple[int, int]:
+        """Copy ``image`` into the next slot once the reader released its previous frame (or
+        ``timeout`` passed); returns ``(slot, frame number)``."""
+        if image.shape != self.shape:
+            raise ValueError(f"frame shape {image.shape} does not fit the ring's {self.shape}")
+        with self._lock:
+            number = self._next
+            self._next += 1
+            slot = (number - 1) % self.slots
+            previous = number - self.slots
+            if previous > 0 and self._stamps[1, slot] < previous:
+                deadline = time.monotonic() + timeout
+                while self._stamps[1, slot] < previous and time.monotonic() < deadline:
+                    time.sleep(0.0005)
+                if self._stamps[1, slot] < previous:
+                    log.warning("result ring %s: frame %d not read within %.1f s; overwriting it", self.name, previous, timeout)
+            self._stamps[0, slot] = 0  # torn while copying
+            np.copyto(self._frames[slot], image)
+            self._stamps[0, slot] = number
+        return slot, number
+
+    # -- reader --------------------------------------------------------------------------------------
+
+    def take(self, slot: int, number: int) -> np.ndarray | None:
+        """A copy of frame ``number`` from ``slot`` and the slot released; None if it was
+        overwritten meanwhile."""
+        image = None
+        if self._stamps[0, slot] == number:
+            copy = self._frames[slot].copy()
+            if self._stamps[0, slot] == number:
+                image = copy
+        self.release(slot, number)
+        return image
+
+    def release(self, slot: int, number: int) -> None:
+        """The reader is done with frame ``number`` (taken, or not wanted)."""
+        if self._stamps[1, slot] < number:
+            self._stamps[1, slot] = number
+
+    def close(self) -> None:
+        del self._frames, self._stamps
+        try:
+            self._shm.close()
+        except BufferError:
+            pass
+        if self.owner:
+            try:
+                self._shm.unlink()
+            except FileNotFoundError:
+                pass
