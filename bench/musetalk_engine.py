@@ -465,9 +465,9 @@ def session_trial(
         "p95_ms": pct(steady, 95),
         "max_ms": pct(steady, 100),
         "features_p95_ms": pct(feat_lat, 95),
-        "mean_batch": ew.frames / max(ew.batches, 1),
+        "mean_batch": ew.stats.frames / max(ew.stats.batches, 1),
         "feature_passes": fw.passes,
-        "gpu_busy": ew.busy_seconds / seconds,
+        "gpu_busy": ew.stats.busy_seconds / seconds,
     }
 
 

@@ -24,6 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pipeline.avatar.store import AvatarStore
 from pipeline.errors import LipstreamError
+from pipeline.live.device_link import DeviceLink
+from pipeline.live.device_process import DeviceSpec
 from pipeline.live.devices import DevicePool
 from server.auth import ApiKeyMiddleware, BodyLimitMiddleware, check_auth_config, is_loopback_host
 from server.config import Settings, engine_options
@@ -74,9 +76,25 @@ async def _start(state: AppState) -> None:
             await asyncio.to_thread(ensure_demo_avatar, state.store)
         avatar = await asyncio.to_thread(state.store.load, settings.avatars.default)
         engine = settings.engine
+
+        def make_link(device: str) -> DeviceLink:
+            return DeviceLink(
+                DeviceSpec(
+                    name=device,
+                    engine=engine.name,
+                    engine_options=engine_options(engine, device),
+                    avatars_dir=settings.avatars.dir,
+                    batch_size=engine.batch_size,
+                    processing_seconds=settings.sessions.processing_seconds,
+                    headroom=engine.capacity_headroom,
+                    log_level=settings.server.log_level,
+                )
+            )
+
         state.pool = DevicePool(
             engine.devices,
             lambda device: create_engine(engine.name, **engine_options(engine, device)),
+            make_link=make_link if engine.workers_in_processes() else None,
             engine_name=engine.name,
             batch_size=engine.batch_size,
             processing_seconds=settings.sessions.processing_seconds,

@@ -52,6 +52,16 @@ class EngineConfig(Section):
     capacity_headroom: float = Field(0.9, gt=0, le=1)
     vad_aggressiveness: int = Field(2, ge=0, le=3)
     models_dir: Path = Path("models")
+    # where each device's engine, feature and batching workers run: "process" = a spawned
+    # process per device (its own GIL: a GPU's feature path and batch dispatch no longer
+    # compete with the API, clocks and outputs); "thread" = threads of the server process;
+    # "auto" = process for cuda devices, thread for cpu ones (no gain on few cores)
+    device_workers: Literal["auto", "process", "thread"] = "auto"
+
+    def workers_in_processes(self) -> bool:
+        if self.device_workers == "auto":
+            return any(device_key(name)[0] == "cuda" for name in self.devices)
+        return self.device_workers == "process"
 
     @field_validator("name")
     @classmethod

@@ -166,19 +166,25 @@ class SessionManager:
         holder: dict[str, ServerSession] = {}
         try:
             await asyncio.to_thread(self.pool.load_avatar, device, avatar)
-            if not device.ready or device.worker is None or device.engine is None:
+            if not device.ready:
+                raise DeviceFailed(f"device {device.name} failed: {device.error}")
+            if device.link is not None:  # the device runs in its own process
+                parts: dict[str, Any] = {"worker": None, "featurizer": None,
+                                         "remote": device.link.open_stream(session_id, avatar)}
+            elif device.worker is not None and device.engine is not None:
+                parts = {"worker": device.worker, "featurizer": device.engine.new_featurizer(),
+                         "feature_worker": device.feature_worker}
+            else:
                 raise DeviceFailed(f"device {device.name} failed: {device.error}")
             live = LiveSession(
                 avatar,
-                device.worker,
-                device.engine.new_featurizer(),
                 vad_aggressiveness=self.settings.engine.vad_aggressiveness,
                 max_buffer_seconds=self.settings.limits.audio_buffer_seconds,
                 jitter_seconds=cfg.jitter_seconds,
                 processing_seconds=cfg.processing_seconds,
                 on_event=lambda event: holder["s"].broadcast(event),
                 observer=self.metrics,
-                feature_worker=device.feature_worker,
+                **parts,
             )
         except BaseException:
             self.pool.release(session_id)

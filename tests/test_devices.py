@@ -89,7 +89,7 @@ def test_devices_endpoint_reports_a_calibrated_device(avatars_root: Path) -> Non
             (device,) = (await http.get("/v1/devices")).json()["devices"]
             assert device.keys() == {
                 "name", "engine", "state", "error", "capacity", "capacity_source", "calibration", "sessions",
-                "demand", "avatars", "queued_frames", "batches", "frames", "busy_seconds", "utilisation",
+                "demand", "avatars", "queued_frames", "batches", "frames", "busy_seconds", "utilisation", "process",
             }
             assert (device["name"], device["engine"], device["state"], device["error"]) == ("cpu", "lite", "ready", None)
             assert device["capacity_source"] == "calibrated" and device["capacity"] >= 1
@@ -97,6 +97,7 @@ def test_devices_endpoint_reports_a_calibrated_device(avatars_root: Path) -> Non
             assert [row["batch_size"] for row in table] == [1, 2, 4, 8, 16]
             assert all(row["seconds"] > 0 and row["frames_per_second"] > 0 for row in table)
             assert device["avatars"] == ["demo"]
+            assert device["process"] is None  # a cpu device works in the server process by default
             assert device["sessions"] == 0 and device["demand"] == {"talking_sessions": 0.0, "frames_per_second": 0.0}
 
             await create(http)
@@ -231,7 +232,7 @@ def test_a_failed_device_ends_only_its_sessions(avatars_root: Path, speech: Spee
                 for _ in range(2):
                     session.live.push(planar, speech.sample_rate, "mono")
             workers = [pool.devices[name].worker for name in ("cpu:0", "cpu:1")]
-            await until(lambda: all(w.frames > 0 for w in workers), "lip-synced frames on both devices")
+            await until(lambda: all(w.stats.frames > 0 for w in workers), "lip-synced frames on both devices")
 
             def broken(requests):
                 raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore torch advice")
@@ -244,9 +245,9 @@ def test_a_failed_device_ends_only_its_sessions(avatars_root: Path, speech: Spee
 
             # the other device's session keeps talking, through its engine
             assert ids[0] in manager.sessions and ended_reason(events[0]) is None
-            frames, active = workers[0].frames, sessions[0].live.stats.active_frames
+            frames, active = workers[0].stats.frames, sessions[0].live.stats.active_frames
             await until(
-                lambda: workers[0].frames >= frames + 10 and sessions[0].live.stats.active_frames >= active + 10,
+                lambda: workers[0].stats.frames >= frames + 10 and sessions[0].live.stats.active_frames >= active + 10,
                 "more lip-synced frames on the healthy device",
             )
             assert sessions[0].live.stats.talk_fraction > 0

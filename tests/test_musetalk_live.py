@@ -55,9 +55,12 @@ def engine_section(models: Path) -> dict:
     return {"name": "musetalk", "devices": ["cpu"], "dtype": "fp32", "models_dir": str(models), "batch_size": 8}
 
 
+@pytest.mark.parametrize("workers", ["thread", "process"])
 def test_musetalk_live_session_over_websocket_and_whep(
-    avatars_root: Path, micro_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    avatars_root: Path, micro_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: str
 ) -> None:
+    """``workers``: the engine's threads in the server process, or a device process (the GPU
+    default) whose Whisper tokens stay there and whose pictures come back by shared memory."""
     # The server runs Whisper (feature thread) and UNet + VAE (engine thread) at once; with torch's
     # default of one OpenMP thread per core each, two cores are oversubscribed and OpenMP's
     # spinning threads starve each other (measured: stalls of 0.5-1 s). One thread per op here.
@@ -65,13 +68,15 @@ def test_musetalk_live_session_over_websocket_and_whep(
     speech, rate = espeak(TEXT, sample_rate=24000)
     pcm = (np.clip(speech, -1, 1) * 32767).astype("<i2").tobytes()
     overrides = {
-        "engine": engine_section(micro_models),
+        "engine": {**engine_section(micro_models), "device_workers": workers},
         "sessions": {"processing_seconds": 2.0},
         "limits": {"audio_buffer_seconds": 8},
     }
 
     async def scenario(url: str):
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            (device,) = (await http.get("/v1/devices")).json()["devices"]
+            assert (device["process"] is not None) == (workers == "process")
             session_id = (await http.post("/v1/sessions", json={"avatar": "demo"})).json()["id"]
             viewer = Client()
             await viewer.watch(http, session_id)

@@ -108,6 +108,10 @@ KIT="bash bench/device/gpu_load.sh --devices $DEVICES --avatar $AVATAR --mode $M
 for ((i = 1; i < ${#SETS[@]}; i += 2)); do KIT="$KIT --set ${SETS[i]}"; done
 [ "$DRY" = 1 ] && KIT="$KIT --cpu-dry-run"
 
+# Each of the server's processes on its own (one GIL each): is one of them the limit?
+$PY bench/device/process_cpu.py --out "$RES/process-cpu.log" &
+SAMPLER=$!
+
 LEFT=$((BUDGET - (SECONDS - START) - 30))
 step "load test: scenarios $SCENARIOS, $DURATION s each, mode $MODE; ${LEFT} s left for it (server start included)"
 timeout -s INT -k 30 "$LEFT" $PY bench/load.py --spawn-server --config "$WORK/server.yaml" \
@@ -116,6 +120,9 @@ timeout -s INT -k 30 "$LEFT" $PY bench/load.py --spawn-server --config "$WORK/se
     --server-timeout $((LEFT > 120 ? LEFT - 60 : 60)) --out "$RES" --doc-command "$KIT {scenario}"
 rc=$?
 step "load test exited with $rc"
+kill $SAMPLER 2>/dev/null
+echo "--- CPU % of one core per server process, every 5 s (main | device processes | peer processes):"
+cut -c1-200 "$RES/process-cpu.log" 2>/dev/null | tail -80
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader
 
 for log in "$RES"/load-*-server.log; do

@@ -41,6 +41,7 @@ from pipeline.avatar.model import Avatar
 from pipeline.engines.base import Engine
 from pipeline.errors import EngineUnavailable, LipstreamError
 from pipeline.live.calibration import FPS, HEADROOM, Calibration, calibrate
+from pipeline.live.device_link import DeviceLink
 from pipeline.live.faults import DeviceFailed, describe_fault, is_device_fault
 from pipeline.live.feature_worker import FeatureWorker
 from pipeline.live.worker import BatchObserver, EngineWorker
@@ -70,9 +71,12 @@ class Device:
 
     name: str
     engine_name: str
+    # In the server process (threads) ...
     engine: Engine | None = None
     worker: EngineWorker | None = None
     feature_worker: FeatureWorker | None = None
+    # ... or in a device process of its own (engine.device_workers: process)
+    link: DeviceLink | None = None
     state: str = STARTING
     error: str | None = None
     capacity: int = 0  # talking sessions
@@ -92,7 +96,8 @@ class Device:
 
     def describe(self) -> dict[str, Any]:
         demand = self.demand()
-        worker = self.worker
+        worker = self.worker or self.link
+        stats = worker.stats if worker else None
         calibration = None
         if self.calibration is not None:
             calibration = self.calibration.describe()
@@ -110,10 +115,11 @@ class Device:
             "demand": {"talking_sessions": round(demand, 3), "frames_per_second": round(FPS * demand, 1)},
             "avatars": sorted(self.avatars),
             "queued_frames": worker.queued if worker else 0,
-            "batches": worker.batches if worker else 0,
-            "frames": worker.frames if worker else 0,
-            "busy_seconds": round(worker.busy_seconds, 3) if worker else 0.0,
-            "utilisation": round(worker.utilisation(), 3) if worker else 0.0,
+            "batches": stats.batches if stats else 0,
+            "frames": stats.frames if stats else 0,
+            "busy_seconds": round(stats.busy_seconds, 3) if stats else 0.0,
+            "utilisation": round(stats.utilisation(), 3) if stats else 0.0,
+            "process": self.link.describe_process() if self.link else None,
         }
 
 
@@ -131,11 +137,14 @@ class DevicePool:
         capacity_sessions: int = 0,
         headroom: float = HEADROOM,
         on_batch: BatchObserver | None = None,
+        make_link: Callable[[str], DeviceLink] | None = None,
     ) -> None:
+        """``make_link``: run each device in a process of its own (``make_engine`` then unused)."""
         if not names:
             raise ValueError("a device pool needs at least one device")
         self.devices: dict[str, Device] = {name: Device(name, engine_name) for name in names}
         self._make_engine = make_engine
+        self._make_link = make_link
         self.batch_size = batch_size
         self.processing_seconds = processing_seconds
         self.capacity_sessions = capacity_sessions
@@ -150,10 +159,53 @@ class DevicePool:
         """Blocking (run it off the loop): create every device's engine, load ``avatar`` on it,
         set its capacity (configured, or calibrated on ``avatar``), start its workers.
 
-        A device that fails to start is marked failed and the others go on. Engines are created
-        one after another (torch.compile is not safe to run from several threads at once);
-        calibrations run together, so that CPU workers sharing cores are measured sharing them.
+        A device that fails to start is marked failed and the others go on. In the server
+        process, engines are created one after another (torch.compile is not safe to run from
+        several threads at once); device processes build theirs at the same time. Calibrations
+        run together either way, so that CPU workers sharing cores are measured sharing them.
         Raises when no device started: the original error when there is one device."""
+        errors = self._start_processes(avatar) if self._make_link is not None else self._start_threads(avatar)
+        if not any(d.ready for d in self.devices.values()):
+            if len(self.devices) == 1 and errors:
+                raise errors[0]
+            raise EngineUnavailable(f"no device started: {self._failures()}")
+
+    def _start_processes(self, avatar: Avatar) -> list[BaseException]:
+        """Every device process at once (each builds, loads and calibrates on its own)."""
+        assert self._make_link is not None
+        calibrating = self.capacity_sessions <= 0
+
+        def start(device: Device) -> Calibration | None:
+            assert self._make_link is not None
+            link = device.link = self._make_link(device.name)
+            link.on_batch = self._on_batch
+            link.on_fault = lambda reason, name=device.name: self.fail(name, reason)
+            return link.start(avatar.id, calibrating)
+
+        errors: list[BaseException] = []
+        devices = list(self.devices.values())
+        with concurrent.futures.ThreadPoolExecutor(len(devices), thread_name_prefix="device-start") as pool:
+            started = [pool.submit(start, device) for device in devices]
+        for device, outcome in zip(devices, started, strict=True):
+            try:
+                calibration = outcome.result()
+            except Exception as exc:  # noqa: BLE001 - isolated: reported on the device and below
+                errors.append(exc)
+                self._start_failed(device, exc)
+                if device.link is not None:
+                    device.link.close()
+                continue
+            if device.state == FAILED:  # a fault reported while it started
+                continue
+            device.avatars.add(avatar.id)
+            if calibration is None:
+                device.capacity, device.capacity_source = self.capacity_sessions, "configured"
+            else:
+                self._set_calibration(device, calibration)
+            device.state = READY
+        return errors
+
+    def _start_threads(self, avatar: Avatar) -> list[BaseException]:
         errors: list[BaseException] = []
         for device in self.devices.values():
             try:
@@ -186,10 +238,7 @@ class DevicePool:
                 name, on_fault=lambda exc, name=name: self.fail(name, describe_fault(exc))
             )
             device.state = READY
-        if not any(d.ready for d in self.devices.values()):
-            if len(self.devices) == 1 and errors:
-                raise errors[0]
-            raise EngineUnavailable(f"no device started: {self._failures()}")
+        return errors
 
     def _calibrate(self, device: Device, avatar: Avatar) -> BaseException | None:
         assert device.engine is not None
@@ -198,13 +247,16 @@ class DevicePool:
         except Exception as exc:  # noqa: BLE001 - isolated like a failed start
             self._start_failed(device, exc)
             return exc
+        self._set_calibration(device, result)
+        return None
+
+    def _set_calibration(self, device: Device, result: Calibration) -> None:
         device.calibration, device.capacity_source = result, "calibrated"
         device.capacity = max(1, result.capacity)
         if result.capacity == 0:
             # Refusing everything would make the server useless; one session can only slow itself.
             device.capacity_note = "slower than real time for one talking session; admitting one"
             log.warning("device %s: %s", device.name, device.capacity_note)
-        return None
 
     def _start_failed(self, device: Device, exc: BaseException) -> None:
         device.state, device.error = FAILED, describe_fault(exc)
@@ -212,6 +264,8 @@ class DevicePool:
 
     def close(self) -> None:
         for device in self.devices.values():
+            if device.link is not None:
+                device.link.close()
             for part in (device.worker, device.feature_worker):
                 if part is not None:
                     part.close()
@@ -237,6 +291,8 @@ class DevicePool:
         log.error("device %s out of rotation: %s", name, reason)
         if device.worker is not None:
             device.worker.fail(reason)  # its on_fault comes back here and returns at once
+        if device.link is not None:
+            device.link.fail(reason)  # frames in flight there fail with DeviceFailed
         for listener in list(self._listeners):
             try:
                 listener(name, reason)
@@ -307,8 +363,14 @@ class DevicePool:
     def load_avatar(self, device: Device, avatar: Avatar) -> None:
         """Blocking: the avatar's per-avatar state on ``device`` (idempotent; the engine caches).
         A device fault here fails the device like one in a batch."""
-        if not device.ready or device.engine is None:
+        if not device.ready or (device.engine is None and device.link is None):
             raise DeviceFailed(f"device {device.name} failed: {device.error}")
+        if device.link is not None:  # a device fault there is reported by the process itself
+            device.link.load_avatar(avatar.id)
+            with self._lock:
+                device.avatars.add(avatar.id)
+            return
+        assert device.engine is not None
         try:
             device.engine.load_avatar(avatar)
         except Exception as exc:

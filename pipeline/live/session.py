@@ -22,6 +22,12 @@ event loop when the session has a :class:`~pipeline.live.feature_worker.FeatureW
 ``i`` is published at once, in order, with a future for its picture, and the chain features ->
 (active? engine : idle frame) completes that future off the loop. Feature results come back in
 frame order, so speaking events and statistics still follow the frames in order.
+
+Device processes. A session bound to a device that runs in a process of its own gets a
+:class:`~pipeline.live.device_link.RemoteStream` instead of a featurizer and workers: each
+frame's audio window goes there with its avatar frame, deadline and whether anyone watches, the
+whole chain runs in that process, and the session hears the frame's ``active`` flag (in order)
+and then its picture, exactly as from the local chain.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from pipeline.audio.windows import (
 from pipeline.avatar.model import Avatar
 from pipeline.engines.base import Featurizer, FrameFeatures, FrameRequest
 from pipeline.errors import LipstreamError
+from pipeline.live.device_link import RemoteStream
 from pipeline.live.faults import DeviceFailed
 from pipeline.live.feature_worker import FeatureWorker
 from pipeline.live.worker import EngineWorker
@@ -134,8 +141,8 @@ class LiveSession:
     def __init__(
         self,
         avatar: Avatar,
-        worker: EngineWorker,
-        featurizer: Featurizer,
+        worker: EngineWorker | None,
+        featurizer: Featurizer | None,
         *,
         vad_aggressiveness: int = 2,
         max_buffer_seconds: float = 30.0,
@@ -146,10 +153,16 @@ class LiveSession:
         subscriber_queue: int = 50,
         speaking_hangover_seconds: float = 0.4,
         feature_worker: FeatureWorker | None = None,
+        remote: RemoteStream | None = None,
     ) -> None:
+        """Either ``worker`` and ``featurizer`` (and ``feature_worker`` for a blocking one), or
+        ``remote``: the session's stream on a device process."""
+        if remote is None and (worker is None or featurizer is None):
+            raise ValueError("a live session needs a worker and a featurizer, or a remote stream")
         self.avatar = avatar
         self.worker = worker
         self.featurizer = featurizer
+        self.remote = remote
         # None, or a featurizer cheap enough for the loop (lite): features are computed inline
         self.feature_worker = feature_worker if getattr(featurizer, "blocking", False) else None
         self.max_buffer_seconds = max_buffer_seconds
@@ -192,7 +205,10 @@ class LiveSession:
         if self._closed:
             return
         self._closed = True
-        self.worker.cancel(self)
+        if self.remote is not None:
+            self.remote.close()
+        if self.worker is not None:
+            self.worker.cancel(self)
         if self.feature_worker is not None:
             self.feature_worker.cancel(self)
         if self._task is not None:
@@ -241,7 +257,8 @@ class LiveSession:
     def interrupt(self) -> None:
         """Drop every queue of this session; the avatar is idle from the next released frame."""
         self.epoch += 1
-        self.worker.cancel(self)
+        if self.worker is not None:
+            self.worker.cancel(self)
         self._windower.reset(first_frame=self._next_index)
         self._to16k = Resampler16k()
         self._to48k = MonoResampler(OUTPUT_RATE)
@@ -249,7 +266,9 @@ class LiveSession:
         self._out_start = self._next_index * OUTPUT_SAMPLES_PER_FRAME
         self._ready.clear()
         self._arrivals.clear()
-        if self.feature_worker is not None:
+        if self.remote is not None:
+            self.remote.reset()  # in order, in the device process
+        elif self.feature_worker is not None:
             self.feature_worker.reset(self.featurizer, self)  # in order, on the worker's thread
         else:
             self.featurizer.reset()
@@ -351,7 +370,9 @@ class LiveSession:
         avatar_index = self.avatar.cycle_index(frame.index)
         self._record_latency(frame.index, release)
         audio = self._take_output_audio(frame.index)
-        if self.feature_worker is None:
+        if self.remote is not None:
+            out = self._produce_remote(frame, avatar_index, release, audio)
+        elif self.feature_worker is None:
             features = self.featurizer.features([frame])[0]
             image = self._image(features, frame.index, avatar_index, release)
             out = OutputFrame(frame.index, self.epoch, release, avatar_index, image, audio, features.active)
@@ -370,13 +391,55 @@ class LiveSession:
                 self.observer.on_dropped()
             queue.put_nowait(out)
 
+    def _produce_remote(self, frame: AudioFrame, avatar_index: int, release: float, audio: np.ndarray) -> OutputFrame:
+        assert self.remote is not None
+        loop = asyncio.get_running_loop()
+        picture: asyncio.Future = loop.create_future()
+        picture.add_done_callback(_consume_cancellation)
+        out = OutputFrame(frame.index, self.epoch, release, avatar_index, picture, audio, False)
+        features, image = self.remote.submit(frame, avatar_index, monotonic_of(release), bool(self._subscribers))
+        image.add_done_callback(_consume_thread_cancellation)
+        active = asyncio.wrap_future(features, loop=loop)
+        active.add_done_callback(lambda done: self._remote_features_ready(done, out, picture, image))
+        return out
+
+    def _remote_features_ready(
+        self, done: asyncio.Future, out: OutputFrame, picture: asyncio.Future, image: Any
+    ) -> None:
+        """The device process's verdict on frame ``out`` (in frame order): account for it and
+        chain its picture (None from there: the idle frame)."""
+        if picture.done():
+            return
+        if done.cancelled() or out.epoch != self.epoch or self._closed:
+            picture.cancel()
+            return
+        if done.exception() is not None:
+            if not isinstance(done.exception(), DeviceFailed):  # that one ends the session anyway
+                log.error("frame %d failed on its device: %s", out.index, done.exception())
+            active = False
+        else:
+            active = bool(done.result())
+        out.speaking = active
+        self._account(active, out.index)
+        idle = self.avatar.frames[out.avatar_index]
+        if not active:
+            picture.set_result(idle)
+            return
+        self.stats.active_frames += 1
+        made = asyncio.wrap_future(image, loop=picture.get_loop())
+        made.add_done_callback(lambda result: _chain(result, picture, idle))
+
+    def _account(self, active: bool, index: int) -> None:
+        """A frame's features, in frame order: speaking events, metrics, the talk fraction."""
+        self._track_speaking(active, index)
+        self.observer.on_frame(active)
+        self.stats.talk_fraction += (FRAME_SECONDS / TALK_SECONDS) * (active - self.stats.talk_fraction)
+
     def _image(
         self, features: FrameFeatures, index: int, avatar_index: int, release: float
     ) -> np.ndarray | asyncio.Future:
         """Account for a frame's features (in frame order) and start its picture."""
-        self._track_speaking(features.active, index)
-        self.observer.on_frame(features.active)
-        self.stats.talk_fraction += (FRAME_SECONDS / TALK_SECONDS) * (features.active - self.stats.talk_fraction)
+        self._account(features.active, index)
         if features.active and self._subscribers:
             request = FrameRequest(self.avatar, avatar_index, features.data)
             wall_deadline = monotonic_of(release)
@@ -456,8 +519,15 @@ def _consume_cancellation(future: asyncio.Future) -> None:
         future.exception()
 
 
-def _chain(source: asyncio.Future, target: asyncio.Future) -> None:
-    """Copy a finished future's outcome into ``target`` (unless it already has one)."""
+def _consume_thread_cancellation(future: Any) -> None:
+    """The same for a concurrent future nobody waits on (an interrupted remote frame)."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _chain(source: asyncio.Future, target: asyncio.Future, instead_of_none: Any = None) -> None:
+    """Copy a finished future's outcome into ``target`` (unless it already has one); a None
+    result becomes ``instead_of_none``."""
     if target.done():
         return
     if source.cancelled():
@@ -465,4 +535,5 @@ def _chain(source: asyncio.Future, target: asyncio.Future) -> None:
     elif source.exception() is not None:
         target.set_exception(source.exception())  # type: ignore[arg-type]
     else:
-        target.set_result(source.result())
+        result = source.result()
+        target.set_result(instead_of_none if result is None else result)

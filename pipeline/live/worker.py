@@ -60,6 +60,39 @@ FaultObserver = Callable[[str], None]  # (reason) once, when the device fails
 UTILISATION_WINDOW = 10.0
 
 
+class BatchStats:
+    """Batches run on a device and how busy they kept it: read by ``GET /v1/devices``, the
+    metrics and admission. Thread-safe. Kept by the worker itself, or mirrored in the server
+    from a device process's ``batch`` messages."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.frames = 0
+        self.busy_seconds = 0.0
+        self.started = time.monotonic()
+        self._recent: collections.deque[tuple[float, float]] = collections.deque()  # (end, seconds)
+        self._lock = threading.Lock()
+
+    def record(self, size: int, seconds: float) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.batches += 1
+            self.frames += size
+            self.busy_seconds += seconds
+            self._recent.append((now, seconds))
+            while self._recent and self._recent[0][0] < now - UTILISATION_WINDOW:
+                self._recent.popleft()
+
+    def utilisation(self, window: float = UTILISATION_WINDOW) -> float:
+        """Share of the last ``window`` seconds (or of the time since start, if shorter) spent
+        running batches."""
+        now = time.monotonic()
+        with self._lock:
+            busy = sum(seconds for end, seconds in self._recent if end >= now - window)
+        span = min(window, max(now - self.started, 1e-3))
+        return min(1.0, busy / span)
+
+
 @dataclass(order=True)
 class _Job:
     deadline: float
@@ -92,11 +125,7 @@ class EngineWorker:
         self._seq = itertools.count()
         self._closed = False
         self.failed: str | None = None  # the device fault's description once failed
-        self.batches = 0
-        self.frames = 0
-        self.busy_seconds = 0.0
-        self.started = time.monotonic()
-        self._recent: collections.deque[tuple[float, float]] = collections.deque()  # (end, seconds)
+        self.stats = BatchStats()
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
@@ -128,15 +157,6 @@ class EngineWorker:
     def queued(self) -> int:
         with self._cv:
             return self._queued
-
-    def utilisation(self, window: float = UTILISATION_WINDOW) -> float:
-        """Share of the last ``window`` seconds (or of the time since start, if shorter) spent
-        running batches."""
-        now = time.monotonic()
-        with self._cv:
-            busy = sum(seconds for end, seconds in self._recent if end >= now - window)
-        span = min(window, max(now - self.started, 1e-3))
-        return min(1.0, busy / span)
 
     def fail(self, reason: str) -> None:
         """Take the device out of service: fail queued frames, refuse new ones, tell ``on_fault``.
@@ -242,14 +262,7 @@ class EngineWorker:
                     job.future.set_exception(exc)
                 continue
             elapsed = time.perf_counter() - started
-            with self._cv:
-                self.batches += 1
-                self.frames += len(batch)
-                self.busy_seconds += elapsed
-                now = time.monotonic()
-                self._recent.append((now, elapsed))
-                while self._recent and self._recent[0][0] < now - UTILISATION_WINDOW:
-                    self._recent.popleft()
+            self.stats.record(len(batch), elapsed)
             for job, frame in zip(batch, frames, strict=True):
                 job.future.set_result(frame)
             if self._on_batch is not None:

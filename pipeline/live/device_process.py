@@ -1,0 +1,301 @@
+"""A device process: one engine device's engine, feature worker and batching worker, own GIL.
+
+Why a process per device: measured on an H200 (docs/benchmarks.md, "Load test on the H200:
+findings"), the GPUs sat 55-66 % busy while the server's one process was pinned at 100 % of a
+core. A quarter of its GIL time was the feature path (cutting each session's audio into Whisper
+windows, gathering tokens), another seventh the engine worker's Python between GPU calls, and
+the batches themselves ran ~30 % slower than in the engine benchmark because their thread kept
+waiting for the GIL. Here those threads (:class:`~pipeline.live.feature_worker.FeatureWorker`,
+:class:`~pipeline.live.worker.EngineWorker`, unchanged) get a process of their own per device;
+the server keeps the API, the session clocks and the outputs, and talks to this process through
+:class:`~pipeline.live.device_link.DeviceLink`.
+
+Per frame the server sends the frame's audio window with everything needed to finish it here:
+which avatar frame, the deadline, whether anyone watches. The chain features -> (active and
+watched? compose : nothing) runs in this process without a round trip through the server.
+The server hears ``features`` (in frame order, as soon as they are known: speaking events and
+talk statistics) and then ``picture`` with the slot of a :class:`~pipeline.ipc.frame_ring.ResultRing`
+(shared memory the server owns) holding the composed frame. Pictures never cross the pipe.
+
+Commands (tuples, first item the kind):
+
+- server -> process: ``start(request, avatar, calibrate)``, ``load(request, avatar)``,
+  ``ring(name, shape, slots)``, ``open(key, avatar)``, ``frame(key, index, window, speech,
+  avatar_index, deadline, compose)``, ``reset(key)``, ``close(key)``, ``stop()``;
+- process -> server: ``reply(request, error, value)``, ``features(key, index, active,
+  composing)``, ``picture(key, index, ring, slot, number)``, ``failed(key, index, error)``,
+  ``batch(size, seconds, queued)``, ``fault(reason)``.
+
+``deadline`` is a ``time.monotonic()`` instant (one clock for every process of the machine).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import pickle
+import queue
+import threading
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.audio.windows import AudioFrame
+from pipeline.avatar.model import Avatar
+from pipeline.engines.base import Engine, Featurizer, FrameRequest
+from pipeline.ipc.channel import Channel
+from pipeline.ipc.frame_ring import ResultRing
+from pipeline.live.calibration import calibrate
+from pipeline.live.faults import DeviceFailed, describe_fault, is_device_fault
+from pipeline.live.feature_worker import FeatureWorker
+from pipeline.live.worker import EngineWorker
+
+log = logging.getLogger("lipstream.device")
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """Everything a device process needs to build its device (picklable: it crosses the spawn)."""
+
+    name: str  # cpu, cpu:N, cuda:N
+    engine: str
+    engine_options: dict[str, Any]
+    avatars_dir: Path
+    batch_size: int
+    processing_seconds: float
+    headroom: float
+    log_level: str = "warning"
+
+
+@dataclass
+class _Stream:
+    """One session's audio stream on this device."""
+
+    featurizer: Featurizer
+    avatar: Avatar
+    closed: bool = False
+
+
+@dataclass
+class DeviceProcess:
+    """The process's state; commands arrive on the channel's receiving thread (module docstring)."""
+
+    spec: DeviceSpec
+    channel: Channel
+    engine: Engine | None = None
+    features: FeatureWorker | None = None
+    worker: EngineWorker | None = None
+    avatars: dict[str, Avatar] = field(default_factory=dict)
+    streams: dict[str, _Stream] = field(default_factory=dict)
+    rings: dict[tuple[int, ...], ResultRing] = field(default_factory=dict)
+    # slow commands (building the engine, loading an avatar) run on the process's main thread
+    control: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+
+    # -- commands --------------------------------------------------------------------------------------
+
+    def handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "frame":
+            self._frame(*message[1:])
+        elif kind == "reset":
+            self._reset(message[1])
+        elif kind == "open":
+            self._open(*message[1:])
+        elif kind == "close":
+            self._close(message[1])
+        elif kind == "ring":
+            name, shape, slots = message[1:]
+            self.rings[tuple(shape)] = ResultRing.attach(name, tuple(shape), slots)
+        elif kind in ("start", "load", "stop"):
+            self.control.put(message)
+        else:
+            log.warning("device process: unknown command %r", kind)
+
+    def serve(self) -> None:
+        """The main thread: slow commands in order, until ``stop`` (or the server is gone)."""
+        while True:
+            message = self.control.get()
+            kind = message[0]
+            if kind == "stop":
+                return
+            request = message[1]
+            try:
+                value = self._start(*message[2:]) if kind == "start" else self._load(*message[2:])
+            except Exception as exc:  # noqa: BLE001 - the server gets it as the request's error
+                log.exception("device %s: %s failed", self.spec.name, kind)
+                self.channel.send(("reply", request, _portable(exc), None))
+            else:
+                self.channel.send(("reply", request, None, value))
+
+    def _start(self, avatar_id: str, calibrate_capacity: bool) -> Any:
+        from pipeline.engines import create_engine
+
+        spec = self.spec
+        self.engine = create_engine(spec.engine, **spec.engine_options)
+        avatar = self._load(avatar_id)
+        calibration = None
+        if calibrate_capacity:
+            calibration = calibrate(self.engine, avatar, spec.batch_size, spec.processing_seconds, spec.headroom)
+        self.worker = EngineWorker(
+            self.engine,
+            spec.batch_size,
+            spec.name,
+            on_batch=lambda size, seconds: self.channel.send(("batch", size, seconds, self._queued())),
+            on_fault=lambda reason: self.channel.send(("fault", reason)),
+        )
+        self.features = FeatureWorker(spec.name, on_fault=self._feature_fault)
+        return calibration
+
+    def _load(self, avatar_id: str) -> Avatar:
+        from pipeline.avatar.store import AvatarStore
+
+        assert self.engine is not None
+        avatar = self.avatars.get(avatar_id)
+        if avatar is None:
+            avatar = AvatarStore(self.spec.avatars_dir).load(avatar_id)
+        try:
+            self.engine.load_avatar(avatar)
+        except Exception as exc:
+            if is_device_fault(exc) and self.worker is not None:
+                self.worker.fail(describe_fault(exc))  # tells the server: "fault"
+                raise DeviceFailed(f"device {self.spec.name} failed: {describe_fault(exc)}") from exc
+            raise
+        self.avatars[avatar_id] = avatar
+        return avatar
+
+    def _queued(self) -> int:
+        return self.worker.queued if self.worker is not None else 0
+
+    def _feature_fault(self, exc: BaseException) -> None:
+        if self.worker is not None:
+            self.worker.fail(describe_fault(exc))
+
+    def _open(self, key: str, avatar_id: str) -> None:
+        assert self.engine is not None
+        self.streams[key] = _Stream(self.engine.new_featurizer(), self.avatars[avatar_id])
+
+    def _close(self, key: str) -> None:
+        stream = self.streams.pop(key, None)
+        if stream is None:
+            return
+        stream.closed = True
+        if self.worker is not None:
+            self.worker.cancel(key)
+        if self.features is not None:
+            self.features.cancel(key)
+
+    def _reset(self, key: str) -> None:
+        stream = self.streams.get(key)
+        if stream is None or self.worker is None or self.features is None:
+            return
+        self.worker.cancel(key)
+        self.features.reset(stream.featurizer, key)
+
+    # -- one frame's chain -------------------------------------------------------------------------
+
+    def _frame(
+        self, key: str, index: int, window: bytes, speech: bool, avatar_index: int, deadline: float, compose: bool
+    ) -> None:
+        stream = self.streams.get(key)
+        if stream is None or self.features is None:
+            self.channel.send(("failed", key, index, RuntimeError("no such stream on this device")))
+            return
+        frame = AudioFrame(index, np.frombuffer(window, dtype=np.float32), speech)
+        try:
+            pending = self.features.submit(stream.featurizer, [frame], key)
+        except RuntimeError as exc:  # closed while stopping
+            self.channel.send(("failed", key, index, _portable(exc)))
+            return
+        pending.add_done_callback(lambda done: self._featured(key, stream, index, avatar_index, deadline, compose, done))
+
+    def _featured(
+        self,
+        key: str,
+        stream: _Stream,
+        index: int,
+        avatar_index: int,
+        deadline: float,
+        compose: bool,
+        done: concurrent.futures.Future,
+    ) -> None:
+        """On the feature thread, in frame order: tell the server, start the picture."""
+        if done.cancelled():
+            self.channel.send(("failed", key, index, None))  # reset or closed: the server dropped it
+            return
+        if done.exception() is not None:
+            self.channel.send(("failed", key, index, _portable(done.exception())))
+            return
+        features = done.result()[0]
+        composing = features.active and compose and not stream.closed and self.worker is not None
+        self.channel.send(("features", key, index, features.active, composing))
+        if not composing:
+            return
+        assert self.worker is not None
+        request = FrameRequest(stream.avatar, avatar_index, features.data)
+        try:
+            picture = self.worker.submit(request, deadline, key)
+        except (DeviceFailed, RuntimeError) as exc:
+            self.channel.send(("failed", key, index, _portable(exc)))
+            return
+        picture.add_done_callback(lambda made: self._composed(key, index, made))
+
+    def _composed(self, key: str, index: int, made: concurrent.futures.Future) -> None:
+        """On the engine thread: the picture into the server's ring, its slot to the server."""
+        if made.cancelled():
+            self.channel.send(("failed", key, index, None))
+            return
+        if made.exception() is not None:
+            self.channel.send(("failed", key, index, _portable(made.exception())))
+            return
+        image = made.result()
+        ring = self.rings.get(tuple(image.shape))
+        if ring is None:
+            self.channel.send(("failed", key, index, RuntimeError(f"no result ring for frames of shape {image.shape}")))
+            return
+        slot, number = ring.put(np.ascontiguousarray(image))
+        self.channel.send(("picture", key, index, ring.name, slot, number))
+
+    def close(self) -> None:
+        for part in (self.worker, self.features):
+            if part is not None:
+                part.close()
+        if self.engine is not None:
+            try:
+                self.engine.close()
+            except Exception:  # noqa: BLE001 - a failed device may not even release cleanly
+                log.exception("closing the engine of device %s", self.spec.name)
+        for ring in self.rings.values():
+            ring.close()
+
+
+def _portable(exc: BaseException | None) -> BaseException | None:
+    """``exc`` if it survives pickling, else a RuntimeError with its description."""
+    if exc is None:
+        return None
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:  # noqa: BLE001 - any unpicklable exception
+        return DeviceFailed(describe_fault(exc)) if is_device_fault(exc) else RuntimeError(describe_fault(exc))
+    return exc
+
+
+def run(conn: Connection, spec: DeviceSpec) -> None:
+    """The process's entry point (multiprocessing spawn target)."""
+    import faulthandler
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server stops us (Ctrl-C reaches the whole group)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the server asks when we stop answering
+    logging.basicConfig(level=spec.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    channel = Channel(conn, f"device-{spec.name}")
+    process = DeviceProcess(spec, channel)
+    channel.listen_in_thread(process.handle, on_closed=lambda: process.control.put(("stop",)))
+    try:
+        process.serve()
+    finally:
+        process.close()
+        channel.close()
+

@@ -1,0 +1,143 @@
+"""Devices in processes of their own (``engine.device_workers: process``), on two lite CPU devices.
+
+The same server as tests/test_devices.py, but every device's engine, feature worker and batching
+worker run in a spawned device process, pictures come back through shared memory. What must
+hold: the frames are the very frames the in-process path makes, binding and admission work as
+before, and a device process that dies ends only its own sessions and leaves no shared memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pipeline.ipc.frame_ring import ResultRing
+from tests.speech import SpeechClip
+from tests.test_devices import WAIT, create, devices, ended_reason, next_ended, server, until
+
+TWO_CPU_PROCESSES = {"devices": ["cpu:0", "cpu:1"], "capacity_sessions": 2, "device_workers": "process"}
+FRAMES = 60
+
+
+def test_result_ring_hands_frames_over_and_waits_for_the_reader() -> None:
+    ring = ResultRing.create((4, 6, 3), slots=2)
+    writer = ResultRing.attach(*ring.describe())
+    first = writer.put(np.full((4, 6, 3), 1, np.uint8))
+    second = writer.put(np.full((4, 6, 3), 2, np.uint8))
+    assert [first, second] == [(0, 1), (1, 2)]
+    # the ring is full: the third frame waits for slot 0 to be released, then gives up
+    third = writer.put(np.full((4, 6, 3), 3, np.uint8), timeout=0.05)
+    assert third == (0, 3)
+    assert ring.take(*first) is None  # frame 1 was overwritten: reported missing, never torn
+    np.testing.assert_array_equal(ring.take(*third), np.full((4, 6, 3), 3, np.uint8))
+    np.testing.assert_array_equal(ring.take(*second), np.full((4, 6, 3), 2, np.uint8))
+    assert writer.put(np.full((4, 6, 3), 4, np.uint8), timeout=5) == (1, 4)  # released: no wait
+    with pytest.raises(ValueError, match="does not fit"):
+        writer.put(np.zeros((6, 4, 3), np.uint8))
+    writer.close()
+    assert Path("/dev/shm", ring.name).exists()
+    ring.close()
+    assert not Path("/dev/shm", ring.name).exists()
+
+
+async def _pictures(
+    state: Any, session_id: str, planar: np.ndarray, rate: int
+) -> list[tuple[int, bool, np.ndarray, np.ndarray]]:
+    """The first FRAMES frames of a session fed ``planar`` at once: (index, speaking, picture,
+    the idle avatar frame it replaces)."""
+    live = state.manager.sessions[session_id].live
+    queue = live.subscribe()
+    live.push(planar, rate, "mono", enforce_limit=False)
+    frames = []
+    while len(frames) < FRAMES:
+        out = await asyncio.wait_for(queue.get(), WAIT)
+        image = out.image
+        if isinstance(image, asyncio.Future):
+            image = await asyncio.wait_for(image, WAIT)
+        frames.append((out.index, out.speaking, np.array(image), live.idle_image(out)))
+    return frames
+
+
+def test_device_processes_make_the_same_frames_as_threads(avatars_root: Path, speech: SpeechClip) -> None:
+    """Same audio, same avatar: every picture from a device process equals the in-process one,
+    speech frames are really composed (they differ from the idle avatar), and /v1/devices shows
+    the processes and their batches."""
+    planar = speech.samples[None, :].astype(np.float32)
+
+    async def frames_of(workers: str) -> tuple[list, dict]:
+        # the process run calibrates its devices (there, in each device process)
+        engine = {**TWO_CPU_PROCESSES, "device_workers": workers, "capacity_sessions": 2 if workers == "thread" else 0}
+        async with server(avatars_root, engine=engine) as (state, http):
+            created = await create(http)
+            frames = await _pictures(state, created["id"], planar, speech.sample_rate)
+            listed = await devices(http)
+            return frames, listed
+
+    threads, _ = asyncio.run(frames_of("thread"))
+    processes, listed = asyncio.run(frames_of("process"))
+    assert [(i, s) for i, s, _, _ in processes] == [(i, s) for i, s, _, _ in threads]
+    spoken = [i for i, speaking, _, _ in processes if speaking]
+    assert len(spoken) >= 10, "the clip should make the avatar talk"
+    for (index, speaking, ours, idle), (_, _, theirs, _) in zip(processes, threads, strict=True):
+        np.testing.assert_array_equal(ours, theirs, err_msg=f"frame {index}")
+        if speaking:  # composed there, not the idle picture
+            assert not np.array_equal(ours, idle), f"frame {index} is idle"
+
+    device = listed["cpu:0"]
+    assert device["capacity_source"] == "calibrated" and device["capacity"] >= 1
+    assert [row["batch_size"] for row in device["calibration"]["table"]] == [1, 2, 4, 8, 16]
+    assert device["process"]["alive"] and device["process"]["pid"] != os.getpid()
+    assert device["process"]["result_rings"] == 1
+    assert device["frames"] >= len(spoken) and device["batches"] > 0  # batches seen from the server
+    assert listed["cpu:1"]["sessions"] == 0 and listed["cpu:1"]["process"]["alive"]
+
+
+def test_a_dead_device_process_ends_only_its_sessions(avatars_root: Path, speech: SpeechClip) -> None:
+    """Binding over two device processes, then SIGKILL of cpu:1's process: its session ends with
+    the reason, cpu:0's session keeps getting composed frames, cpu:1's shared memory is gone, new
+    sessions go to cpu:0 and 503 names the failure past its capacity."""
+    planar = speech.samples[None, :].astype(np.float32)
+
+    async def scenario() -> None:
+        async with server(avatars_root, engine=TWO_CPU_PROCESSES) as (state, http):
+            manager, pool = state.manager, state.pool
+            ids = [(await create(http))["id"] for _ in range(2)]
+            sessions = [manager.sessions[i] for i in ids]
+            assert [s.device for s in sessions] == ["cpu:0", "cpu:1"]
+            events: list[asyncio.Queue] = []
+            for session in sessions:
+                session.live.subscribe()  # a viewer: active frames go through the engine
+                events.append(asyncio.Queue())
+                session.listeners.add(events[-1])
+                for _ in range(3):
+                    session.live.push(planar, speech.sample_rate, "mono")
+            await until(lambda: all(s.live.stats.active_frames > 0 for s in sessions), "frames on both devices")
+            dead = pool.devices["cpu:1"].link
+            rings = [name for name in dead._rings_by_name]
+            assert rings and all(Path("/dev/shm", name).exists() for name in rings)
+
+            os.kill(dead.process.pid, signal.SIGKILL)
+            ended = await asyncio.wait_for(next_ended(events[1]), WAIT)
+            assert ended["reason"] == "device cpu:1 failed: device process exited (code -9)"
+            await until(lambda: ids[1] not in manager.sessions, "the dead device's session to end")
+            await until(lambda: not any(Path("/dev/shm", name).exists() for name in rings), "its rings unlinked")
+
+            active = sessions[0].live.stats.active_frames
+            await until(lambda: sessions[0].live.stats.active_frames >= active + 10, "more frames on cpu:0")
+            assert ids[0] in manager.sessions and ended_reason(events[0]) is None
+
+            listed = await devices(http)
+            assert listed["cpu:1"]["state"] == "failed" and listed["cpu:1"]["error"].startswith("device process exited")
+            assert listed["cpu:0"]["state"] == "ready"
+            assert (await create(http))["device"] == "cpu:0"
+            refused = await http.post("/v1/sessions", json={})
+            assert refused.status_code == 503
+            assert "cpu:1 failed: device process exited" in refused.json()["detail"]
+
+    asyncio.run(scenario())
