@@ -23,6 +23,19 @@ as ``WhisperFeatureExtractor``), not as a fresh 30 s numpy spectrogram per frame
 
 Tokens leave here WITHOUT the positional encoding; the engine adds it once, just before the UNet,
 as the official inference does.
+
+The CPU side of a :meth:`WhisperBatcher.features` call is kept to a few copies and a handful of
+torch calls, whatever the number of streams: a live server's feature thread calls it every 40 ms
+with one frame of each of its (8-32) sessions, in a process whose event loop and engine thread
+need the same GIL (profiled on a GPU at 16 sessions: ~24 % of the process was this path, when it
+copied each 30 s window twice and built ~15 small tensors per stream). So a plan names its
+windows as ranges of the featurizer's rolling buffer; they are copied once, straight into one
+reusable host batch (pinned on a GPU, sent with ``non_blocking``; only the parts an earlier call
+left non-zero are cleared); the encoder writes every window's hidden states into one tensor; and
+the Whisper frame indices of all frames of all streams are computed in numpy and gathered with one
+``index_select``. The numbers are exactly those of the straightforward per-stream algorithm
+(tests/test_musetalk_features_batch.py keeps it as the reference; bench/featurizer_overhead.py
+measures the difference).
 """
 
 from __future__ import annotations
@@ -116,7 +129,9 @@ class WhisperBatcher:
     On a GPU, :meth:`features` runs on its own CUDA stream and waits for it before returning: a
     feature pass then overlaps the UNet/VAE batch the engine's worker has in flight instead of
     queueing behind it on the default stream (measured: feature latency ~ one engine batch
-    without it). The tokens it returns are complete when it returns.
+    without it). The tokens it returns are complete when it returns. Audio and gather indices
+    go to the GPU from pinned host buffers with ``non_blocking`` copies, so the thread does not
+    wait for the copies (a pageable copy would also wait for the stream's earlier work).
     """
 
     def __init__(
@@ -148,6 +163,9 @@ class WhisperBatcher:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._graph_pool: Any = None
+        self._d_model = int(encoder.config.d_model)
+        # reusable host batches of encoder input (see _Staging); one per concurrent caller
+        self._staging: list[_Staging] = []
 
     # -- maths ------------------------------------------------------------------------------------
 
@@ -172,23 +190,30 @@ class WhisperBatcher:
         log_spec = torch.maximum(log_spec, peak - 8.0)
         return (log_spec + 4.0) / 4.0
 
-    def encode(self, mel: torch.Tensor) -> torch.Tensor:
-        """[B, 80, 3000] log-mel -> [B, 1500, 5, 384] stacked hidden states (encoder dtype)."""
+    def encode(self, mel: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, 80, 3000] log-mel -> [B, 1500, 5, 384] stacked hidden states (encoder dtype).
+
+        ``out``: write them there (a slice of a larger batch: :meth:`features` keeps the windows of
+        all its passes in one tensor, so one gather serves them all) and return it.
+        """
         with self._lock, torch.inference_mode():
             mel = mel.to(device=self.device, dtype=self.dtype)
             self.encoder_windows += mel.shape[0]
             if self.cuda_graphs:
                 with torch.cuda.device(self.device):
-                    return self._replay(mel)
-            return self._encode(mel)
+                    return self._replay(mel, out)
+            return self._encode(mel, out)
 
-    def _encode(self, mel: torch.Tensor) -> torch.Tensor:
+    def _encode(self, mel: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         states = self.encoder(mel, output_hidden_states=True).hidden_states
         if len(states) != self.n_layers + 1:  # the official recipe relies on exactly this
             raise RuntimeError(f"Whisper encoder returned {len(states)} hidden states, expected {self.n_layers + 1}")
-        return torch.stack(states, dim=2)
+        shape = (mel.shape[0], states[0].shape[1], len(states), states[0].shape[-1])
+        if out is not None and tuple(out.shape) != shape:
+            raise RuntimeError(f"encoder output buffer is {list(out.shape)}, hidden states {list(shape)}")
+        return torch.stack(states, dim=2, out=out)
 
-    def _replay(self, mel: torch.Tensor) -> torch.Tensor:
+    def _replay(self, mel: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         size = mel.shape[0]
         entry = self._graphs.get(size)
         if entry is None:
@@ -196,7 +221,9 @@ class WhisperBatcher:
         graph, static_in, static_out = entry
         static_in.copy_(mel)
         graph.replay()
-        return static_out.clone()  # the next replay reuses the output buffer
+        if out is None:
+            return static_out.clone()  # the next replay reuses the output buffer
+        return out.copy_(static_out)
 
     def _capture(self, mel: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         static_in = mel.clone()
@@ -216,17 +243,41 @@ class WhisperBatcher:
 
     def encode_audio(self, windows: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """Each 16 kHz window (<= 30 s) -> its [1500, 5, 384] hidden states, ``max_batch`` per pass."""
-        out: list[torch.Tensor] = []
-        for lo in range(0, len(windows), self.max_batch):
-            group = windows[lo : lo + self.max_batch]
-            # only the audio travels to the device; log_mel pads it to 30 s there
-            batch = torch.zeros((len(group), max(1, *(len(w) for w in group))), dtype=torch.float32)
-            for row, w in enumerate(group):
-                batch[row, : len(w)] = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
-            with torch.inference_mode():
-                hidden = self.encode(self.log_mel(batch))
-            out.extend(hidden.unbind(0))
-        return out
+        sources = [(w, 0, 0, len(w), len(w)) for w in (np.asarray(w).reshape(-1) for w in windows)]
+        if not sources:
+            return []
+        staging = self._take_staging()
+        try:
+            hidden = self._encode_sources(staging, sources)
+        finally:
+            self._staging.append(staging)
+        return list(hidden.unbind(0))
+
+    def _take_staging(self) -> _Staging:
+        # a concurrent caller (encoder passes are serialised, planning and copies are not) gets its own
+        return self._staging.pop() if self._staging else _Staging(pinned=self.device.type == "cuda")
+
+    def _encode_sources(self, staging: _Staging, sources: list[_Source]) -> torch.Tensor:
+        """Windows -> [n, 1500, 5, 384] hidden states, in passes of ``max_batch`` consecutive windows.
+
+        Each pass's input is [windows, longest window] (log_mel pads it to 30 s on the device),
+        filled in ``staging`` and sent as one ``non_blocking`` copy; the passes write into one tensor.
+        """
+        groups = staging.fill(sources, self.max_batch)
+        with torch.inference_mode():
+            shape = (len(sources), N_WHISPER_FRAMES, self.n_layers + 1, self._d_model)
+            hidden = torch.empty(shape, device=self.device, dtype=self.dtype)
+            row = 0
+            try:
+                for n, offset, width in groups:
+                    batch = staging.audio[offset : offset + n * width].view(n, width)
+                    if self.device.type == "cuda":
+                        batch = batch.to(self.device, non_blocking=True)
+                    self.encode(self.log_mel(batch), out=hidden[row : row + n])
+                    row += n
+            finally:
+                staging.sent()
+        return hidden
 
     # -- batching across streams ------------------------------------------------------------------
 
@@ -235,24 +286,56 @@ class WhisperBatcher:
     ) -> list[list[FrameFeatures]]:
         """Features for several streams' frames at once (one featurizer may appear more than once;
         its jobs are then taken in order). One batched encoder run serves them all."""
-        plans = [featurizer._plan(frames) for featurizer, frames in jobs]
-        windows = [w for plan in plans for w in plan.windows]
+        plans: list[_Plan] = []
+        latest: dict[int, _Plan] = {}
+        for featurizer, frames in jobs:
+            earlier = latest.get(id(featurizer))
+            if earlier is not None:
+                earlier.detach()  # the next _plan may write into the buffer the earlier plan reads
+            plan = latest[id(featurizer)] = featurizer._plan(frames)
+            plans.append(plan)
+        if not any(plan.runs for plan in plans):  # nobody speaks: no encoder work, no device work
+            return [[_INACTIVE] * len(plan.active) for plan in plans]
         if self._stream is None:
-            return self._run_plans(plans, windows)
+            return self._run_plans(plans)
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
-            results = self._run_plans(plans, windows)
+            results = self._run_plans(plans)
         self._stream.synchronize()
         return results
 
-    def _run_plans(self, plans: list[_Plan], windows: list[np.ndarray]) -> list[list[FrameFeatures]]:
-        hidden = self.encode_audio(windows) if windows else []
+    def _run_plans(self, plans: list[_Plan]) -> list[list[FrameFeatures]]:
+        sources = [source for plan in plans for source in plan.sources()]
+        index, keep = _gather_index(plans, len(sources))
+        n_frames = len(index) // WINDOW_WHISPER_FRAMES
+        staging = self._take_staging()
+        try:
+            # the gather indices go first, on the same stream: the event after the audio covers them
+            index_t = staging.indices(index if keep is None else np.concatenate([index, keep]))
+            if self.device.type == "cuda":
+                index_t = index_t.to(self.device, non_blocking=True)
+            hidden = self._encode_sources(staging, sources)
+            # every window's 1500 frames end to end; 10 Whisper frames per video frame
+            flat = hidden.view(-1, *hidden.shape[2:])  # [windows * 1500, 5, 384]
+            picked = torch.index_select(flat, 0, index_t[: len(index)])
+            picked = picked.view(n_frames, WINDOW_WHISPER_FRAMES, *hidden.shape[2:])
+            if keep is not None:
+                # Whisper frames before a stream's start are the official zero padding: x * 0, as
+                # this path always computed them (the same bits, -0.0 included)
+                mask = index_t[len(index) :].view(n_frames, WINDOW_WHISPER_FRAMES).to(hidden.dtype)
+                picked = picked * mask[:, :, None, None]
+        finally:
+            self._staging.append(staging)  # on a CPU, index_t was read from it until here
+        tokens = picked.view(n_frames, N_TOKENS, hidden.shape[-1]).unbind(0)
         results: list[list[FrameFeatures]] = []
         pos = 0
         for plan in plans:
-            n = len(plan.windows)
-            results.append(plan.featurizer._finish(plan, hidden[pos : pos + n]))
-            pos += n
+            out = [_INACTIVE] * len(plan.active)
+            for run in plan.runs:
+                for slot in run.slots:
+                    out[slot] = FrameFeatures(active=True, data=tokens[pos])
+                    pos += 1
+            results.append(out)
         return results
 
 
@@ -277,25 +360,218 @@ def offline_features(audio16k: np.ndarray, whisper: WhisperBatcher, fps: int = F
     return whisper_chunks(hidden, len(audio), fps).float().cpu().numpy()
 
 
+# -- the CPU side of a batched call: window sources, host staging, gather indices -------------------------
+
+# One encoder window's audio: row = [pad zeros] + src[offset : offset + count] + zeros up to length.
+_Source = tuple[np.ndarray, int, int, int, int]  # (src, offset, pad, count, length)
+
+_INACTIVE = FrameFeatures(active=False, data=None)  # frozen: one instance serves every idle frame
+_ALIGN = 16  # each pass's rows start on a 64-byte boundary of the host batch
+
+
+class _Staging:
+    """A reusable host batch: the encoder windows of one call, one pass's rows after another.
+
+    Pinned when the encoder is on a GPU, so its copies are truly asynchronous; an event recorded
+    after the last copy guards the next refill. It stays zero except where the last fill wrote
+    audio, so a refill clears only what that fill left where this one needs zeros, not every
+    row's tail (a session's window grows by one frame per call: its row is almost all rewritten).
+    """
+
+    def __init__(self, pinned: bool) -> None:
+        self.pinned = pinned
+        self.audio = torch.zeros(0, dtype=torch.float32)
+        self._audio_np = self.audio.numpy()
+        self._index = torch.zeros(0, dtype=torch.int64)
+        self._index_np = self._index.numpy()
+        self._written: list[tuple[int, int]] = []  # where audio may be non-zero, sorted
+        self._event: Any = None  # recorded after the last copy out of this batch
+        self._pending = False
+
+    def _ready(self) -> None:
+        if self._pending:
+            self._event.synchronize()
+            self._pending = False
+
+    def sent(self) -> None:
+        """Every copy out of this batch is queued on the current stream."""
+        if self.pinned:
+            if self._event is None:
+                self._event = torch.cuda.Event()
+            self._event.record()
+            self._pending = True
+
+    def indices(self, values: np.ndarray) -> torch.Tensor:
+        self._ready()
+        if self._index.numel() < len(values):
+            size = max(len(values), 2 * self._index.numel(), 4096)
+            self._index = torch.zeros(size, dtype=torch.int64, pin_memory=self.pinned)
+            self._index_np = self._index.numpy()
+        self._index_np[: len(values)] = values
+        return self._index[: len(values)]
+
+    def fill(self, sources: Sequence[_Source], max_batch: int) -> list[tuple[int, int, int]]:
+        """Copy the windows in, ``max_batch`` rows of the longest one's width per pass: the passes'
+        (rows, offset, width)."""
+        self._ready()
+        groups: list[tuple[int, int, int]] = []
+        size = 0
+        for lo in range(0, len(sources), max_batch):
+            n = min(max_batch, len(sources) - lo)
+            width = max(1, max(source[4] for source in sources[lo : lo + n]))
+            offset = -(-size // _ALIGN) * _ALIGN
+            groups.append((n, offset, width))
+            size = offset + n * width
+        if self.audio.numel() < size:
+            capacity = max(size, 2 * self.audio.numel())
+            self.audio = torch.zeros(capacity, dtype=torch.float32, pin_memory=self.pinned)
+            self._audio_np = self.audio.numpy()
+            self._written = []
+        buf = self._audio_np
+        written: list[tuple[int, int]] = []
+        k = 0
+        for n, offset, width in groups:
+            for row in range(n):
+                src, start, pad, count, _ = sources[k]
+                k += 1
+                if count > 0:
+                    at = offset + row * width + pad
+                    buf[at : at + count] = src[start : start + count]
+                    written.append((at, at + count))
+        for a, b in _subtract(self._written, written):
+            buf[a:b] = 0.0
+        self._written = written
+        return groups
+
+
+def _subtract(stale: list[tuple[int, int]], fresh: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of ``stale`` that ``fresh`` does not cover (both sorted, disjoint intervals)."""
+    out: list[tuple[int, int]] = []
+    j, n = 0, len(fresh)
+    for a, b in stale:
+        while j < n and fresh[j][1] <= a:
+            j += 1
+        k = j
+        while a < b and k < n and fresh[k][0] < b:
+            fa, fb = fresh[k]
+            if fa > a:
+                out.append((a, fa))
+            a = max(a, fb)
+            k += 1
+        if a < b:
+            out.append((a, b))
+    return out
+
+
+def _gather_index(plans: Sequence[_Plan], n_windows: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows of the call's stacked hidden states ([window * 1500 + Whisper frame]) for every active
+    frame of every plan, 10 per frame, in plan/run/frame order; and, only where some frame reads
+    before its stream's start, the 0/1 mask of the official zero padding (after the indices).
+
+    Frame ``i`` reads Whisper frames ``2i - 4 + [0, 10)`` of its stream; each is taken from the
+    last window of its run that starts at or before it (its position in that window counts
+    from the window's start). Frames before the stream start read row 0 of the run's first window
+    and are masked to zero.
+    """
+    frames: list[int] = []
+    counts: list[int] = []
+    n_starts: list[int] = []
+    starts: list[int] = []
+    for plan in plans:
+        for run in plan.runs:
+            frames += run.frames
+            counts.append(len(run.frames))
+            n_starts.append(len(run.starts))
+            starts += run.starts
+    if len(starts) != n_windows:
+        raise RuntimeError("encoder windows do not match the planned runs")
+    n_runs, widest = len(counts), max(n_starts)
+    n_win = np.asarray(n_starts, dtype=np.int64)
+    first = np.cumsum(n_win) - n_win  # the run's first window in the call
+    # [run, k]: start of the run's k-th window in Whisper frames; past its last window: never chosen
+    table = np.full((n_runs, widest), np.iinfo(np.int64).max, dtype=np.int64)
+    rows = np.repeat(np.arange(n_runs), n_win)
+    in_whisper_frames = np.asarray(starts, dtype=np.int64) // SAMPLES_PER_WHISPER_FRAME
+    table[rows, np.arange(len(starts)) - first[rows]] = in_whisper_frames
+    run_of = np.repeat(np.arange(n_runs), counts)  # per frame
+    offsets = np.arange(WINDOW_WHISPER_FRAMES)
+    whisper = np.asarray(frames, dtype=np.int64)[:, None] * 2 - LEAD_WHISPER_FRAMES + offsets
+    window_starts = table[run_of]  # [frames, widest]
+    which = (np.maximum(whisper, 0)[:, :, None] >= window_starts[:, None, :]).sum(-1) - 1
+    # -1 cannot happen (a window always reaches back to the 80 ms look-back, checked in
+    # MuseTalkFeaturizer.__init__); it would take the run's last window, as negative indexing does
+    n_win_of = n_win[run_of][:, None]
+    chosen = np.take_along_axis(window_starts, np.where(which < 0, which + n_win_of, which), axis=1)
+    local = np.maximum(which * N_WHISPER_FRAMES + whisper - chosen, 0)
+    if local.size and (local >= n_win_of * N_WHISPER_FRAMES).any():
+        raise RuntimeError("a frame's Whisper window lies past its run's encoder windows")
+    index = (first[run_of][:, None] * N_WHISPER_FRAMES + local).reshape(-1)
+    keep = None
+    if whisper.size and whisper[:, 0].min() < 0:
+        keep = (whisper >= 0).astype(np.int64).reshape(-1)
+    return index, keep
+
+
 @dataclass
 class _Run:
     """The encoder windows serving one group of frames."""
 
     starts: list[int] = field(default_factory=list)  # stream sample of each window's first sample
-    windows: list[np.ndarray] = field(default_factory=list)  # float32 samples [start, start + len)
+    ends: list[int] = field(default_factory=list)  # and one past its last
     slots: list[int] = field(default_factory=list)  # positions in the call's frame list
     frames: list[int] = field(default_factory=list)  # stream-local frame numbers
 
 
 @dataclass
 class _Plan:
+    """One call's frames of one stream: which are active, which windows serve them, and where
+    their audio is: ``audio`` holds stream samples [audio_start, audio_start + audio_len), the
+    rest reads as zero.
+
+    ``audio`` is the featurizer's buffer itself (no copy): valid until the featurizer's next
+    :meth:`MuseTalkFeaturizer._plan`, which may write into it (a trim or a growth makes a new
+    array). :meth:`WhisperBatcher.features` calls :meth:`detach` before that happens.
+    """
+
     featurizer: MuseTalkFeaturizer
     active: list[bool]
     runs: list[_Run]
+    audio: np.ndarray
+    audio_start: int
+    audio_len: int
+
+    def sources(self) -> list[_Source]:
+        """Each window as a range of ``audio`` (see :class:`_Staging`)."""
+        out: list[_Source] = []
+        have_lo, have_hi = self.audio_start, self.audio_start + self.audio_len
+        for run in self.runs:
+            for start, end in zip(run.starts, run.ends, strict=True):
+                lo, hi = max(start, have_lo), min(end, have_hi)
+                if hi > lo:
+                    out.append((self.audio, lo - have_lo, lo - start, hi - lo, end - start))
+                else:
+                    out.append((self.audio, 0, 0, 0, end - start))
+        return out
 
     @property
     def windows(self) -> list[np.ndarray]:
-        return [w for run in self.runs for w in run.windows]
+        """The windows as float32 arrays (stream samples [start, end)); for inspection and tests."""
+        out = []
+        for src, offset, pad, count, length in self.sources():
+            window = np.zeros(length, dtype=np.float32)
+            window[pad : pad + count] = src[offset : offset + count]
+            out.append(window)
+        return out
+
+    def detach(self) -> None:
+        """Keep a private copy of the audio the windows read, instead of the featurizer's buffer."""
+        starts = [s for run in self.runs for s in run.starts]
+        ends = [e for run in self.runs for e in run.ends]
+        lo = max(min(starts, default=0), self.audio_start)
+        hi = min(max(ends, default=0), self.audio_start + self.audio_len)
+        hi = max(hi, lo)
+        self.audio = self.audio[lo - self.audio_start : hi - self.audio_start].copy()
+        self.audio_start, self.audio_len = lo, hi - lo
 
 
 class MuseTalkFeaturizer(Featurizer):
@@ -388,10 +664,11 @@ class MuseTalkFeaturizer(Featurizer):
         for run in runs:
             end = run.frames[-1] * SAMPLES_PER_VIDEO_FRAME + LOOKAHEAD_SAMPLES
             run.starts = self._window_starts(run.frames[0], run.frames[-1], end)
-            run.windows = [self._read(s, min(s + N_SAMPLES, end)) for s in run.starts]
-        if frames:
+            run.ends = [min(s + N_SAMPLES, end) for s in run.starts]
+        plan = _Plan(self, active, runs, self._buf, self._buf_start, self._buf_len)
+        if frames:  # (a trim makes a new array: the plan keeps reading the one it names)
             self._trim(self._window_starts(self._next, self._next, self._next * SAMPLES_PER_VIDEO_FRAME)[0])
-        return _Plan(self, active, runs)
+        return plan
 
     def _window_starts(self, first: int, last: int, end: int) -> list[int]:
         """Start samples of the windows serving frames first..last with audio up to ``end``."""
@@ -403,34 +680,13 @@ class MuseTalkFeaturizer(Featurizer):
         start = start // SAMPLES_PER_WHISPER_FRAME * SAMPLES_PER_WHISPER_FRAME
         return [max(0, start, end - N_SAMPLES)]  # end - N_SAMPLES is on the 320 grid too
 
-    def _finish(self, plan: _Plan, hidden: Sequence[torch.Tensor]) -> list[FrameFeatures]:
-        out: list[FrameFeatures] = [FrameFeatures(active=False, data=None) for _ in plan.active]
-        offsets = torch.arange(WINDOW_WHISPER_FRAMES)
-        pos = 0
-        for run in plan.runs:
-            states = hidden[pos : pos + len(run.windows)]
-            pos += len(run.windows)
-            stacked = states[0] if len(states) == 1 else torch.cat(list(states))  # windows end to end
-            global_idx = (torch.tensor(run.frames)[:, None] * 2 - LEAD_WHISPER_FRAMES) + offsets  # [K, 10]
-            # which window holds each Whisper frame: the last one starting at or before it
-            starts = torch.tensor(run.starts) // SAMPLES_PER_WHISPER_FRAME
-            which = (global_idx.clamp(min=0)[..., None] >= starts).sum(-1) - 1
-            local_idx = which * N_WHISPER_FRAMES + global_idx - starts[which]
-            # Whisper frames before the stream start are the official zero padding; otherwise a
-            # window always reaches back to the 80 ms look-back (checked in __init__).
-            keep = (global_idx >= 0).to(device=stacked.device, dtype=stacked.dtype)
-            picked = stacked[local_idx.clamp(min=0).to(stacked.device)]  # [K, 10, 5, 384]
-            tokens = (picked * keep[:, :, None, None]).reshape(len(run.frames), N_TOKENS, stacked.shape[-1])
-            for k, slot in enumerate(run.slots):
-                out[slot] = FrameFeatures(active=True, data=tokens[k])
-        if pos != len(hidden):
-            raise RuntimeError("encoder outputs do not match the planned windows")
-        return out
-
     # -- the rolling sample buffer ----------------------------------------------------------------
 
     def _write(self, start: int, samples: np.ndarray) -> None:
-        """Put a frame's window at stream sample ``start`` (overlaps hold the same audio)."""
+        """Put a frame's window at stream sample ``start`` (overlaps hold the same audio).
+
+        In place when it fits: a plan of this featurizer made earlier in the same batched call is
+        detached first (WhisperBatcher.features)."""
         end = start + len(samples)
         lo = max(start, self._buf_start)
         if end <= lo:
@@ -443,20 +699,16 @@ class MuseTalkFeaturizer(Featurizer):
         self._buf[lo - self._buf_start : end - self._buf_start] = samples[lo - start :]
         self._buf_len = max(self._buf_len, need)
 
-    def _read(self, start: int, end: int) -> np.ndarray:
-        out = np.zeros(end - start, dtype=np.float32)
-        lo, hi = max(start, self._buf_start), min(end, self._buf_start + self._buf_len)
-        if hi > lo:
-            out[lo - start : hi - start] = self._buf[lo - self._buf_start : hi - self._buf_start]
-        return out
-
     def _trim(self, keep_from: int) -> None:
         """Forget samples before ``keep_from`` once they are a good part of the buffer."""
         drop = keep_from - self._buf_start
         if drop <= 0 or drop < len(self._buf) // 2:
             return
         drop = min(drop, self._buf_len)
-        self._buf[: self._buf_len - drop] = self._buf[drop : self._buf_len].copy()
-        self._buf[self._buf_len - drop :] = 0.0  # a later gap in the stream must read as silence
+        # a new array (zero past the kept audio: a later gap in the stream must read as silence),
+        # not a shift in place: a plan made before the trim still reads the old one
+        kept = np.zeros(len(self._buf), dtype=np.float32)
+        kept[: self._buf_len - drop] = self._buf[drop : self._buf_len]
+        self._buf = kept
         self._buf_start += drop
         self._buf_len -= drop
