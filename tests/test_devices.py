@@ -367,3 +367,71 @@ def test_a_device_fault_fails_the_worker_and_everything_queued(fault: Exception)
             worker.submit(None, 2.0, "c")  # type: ignore[arg-type]
     finally:
         worker.close()
+
+
+class _StagedEngine:
+    """compose_staged: stage one records the batch; stage two waits for ``release`` (or raises
+    ``finish_error``), so a test can hold a batch's CPU end while the next batch starts."""
+
+    name = "staged"
+
+    def __init__(self, finish_error: Exception | None = None) -> None:
+        import threading
+
+        self.started: list[list[str]] = []
+        self.release = threading.Event()
+        self.finish_error = finish_error
+
+    def compose_staged(self, requests):
+        self.started.append([r for r in requests])
+
+        def finish():
+            self.release.wait(WAIT)
+            if self.finish_error is not None and len(self.started) == 1:
+                raise self.finish_error
+            return [f"frame {r}" for r in requests]
+
+        return finish
+
+
+def test_the_next_batch_starts_while_the_last_one_is_finished() -> None:
+    """Stage one of batch 2 runs while batch 1's CPU end is held; frames come out in order."""
+    from pipeline.live.worker import EngineWorker
+
+    engine = _StagedEngine()
+    worker = EngineWorker(engine, batch_size=1, name="cuda:0")  # type: ignore[arg-type]
+    try:
+        futures = [worker.submit(f"r{i}", float(i), "a") for i in range(3)]  # type: ignore[arg-type]
+        deadline = time.monotonic() + WAIT
+        while len(engine.started) < 3:  # every batch's device part ran; none is finished yet
+            assert time.monotonic() < deadline, engine.started
+            time.sleep(0.01)
+        assert not any(f.done() for f in futures)
+        engine.release.set()
+        assert [f.result(WAIT) for f in futures] == ["frame r0", "frame r1", "frame r2"]
+        assert worker.stats.batches == 3
+    finally:
+        engine.release.set()
+        worker.close()
+
+
+@pytest.mark.parametrize("device_fault", [False, True], ids=["ordinary", "device"])
+def test_a_failure_while_finishing_fails_its_batch(device_fault: bool) -> None:
+    from pipeline.live.worker import EngineWorker
+
+    error = DeviceFailure("lost while copying") if device_fault else ValueError("bad paste")
+    engine = _StagedEngine(finish_error=error)
+    faults: list[str] = []
+    worker = EngineWorker(engine, batch_size=1, name="cuda:0", on_fault=faults.append)  # type: ignore[arg-type]
+    try:
+        first = worker.submit("r0", 0.0, "a")  # type: ignore[arg-type]
+        engine.release.set()
+        with pytest.raises(DeviceFailed if device_fault else ValueError):
+            first.result(WAIT)
+        if device_fault:
+            assert faults == ["DeviceFailure: lost while copying"] and worker.failed
+        else:
+            assert worker.submit("r1", 1.0, "a").result(WAIT) == "frame r1"  # type: ignore[arg-type]
+            assert faults == [] and worker.failed is None
+    finally:
+        worker.close()

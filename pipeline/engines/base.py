@@ -21,7 +21,7 @@ sessions together through the featurizer's ``batcher`` (an object with
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -103,6 +103,17 @@ class Engine(ABC):
             self._cpu_compositor(r.avatar).compose(r.frame_index, crop)
             for r, crop in zip(requests, crops, strict=True)
         ]
+
+    def compose_staged(self, requests: Sequence[FrameRequest]) -> Callable[[], list[np.ndarray]]:
+        """:meth:`compose` in two stages: the device's part now, and a function that finishes
+        the frames on the CPU (pasting, copying) and returns them.
+
+        Why: the batching worker calls the second stage on another thread, so the device starts
+        its next batch while this one's frames are finished; an engine whose device work ends
+        with the CPU work (the default: everything in stage one) gains nothing and loses
+        nothing."""
+        frames = self.compose(requests)
+        return lambda: frames
 
     def _cpu_compositor(self, avatar: Avatar) -> Any:
         from pipeline.compositor import Compositor  # lazy: cv2 only when composing

@@ -28,6 +28,13 @@ in order (an overdue frame is never skipped), so demoting a late frame stalls it
 further while helping nobody the share does not already protect; and under overload a demoted
 class would starve for good. The share keeps every session progressing.
 
+Two stages per batch (:meth:`Engine.compose_staged`): the engine thread runs the device's part
+(for MuseTalk: UNet, VAE, blend, the face boxes back to the CPU) and hands the CPU end (pasting
+the boxes into full frames, resolving the futures, which for a device process copies each frame
+into shared memory) to a finisher thread, then starts on the next batch at once. Profiled on an
+H200 with the work in one thread, the GPU idled ~13 % of the time between batches while that
+CPU end ran.
+
 Device faults (:mod:`pipeline.live.faults`): an ordinary exception fails only its batch's frames.
 A device fault (CUDA error, out of memory, our :class:`~pipeline.live.faults.DeviceFailure`)
 marks the worker *failed*: no more batches, every queued frame fails with
@@ -46,6 +53,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Hashable
+from typing import Any
 from dataclasses import dataclass, field
 
 from pipeline.engines.base import Engine, FrameRequest
@@ -126,6 +134,9 @@ class EngineWorker:
         self._closed = False
         self.failed: str | None = None  # the device fault's description once failed
         self.stats = BatchStats()
+        # The CPU end of each batch (pasting, handing frames over) runs here, in batch order,
+        # while the device already works on the next batch (Engine.compose_staged).
+        self._finisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"finish-{name}")
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
@@ -185,6 +196,7 @@ class EngineWorker:
         for job in pending:
             job.future.cancel()
         self._thread.join(timeout=5)
+        self._finisher.shutdown(wait=True)  # batches already made are delivered
 
     # -- the thread ----------------------------------------------------------------------------------
 
@@ -245,25 +257,49 @@ class EngineWorker:
                 continue
             started = time.perf_counter()
             try:
-                frames = self.engine.compose([job.request for job in batch])
-                if len(frames) != len(batch):
-                    raise RuntimeError(f"engine returned {len(frames)} frames for {len(batch)} requests")
+                finish = self._stage_one([job.request for job in batch])
             except Exception as exc:
-                if is_device_fault(exc):
-                    log.exception("engine batch of %d hit a device fault on %s", len(batch), self.name)
-                    self.fail(describe_fault(exc))
-                    error = DeviceFailed(self._failure_message())
-                    for job in batch:
-                        job.future.set_exception(error)
+                if self._failed_batch(batch, exc):
                     return
-                # an ordinary failure fails this batch's frames, not the worker
-                log.exception("engine batch of %d failed on %s", len(batch), self.name)
-                for job in batch:
-                    job.future.set_exception(exc)
                 continue
             elapsed = time.perf_counter() - started
             self.stats.record(len(batch), elapsed)
-            for job, frame in zip(batch, frames, strict=True):
-                job.future.set_result(frame)
+            self._finisher.submit(self._finish, batch, finish)
             if self._on_batch is not None:
                 self._on_batch(len(batch), elapsed)
+
+    def _stage_one(self, requests: list[FrameRequest]) -> Callable[[], list[Any]]:
+        staged = getattr(self.engine, "compose_staged", None)
+        if staged is not None:
+            return staged(requests)
+        frames = self.engine.compose(requests)  # an engine-like object without stages
+        return lambda: frames
+
+    def _finish(self, batch: list[_Job], finish: Callable[[], list[Any]]) -> None:
+        """On the finisher thread, batches in order: the CPU part, then every frame delivered."""
+        try:
+            frames = finish()
+            if len(frames) != len(batch):
+                raise RuntimeError(f"engine returned {len(frames)} frames for {len(batch)} requests")
+        except Exception as exc:
+            self._failed_batch(batch, exc)
+            return
+        for job, frame in zip(batch, frames, strict=True):
+            job.future.set_result(frame)
+
+    def _failed_batch(self, batch: list[_Job], exc: Exception) -> bool:
+        """Fail ``batch``'s frames; True when ``exc`` was a device fault (the worker is done)."""
+        if is_device_fault(exc):
+            log.exception("engine batch of %d hit a device fault on %s", len(batch), self.name, exc_info=exc)
+            self.fail(describe_fault(exc))
+            error = DeviceFailed(self._failure_message())
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(error)
+            return True
+        # an ordinary failure fails this batch's frames, not the worker
+        log.error("engine batch of %d failed on %s", len(batch), self.name, exc_info=exc)
+        for job in batch:
+            if not job.future.done():
+                job.future.set_exception(exc)
+        return False

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,9 +176,14 @@ class MuseTalkEngine(Engine):
 
     def compose(self, requests: Sequence[FrameRequest]) -> list[np.ndarray]:
         """Full frames: generation and blending on the device, pasting the face boxes on the CPU."""
+        return self.compose_staged(requests)()
+
+    def compose_staged(self, requests: Sequence[FrameRequest]) -> Callable[[], list[np.ndarray]]:
+        """Stage one: UNet, VAE and the blend on the device, the blended face boxes to the CPU.
+        Stage two (returned): paste each box into a copy of its avatar frame."""
         if not self.gpu_blend:
-            return super().compose(requests)
-        out: list[np.ndarray] = []
+            return super().compose_staged(requests)
+        pastes: list[tuple[AvatarBlendCache, int, np.ndarray]] = []
         for lo in range(0, len(requests), self.batch_size):
             chunk = requests[lo : lo + self.batch_size]
             faces = self.generate_float(chunk)
@@ -195,13 +200,18 @@ class MuseTalkEngine(Engine):
                 blended = cache.blend([chunk[k].frame_index for k in members], picked)
                 for row, k in enumerate(members):
                     regions[k] = blended[row]
+            pastes.extend(
+                (self._avatar_blend(r.avatar), r.frame_index, region)  # type: ignore[misc]
+                for r, region in zip(chunk, regions, strict=True)
+            )
+
+        def finish() -> list[np.ndarray]:
             # full-frame copies are memory-bound numpy copies (the GIL is released): a few threads
-            pastes = [(self._avatar_blend(r.avatar), r.frame_index, region) for r, region in zip(chunk, regions, strict=True)]
             if len(pastes) > 2:
-                out.extend(self._paste_pool().map(lambda job: job[0].paste(job[1], job[2]), pastes))
-            else:
-                out.extend(cache.paste(index, region) for cache, index, region in pastes)  # type: ignore[arg-type]
-        return out
+                return list(self._paste_pool().map(lambda job: job[0].paste(job[1], job[2]), pastes))
+            return [cache.paste(index, region) for cache, index, region in pastes]
+
+        return finish
 
     def _paste_pool(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._pool is None:
