@@ -134,6 +134,11 @@ class DeviceProcess:
         from pipeline.engines import create_engine
 
         spec = self.spec
+        device = spec.engine_options.get("device")
+        if isinstance(device, str) and device.startswith("cuda"):
+            import torch
+
+            torch.cuda.set_device(device)  # this process's one GPU is also its current device
         self.engine = create_engine(spec.engine, **spec.engine_options)
         avatar = self._load(avatar_id)
         calibration = None

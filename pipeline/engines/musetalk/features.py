@@ -298,10 +298,13 @@ class WhisperBatcher:
             return [[_INACTIVE] * len(plan.active) for plan in plans]
         if self._stream is None:
             return self._run_plans(plans)
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._stream):
-            results = self._run_plans(plans)
-        self._stream.synchronize()
+        # On this engine's GPU also for what takes the *current* device (pinned buffers' events):
+        # with several GPUs in one process, the current one is often another (seen on cuda:1).
+        with torch.cuda.device(self.device):
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._stream):
+                results = self._run_plans(plans)
+            self._stream.synchronize()
         return results
 
     def _run_plans(self, plans: list[_Plan]) -> list[list[FrameFeatures]]:
