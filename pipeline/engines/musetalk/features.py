@@ -40,6 +40,7 @@ measures the difference).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from collections.abc import Sequence
@@ -264,7 +265,9 @@ class WhisperBatcher:
         filled in ``staging`` and sent as one ``non_blocking`` copy; the passes write into one tensor.
         """
         groups = staging.fill(sources, self.max_batch)
-        with torch.inference_mode():
+        # the staging buffer's event is made and recorded on the *current* device: make it ours
+        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with torch.inference_mode(), on_device:
             shape = (len(sources), N_WHISPER_FRAMES, self.n_layers + 1, self._d_model)
             hidden = torch.empty(shape, device=self.device, dtype=self.dtype)
             row = 0
