@@ -551,7 +551,7 @@ def section_render(args, res, avatars_dir: Path) -> None:
         f"  dir: {avatars_dir}\n"
         "engine:\n"
         "  name: musetalk\n"
-        f"  device: {'cuda:0' if args.device.startswith('cuda') else 'cpu'}\n"
+        f"  devices: [{'cuda:0' if args.device.startswith('cuda') else 'cpu'}]\n"
         f"  dtype: {args.dtype}\n"
         f"  batch_size: {16 if not args.tiny else 4}\n"
         f"  models_dir: {args.models}\n"
