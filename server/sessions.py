@@ -164,12 +164,13 @@ class SessionManager:
         device = self.pool.admit(session_id, avatar_id, expected)
         self._creating.add(session_id)
         holder: dict[str, ServerSession] = {}
+        parts: dict[str, Any] = {}
         try:
             await asyncio.to_thread(self.pool.load_avatar, device, avatar)
             if not device.ready:
                 raise DeviceFailed(f"device {device.name} failed: {device.error}")
             if device.link is not None:  # the device runs in its own process
-                parts: dict[str, Any] = {"worker": None, "featurizer": None,
+                parts = {"worker": None, "featurizer": None,
                                          "remote": device.link.open_stream(session_id, avatar)}
             elif device.worker is not None and device.engine is not None:
                 parts = {"worker": device.worker, "featurizer": device.engine.new_featurizer(),
@@ -188,6 +189,8 @@ class SessionManager:
             )
         except BaseException:
             self.pool.release(session_id)
+            if parts.get("remote") is not None:  # its featurizer in the device process goes too
+                parts["remote"].close()
             raise
         finally:
             self._creating.discard(session_id)
