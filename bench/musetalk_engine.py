@@ -388,6 +388,12 @@ def session_trial(
     silence = np.zeros_like(windows[0])
     rng = np.random.default_rng(n)
     phases = rng.integers(0, 100, n)
+    # Where each stream is in its 30 s Whisper segment, as in a server whose sessions have run
+    # for a while: windows hold 0-30 s of audio (trimmed windows cost what they hold). The
+    # stretch before is fed as silence (no encoder work).
+    offsets = rng.integers(0, 750, n)
+    for k, featurizer in enumerate(featurizers):
+        featurizer.features([AudioFrame(j, silence, False) for j in range(int(offsets[k]))])
     lat: list[tuple[float, float]] = []  # (submit time, latency) of generated frames
     feat_lat: list[float] = []
     lock = threading.Lock()
@@ -421,6 +427,7 @@ def session_trial(
         ef = ew.submit(req, t_submit + budget, k)
         ef.add_done_callback(lambda f: on_frame(t_submit, f))
 
+    positions0, windows0 = engine.whisper.encoder_positions, engine.whisper.encoder_windows
     start = time.monotonic() + 0.05
     heap = [(start + k * 0.04 / n, k, 0) for k in range(n)]
     heapq.heapify(heap)
@@ -434,7 +441,7 @@ def session_trial(
         if delay > 0:
             time.sleep(delay)
         speaking = ((i + phases[k]) % 100) < share * 100
-        frame = AudioFrame(i, windows[i % len(windows)] if speaking else silence, bool(speaking))
+        frame = AudioFrame(int(offsets[k]) + i, windows[i % len(windows)] if speaking else silence, bool(speaking))
         now = time.monotonic()
         with lock:
             outstanding[0] += 1
@@ -465,6 +472,8 @@ def session_trial(
         "p95_ms": pct(steady, 95),
         "max_ms": pct(steady, 100),
         "features_p95_ms": pct(feat_lat, 95),
+        "late_share": float(np.mean([l > budget for l in steady])) if steady else None,
+        "encoder_positions_per_window": (engine.whisper.encoder_positions - positions0) / max(engine.whisper.encoder_windows - windows0, 1),
         "mean_batch": ew.stats.frames / max(ew.stats.batches, 1),
         "feature_passes": fw.passes,
         "gpu_busy": ew.stats.busy_seconds / seconds,

@@ -131,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         help="comma separated: 'grid' (official 30 s segment grid, the default) or sliding context seconds",
     )
     ap.add_argument("--frames-per-run", default="1,5", help="frames per featurizer call, comma separated")
+    ap.add_argument(
+        "--windows",
+        default="padded,trimmed",
+        help="encoder input: padded (Whisper's 30 s) and/or trimmed (the positions the audio fills, WhisperBatcher(trim=True))",
+    )
     ap.add_argument("--every", type=int, default=1, help="score every Nth frame only")
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     ap.add_argument(
@@ -175,17 +180,23 @@ def main(argv: list[str] | None = None) -> int:
     adjacent = cosine(reference[:-1], reference[1:])  # scale: how much neighbouring frames differ
     rows = []
     for dtype in args.dtypes.split(","):
-        whisper = WhisperBatcher(*models[dtype], max_batch=args.batch)
-        for k in runs:
-            for ctx in contexts:
-                tokens, secs, windows = stream_tokens(whisper, audio, ctx, k, scored)
-                cos = cosine(tokens[scored], ref_scored)
-                rows.append((dtype, k, ctx, cos.mean(), np.percentile(cos, 5), cos.min(), windows, secs))
-                print(
-                    f"{dtype} frames/run {k:2d} context {_ctx(ctx)}: cos mean {cos.mean():.4f} "
-                    f"p5 {np.percentile(cos, 5):.4f} min {cos.min():.4f} ({windows} windows, {secs:.1f}s)",
-                    flush=True,
-                )
+        for input_kind in args.windows.split(","):
+            whisper = WhisperBatcher(*models[dtype], max_batch=args.batch, trim=input_kind == "trimmed")
+            for k in runs:
+                for ctx in contexts:
+                    positions = whisper.encoder_positions
+                    tokens, secs, windows = stream_tokens(whisper, audio, ctx, k, scored)
+                    per_window = (whisper.encoder_positions - positions) / max(windows, 1)
+                    cos = cosine(tokens[scored], ref_scored)
+                    rows.append(
+                        (dtype, input_kind, k, ctx, cos.mean(), np.percentile(cos, 5), cos.min(), windows, per_window, secs)
+                    )
+                    print(
+                        f"{dtype} {input_kind} frames/run {k:2d} context {_ctx(ctx)}: cos mean {cos.mean():.4f} "
+                        f"p5 {np.percentile(cos, 5):.4f} min {cos.min():.4f} ({windows} windows of "
+                        f"{per_window:.0f} positions, {secs:.1f}s)",
+                        flush=True,
+                    )
 
     extra_rows = []
     for ms in [int(m) for m in args.extra_lookahead_ms.split(",") if m]:
@@ -222,12 +233,13 @@ def main(argv: list[str] | None = None) -> int:
             f"Offline pass: {t_off:.1f} s."
         ),
         "",
-        "| encoder dtype | frames per call | window | cos mean | cos p5 | cos min | encoder windows | wall (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| encoder dtype | encoder input | frames per call | window | cos mean | cos p5 | cos min | encoder windows | positions per window | wall (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for dtype, k, ctx, mean, p5, mn, windows, secs in rows:
+    for dtype, input_kind, k, ctx, mean, p5, mn, windows, per_window, secs in rows:
         lines.append(
-            f"| {dtype} | {k} | {_ctx(ctx)} | {mean:.4f} | {p5:.4f} | {mn:.4f} | {windows} | {secs:.1f} |"
+            f"| {dtype} | {input_kind} | {k} | {_ctx(ctx)} | {mean:.4f} | {p5:.4f} | {mn:.4f} | {windows} | "
+            f"{per_window:.0f} | {secs:.1f} |"
         )
     if extra_rows:
         lines += [

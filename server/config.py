@@ -52,6 +52,13 @@ class EngineConfig(Section):
     capacity_headroom: float = Field(0.9, gt=0, le=1)
     vad_aggressiveness: int = Field(2, ge=0, le=3)
     models_dir: Path = Path("models")
+    # musetalk: how each Whisper window is encoded ("trimmed": over the positions its audio
+    # fills, about half of them on average; "padded": Whisper's whole 30 s input). Trimmed
+    # agrees at least as well with the whole-file features and costs about half the GPU time
+    # (docs/benchmarks.md); padded is the literal official input.
+    whisper_windows: Literal["trimmed", "padded"] = "trimmed"
+    # musetalk: most Whisper windows (talking sessions' frames) per encoder pass
+    whisper_batch: int = Field(8, ge=1, le=64)
     # where each device's engine, feature and batching workers run: "process" = a spawned
     # process per device (its own GIL: a GPU's feature path and batch dispatch no longer
     # compete with the API, clocks and outputs); "thread" = threads of the server process;
@@ -125,6 +132,8 @@ def engine_options(engine: EngineConfig, device: str | None = None) -> dict[str,
             "dtype": engine.dtype,
             "models_dir": engine.models_dir,
             "batch_size": engine.batch_size,
+            "whisper_windows": engine.whisper_windows,
+            "whisper_batch": engine.whisper_batch,
         }
     return {}
 

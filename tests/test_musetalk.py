@@ -59,7 +59,10 @@ def engine(tiny_dir: Path):
 
 @pytest.fixture(scope="module")
 def whisper(engine) -> F.WhisperBatcher:
-    return engine.whisper
+    """The literal official input (windows padded to 30 s): what offline_features is tested
+    against. The engine's own batcher trims windows (tests/test_musetalk_features_batch.py)."""
+    assert engine.whisper.trim
+    return F.WhisperBatcher(engine.models.whisper, engine.models.feature_extractor, max_batch=engine.whisper.max_batch)
 
 
 def make_avatar(root: Path, avatar_id: str, shift: int, n: int = 3) -> Avatar:
@@ -214,6 +217,8 @@ def test_registry_and_engine_options(tiny_dir: Path, tmp_path: Path) -> None:
         create_engine("musetalk", models_dir=tiny_dir, batch_size=0)
     with pytest.raises(ConfigError, match="context_seconds"):
         create_engine("musetalk", models_dir=tiny_dir, context_seconds=0.01)
+    with pytest.raises(ConfigError, match="whisper_windows"):
+        create_engine("musetalk", models_dir=tiny_dir, whisper_windows="cropped")
 
 
 # --- the reference frame, straight from the spec ------------------------------------------------
@@ -799,6 +804,7 @@ def test_engine_speed_options_and_gpu_config(tiny_dir: Path) -> None:
     assert set(CUDA_DEFAULTS) == {"channels_last", "cuda_graphs", "compile"}
     assert [padded_size(n) for n in (1, 3, 17, 33, 48, 300)] == [1, 4, 20, 40, 48, 300]
     assert padded_size(1, minimum=2) == 2
+    assert [padded_size(n, 2, exact_up_to=24) for n in (1, 3, 17, 24, 25, 33)] == [2, 3, 17, 24, 32, 40]
 
     gpu = load_settings(Path(__file__).resolve().parent.parent / "configs" / "gpu.yaml")
     assert (gpu.engine.name, gpu.engine.devices, gpu.engine.dtype) == ("musetalk", ["cuda:0"], "fp16")
@@ -812,7 +818,14 @@ def test_warmup_plans_every_whisper_batch_size(tiny_dir: Path) -> None:
     eng = MuseTalkEngine(models_dir=tiny_dir, device="cpu", dtype="fp32", batch_size=2, whisper_batch=3)
     assert eng.whisper.encoder_windows == 0  # no warm-up on a CPU by default
     eng.warmup()
-    assert eng.whisper.encoder_windows == 1 + 2 + 3
+    # every batch size at every trimmed window length (500, 1000 and 1500 positions)
+    assert eng.whisper.lengths == [500, 1000, 1500]
+    assert eng.whisper.encoder_windows == (1 + 2 + 3) * 3
+    padded = MuseTalkEngine(
+        models_dir=tiny_dir, device="cpu", dtype="fp32", batch_size=2, whisper_batch=3, whisper_windows="padded"
+    )
+    padded.warmup()
+    assert padded.whisper.encoder_windows == 1 + 2 + 3
 
 
 @pytest.mark.gpu
@@ -823,8 +836,9 @@ def test_whisper_cuda_graphs_replay_the_eager_encoder(tiny_dir: Path) -> None:
 
     gpu = MuseTalkEngine(models_dir=tiny_dir, device="cuda:0", dtype="fp16", warmup=False)
     assert gpu.whisper.cuda_graphs
-    windows = [speechy(0.5 + 0.25 * i) for i in range(3)]
+    windows = [speechy(0.5 + 0.25 * i) for i in range(3)] + [speechy(12.0), speechy(30.0)]
     graphed = [h.float().cpu() for h in gpu.whisper.encode_audio(windows)]
+    assert [len(h) for h in graphed] == [500, 500, 500, 1000, 1500]  # trimmed, three graph shapes
     gpu.whisper.cuda_graphs = False
     eager = [h.float().cpu() for h in gpu.whisper.encode_audio(windows)]
     for a, b in zip(graphed, eager, strict=True):

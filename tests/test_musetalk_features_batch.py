@@ -209,9 +209,9 @@ class Replay:
         self.passes: list[list[torch.Tensor]] = []
         log_mel, encode = whisper.log_mel, whisper.encode
 
-        def logged_log_mel(audio):
+        def logged_log_mel(audio, positions=F.N_WHISPER_FRAMES):
             self.passes.append([audio.clone()])
-            return log_mel(audio)
+            return log_mel(audio, positions)
 
         def logged_encode(mel, *, out=None):
             hidden = encode(mel, out=out)
@@ -470,7 +470,8 @@ def test_staging_rows_are_exactly_the_zero_padded_windows() -> None:
             row = np.zeros(length, np.float32)
             row[pad : pad + count] = src[offset : offset + count]
             rows.append(row)
-        groups = staging.fill(sources, max_batch=3)
+        passes = [min(3, len(sources) - lo) for lo in range(0, len(sources), 3)]
+        groups = staging.fill(sources, passes)
         k = 0
         for n, offset, width in groups:
             assert offset % 16 == 0 and width == max(len(r) for r in rows[k : k + n])
@@ -482,3 +483,122 @@ def test_staging_rows_are_exactly_the_zero_padded_windows() -> None:
             k += n
         assert k == len(sources)
     assert math.isfinite(float(staging.audio.sum()))
+
+
+# --- trimmed windows (WhisperBatcher(trim=True)) -------------------------------------------------
+
+
+def trimmed_like(whisper) -> F.WhisperBatcher:
+    return F.WhisperBatcher(
+        whisper.encoder, whisper.feature_extractor, max_batch=3, cuda_graphs=whisper.cuda_graphs, trim=True
+    )
+
+
+def ref_trimmed_hidden(whisper, window: np.ndarray) -> torch.Tensor:
+    """One window by the definition: its first positions_for(len) positions, alone in a pass;
+    NaN past them, so a token read from beyond what was encoded poisons the comparison."""
+    positions = whisper.positions_for(len(window))
+    audio = torch.from_numpy(np.ascontiguousarray(window, dtype=np.float32))[None]
+    with torch.inference_mode():
+        mel = whisper.log_mel(audio, positions)
+        assert mel.shape[-1] == 2 * positions
+        hidden = whisper.encode(mel)[0]
+    full = torch.full((F.N_WHISPER_FRAMES, *hidden.shape[1:]), float("nan"), dtype=hidden.dtype, device=hidden.device)
+    full[:positions] = hidden
+    return full
+
+
+def test_trimmed_positions_and_log_mel() -> None:
+    batcher = F.WhisperBatcher.__new__(F.WhisperBatcher)
+    batcher.trim = True
+    # the audio's positions + 2, rounded up to 500; a full 30 s window keeps all 1500
+    assert [batcher.positions_for(n) for n in (0, 1, 320 * 498, 320 * 499, 320 * 1000, 30 * SR)] == [
+        500, 500, 500, 1000, 1500, 1500,
+    ]
+    batcher.trim = False
+    assert batcher.positions_for(320) == 1500
+
+
+def test_trimmed_log_mel_is_the_head_of_the_padded_one(whisper) -> None:
+    rng = np.random.default_rng(3)
+    for positions, seconds in ((500, 0.3), (500, 9.9), (750, 12.0), (1000, 19.5)):
+        audio = torch.from_numpy(voice(seconds, int(seconds * 10))[: int(seconds * SR)] + 0 * rng.uniform())
+        head = whisper.log_mel(audio, positions)
+        full = whisper.log_mel(audio)
+        assert head.shape == (1, 80, 2 * positions) and full.shape == (1, 80, 3000)
+        torch.testing.assert_close(head, full[:, :, : 2 * positions], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="do not fit"):
+        whisper.log_mel(torch.zeros(500 * 320 + 400), 500)
+
+
+def test_encoder_over_all_positions_is_the_encoders_own_forward(whisper) -> None:
+    """The trimmed path runs the encoder's modules by hand; over all 1500 positions it must give
+    what WhisperEncoder.forward gives (so over fewer it is the same computation, cut short)."""
+    mel = whisper.log_mel(torch.from_numpy(voice(3.0, 9)))
+    with torch.inference_mode():
+        official = whisper.encoder(mel.to(whisper.dtype), output_hidden_states=True).hidden_states
+        ours = whisper._encode_positions(mel.to(whisper.dtype))
+    assert len(ours) == len(official) == 5
+    for a, b in zip(ours, official, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-3 if whisper.dtype == torch.float16 else 1e-5, rtol=1e-3)
+
+
+def test_trimmed_features_follow_their_definition(whisper) -> None:
+    """Streams of every kind through a trimming batcher: each frame's tokens are those of its
+    windows encoded alone over their own positions; the windows were encoded sorted by length
+    in passes of one length, over far fewer positions than padded ones."""
+    trim = trimmed_like(whisper)
+    # and one that starts talking 12 s into its first segment (a 750-position window)
+    streams = make_streams(trim) + [
+        Stream(trim, seed=7, seconds=13.0, first_index=20, speech=lambda i, rng: i >= 300, options={})
+    ]
+    for s, n in ((streams[1], 735), (streams[2], 735), (streams[-1], 300)):  # silent stretches
+        frames = s.take(n)
+        s.new.features(frames)
+        s.ref.plan(frames)
+    rng = np.random.default_rng(4)
+    tol = {"atol": 2e-2, "rtol": 1e-2} if trim.dtype == torch.float16 else {"atol": 1e-5, "rtol": 1e-4}
+    compared = calls = 0
+    lengths: set[int] = set()
+    while any(s.pos < len(s.frames) for s in streams):
+        jobs = [(s, s.take(1 if rng.uniform() < 0.7 else int(rng.integers(2, 6)))) for s in streams]
+        jobs = [(s, frames) for s, frames in jobs if frames]
+        got = trim.features([(s.new, frames) for s, frames in jobs])
+        for (s, frames), g_job in zip(jobs, got, strict=True):
+            active, runs = s.ref.plan(frames)
+            windows = [w for run in runs for w in run["windows"]]
+            lengths.update(trim.positions_for(len(w)) for w in windows)
+            hidden = [ref_trimmed_hidden(trim, w) for w in windows]
+            want = s.ref.finish(active, runs, hidden)
+            assert [x.active for x in g_job] == [x.active for x in want]
+            for g, w in zip(g_job, want, strict=True):
+                if w.active:
+                    assert not torch.isnan(w.data).any()  # the definition read only encoded positions
+                    torch.testing.assert_close(g.data, w.data, **tol)
+                    compared += 1
+        calls += 1
+    assert calls > 15 and compared > 150
+    assert lengths == {500, 1000, 1500}  # short windows, 30 s edges, and between
+    assert trim.encoder_positions < 0.6 * F.N_WHISPER_FRAMES * trim.encoder_windows
+
+
+def test_trimmed_encode_audio_sorts_windows_into_passes_of_one_length(whisper, monkeypatch) -> None:
+    trim = trimmed_like(whisper)
+    shapes: list[tuple[int, int]] = []
+    encode = trim.encode
+
+    def logged(mel, *, out=None):
+        shapes.append((mel.shape[0], mel.shape[-1] // 2))
+        return encode(mel, out=out)
+
+    monkeypatch.setattr(trim, "encode", logged)
+    rng = np.random.default_rng(5)
+    lengths = [SR, 30 * SR, 7, 12 * SR, 2 * SR, 640, 11 * SR, 3 * SR]
+    windows = [rng.standard_normal(n).astype(np.float32) for n in lengths]
+    got = trim.encode_audio(windows)
+    # 1500 (30 s), 1000 (12 s, 11 s), 500 x 5 in passes of at most 3
+    assert shapes == [(1, 1500), (2, 1000), (3, 500), (2, 500)]
+    for w, g in zip(windows, got, strict=True):
+        want = ref_trimmed_hidden(trim, w)[: trim.positions_for(len(w))]
+        assert g.shape == want.shape
+        torch.testing.assert_close(g, want, atol=2e-2 if trim.dtype == torch.float16 else 1e-5, rtol=1e-3)

@@ -14,7 +14,9 @@ once per padded batch size and replayed: no per-kernel launch cost), ``compile``
 of both models: "default" compiles once with a dynamic batch dimension, "static" and
 "max-autotune" once per padded batch size), ``attention`` ("sdpa", diffusers' default, or "classic" for the explicit
 softmax(QK^T)V the older official code ran). With graphs or compile, batches are padded up to a
-few fixed sizes (1, 2, 4, 8, 12, 16, 20, 24, 32, 40, 48, 64, ...) so only those shapes are captured;
+few fixed sizes (every size up to ``batch_size`` with a dynamic compile or none, where a size
+costs only a graph capture; 1, 2, 4, 8, 12, 16, 20, 24, 32, 40, 48, 64, ... with static compiles)
+so only those shapes are captured;
 ``warmup`` (default on a GPU) captures or compiles them all when the engine starts, so the first
 sessions do not stall on it.
 """
@@ -61,7 +63,9 @@ class MuseTalkEngine(Engine):
     Options (all validated): ``models_dir`` (official layout), ``batch_size`` (most frames per
     UNet/VAE pass), ``context_seconds`` / ``frames_per_run`` / ``hangover_seconds`` (streaming
     audio features, see :class:`~pipeline.engines.musetalk.features.MuseTalkFeaturizer`),
-    ``whisper_batch`` (most 30 s windows per encoder pass), ``latents_batch`` (frames per VAE
+    ``whisper_batch`` (most windows per encoder pass), ``whisper_windows`` ("trimmed": each
+    window encoded over the positions its audio needs, or "padded": Whisper's full 30 s input;
+    :class:`~pipeline.engines.musetalk.features.WhisperBatcher`), ``latents_batch`` (frames per VAE
     encode when an avatar's cache is built), ``gpu_blend`` (blend on the engine's device in
     :meth:`compose`; default True), ``channels_last`` / ``cuda_graphs`` / ``compile`` /
     ``attention`` (speed, module docstring; None picks :data:`CUDA_DEFAULTS` on a GPU and off on
@@ -81,6 +85,7 @@ class MuseTalkEngine(Engine):
         frames_per_run: int = DEFAULT_FRAMES_PER_RUN,
         hangover_seconds: float = DEFAULT_HANGOVER_SECONDS,
         whisper_batch: int = 8,
+        whisper_windows: str = "trimmed",
         latents_batch: int = 8,
         gpu_blend: bool = True,
         channels_last: bool | None = None,
@@ -114,6 +119,8 @@ class MuseTalkEngine(Engine):
             compile = CUDA_DEFAULTS["compile"] if on_cuda else "none"
         if compile not in COMPILE_MODES:
             raise ConfigError(f"musetalk compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+        if whisper_windows not in WHISPER_WINDOWS:
+            raise ConfigError(f"musetalk whisper_windows must be one of {', '.join(WHISPER_WINDOWS)}, got {whisper_windows!r}")
         if attention not in ("sdpa", "classic"):
             raise ConfigError(f"musetalk attention must be 'sdpa' or 'classic', got {attention!r}")
         if cuda_graphs and not on_cuda:
@@ -126,6 +133,11 @@ class MuseTalkEngine(Engine):
         self.compile_mode = compile
         self.attention = attention
         self.batch_size = batch_size
+        # Batches run at their own size up to batch_size when that costs only a graph capture
+        # (a shape-generic compile or none): padding a batch of 17 to 20 was ~8 % of the GPU at
+        # 16 talking sessions (bench/gpu_costs.py: ~2 ms per padded frame). Static compiles
+        # compile per size, so they keep the few PADDED_SIZES.
+        self._exact_sizes = batch_size if compile in ("none", "default") else 0
         self.latents_batch = latents_batch
         self._featurizer_options = {
             "context_seconds": None if context_seconds is None else float(context_seconds),
@@ -141,7 +153,7 @@ class MuseTalkEngine(Engine):
         self.models = load_models(models_dir, device=dev, dtype=self.dtype)
         self.whisper = WhisperBatcher(
             self.models.whisper, self.models.feature_extractor, max_batch=whisper_batch,
-            cuda_graphs=bool(self.cuda_graphs),
+            cuda_graphs=bool(self.cuda_graphs), trim=whisper_windows == "trimmed",
         )
         self._pe = positional_encoding(device=dev, dtype=self.dtype)  # [50, 384]
         self._latents: dict[tuple[str, str], torch.Tensor] = {}
@@ -225,7 +237,7 @@ class MuseTalkEngine(Engine):
         top = max_batch or self.batch_size
         minimum = 2 if self.compile_mode != "none" else 1
         if self.cuda_graphs or self.compile_mode in ("static", "max-autotune"):
-            sizes = sorted({padded_size(n, minimum) for n in range(1, top + 1)})
+            sizes = sorted({padded_size(n, minimum, self._exact_sizes) for n in range(1, top + 1)})
         else:
             sizes = [max(top, minimum)]
         latent = torch.zeros((1, 8, 32, 32), device=self.device, dtype=self.dtype)
@@ -237,12 +249,14 @@ class MuseTalkEngine(Engine):
                     self._graph_forward(latents, tokens)
                 else:
                     self._forward(latents.contiguous(), tokens.contiguous())
-        # The feature path runs eagerly: cuDNN and cuFFT plan every new batch size of windows on
-        # first use. Left to the first speech, that stalled every session ~2 s (and again when a
-        # larger group of sessions first spoke at once) on an H200; plan them all now.
+        # The feature path: cuDNN and cuFFT plan every new batch size and length of windows on
+        # first use (and CUDA graphs are captured). Left to the first speech, that stalled every
+        # session ~2 s (and again when a larger group of sessions first spoke at once) on an
+        # H200; plan them all now.
         silence = np.zeros(SAMPLE_RATE, np.float32)
         for n in range(1, self.whisper.max_batch + 1):
-            self.whisper.encode_audio([silence] * n)
+            for positions in self.whisper.lengths:
+                self.whisper.encode_audio([silence] * n, positions=positions)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - started
@@ -319,7 +333,7 @@ class MuseTalkEngine(Engine):
 
     def _graph_forward(self, latents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         n = latents.shape[0]
-        size = padded_size(n, minimum=2 if self.compile_mode != "none" else 1)
+        size = padded_size(n, 2 if self.compile_mode != "none" else 1, self._exact_sizes)
         graph = self._graphs.get(size)
         if graph is None:
             graph = self._graphs[size] = self._capture(size, latents[:1], tokens[:1])
@@ -419,14 +433,20 @@ class MuseTalkEngine(Engine):
 #: What a cuda device gets when an option is left unset (chosen by bench/musetalk_engine.py).
 CUDA_DEFAULTS: dict[str, Any] = {"channels_last": True, "cuda_graphs": True, "compile": "default"}
 PASTE_THREADS = 4
+WHISPER_WINDOWS = ("trimmed", "padded")
 COMPILE_MODES = ("none", "default", "static", "max-autotune")
 #: Batch sizes compiled or captured; a batch is padded up to the next one.
 PADDED_SIZES = (1, 2, 4, 8, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128, 192, 256)
 
 
-def padded_size(n: int, minimum: int = 1) -> int:
+def padded_size(n: int, minimum: int = 1, exact_up_to: int = 0) -> int:
+    """The batch size ``n`` frames run at: ``n`` itself up to ``exact_up_to`` (a CUDA graph per
+    size is cheap when the compiled model is shape-generic), else the next of PADDED_SIZES."""
+    n = max(n, minimum)
+    if n <= exact_up_to:
+        return n
     for size in PADDED_SIZES:
-        if size >= max(n, minimum):
+        if size >= n:
             return size
     return n
 

@@ -41,6 +41,7 @@ measures the difference).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import threading
 from collections.abc import Sequence
@@ -76,6 +77,17 @@ WINDOW_BEFORE_SAMPLES = LEAD_WHISPER_FRAMES * SAMPLES_PER_WHISPER_FRAME  # 1280
 DEFAULT_CONTEXT_SECONDS: float | None = None  # the official 30 s segment grid
 DEFAULT_FRAMES_PER_RUN = 25
 DEFAULT_HANGOVER_SECONDS = 0.2
+
+# Trimmed windows (WhisperBatcher(trim=True), the engine's ``whisper_windows: trimmed``): a window
+# is encoded over the positions its audio fills plus TRIM_MARGIN_POSITIONS, rounded up to a
+# multiple of POSITION_BUCKET, instead of all 1500. Each length is a pass of its own (windows of
+# different lengths cannot share one without changing each other's numbers), and a pass has a
+# fixed cost of ~1 ms on an H200 (bench/gpu_costs.py: 4 windows of 250 positions take as long as
+# 4 of 750), so the buckets are coarse: 500, 1000, 1500. See the class docstring for the why.
+POSITION_BUCKET = 500
+TRIM_MARGIN_POSITIONS = 2
+#: Windows per encoder pass are padded up to one of these (one CUDA graph per size and length).
+PASS_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 def positional_encoding(
@@ -133,10 +145,29 @@ class WhisperBatcher:
     without it). The tokens it returns are complete when it returns. Audio and gather indices
     go to the GPU from pinned host buffers with ``non_blocking`` copies, so the thread does not
     wait for the copies (a pageable copy would also wait for the stream's earlier work).
+
+    ``trim``: encode each window over the positions its audio fills (+ a small margin, rounded
+    up to :data:`POSITION_BUCKET`) instead of Whisper's fixed 1500. A live stream encodes one
+    window per talking session per frame, and on the official 30 s grid a window holds 15 s of
+    audio on average, so half of every padded pass is zeros; attention makes the cost of the
+    rest quadratic in them. Positions keep their absolute embedding (a frame stays where the
+    whole-file path puts it); what changes is that the frames no longer attend to ~15 s of
+    padding. Measured against the whole-file reference on real speech (bench/whisper_agreement.py
+    --trim, docs/benchmarks.md) the trimmed windows agree *better* frame by frame than padded ones
+    (the padding is no closer to the real future than nothing), at about half the positions.
+    Windows that fill all 30 s (a segment's edge, whole-clip calls) are encoded exactly as before.
+    Windows of one call are sorted by length, one pass (or more, ``max_batch`` at a time) per
+    length: a window's numbers never depend on which other windows share its call.
     """
 
     def __init__(
-        self, encoder: torch.nn.Module, feature_extractor: Any, *, max_batch: int = 8, cuda_graphs: bool = False
+        self,
+        encoder: torch.nn.Module,
+        feature_extractor: Any,
+        *,
+        max_batch: int = 8,
+        cuda_graphs: bool = False,
+        trim: bool = False,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -146,6 +177,7 @@ class WhisperBatcher:
         self.device = param.device
         self.dtype = param.dtype
         self.max_batch = max_batch
+        self.trim = bool(trim)
         self.n_layers = int(encoder.config.encoder_layers)
         n_fft = int(feature_extractor.n_fft)
         self._n_fft = n_fft
@@ -156,43 +188,79 @@ class WhisperBatcher:
             np.asarray(feature_extractor.mel_filters), dtype=torch.float32
         ).to(self.device)
         self._lock = threading.Lock()
-        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # A high-priority stream: a frame's features gate its UNet/VAE batch, so when both are
+        # queued on the GPU the short encoder kernels go first instead of waiting behind a
+        # 50 ms VAE batch's (a graph replayed into a stream takes that stream's priority).
+        self._stream = (
+            torch.cuda.Stream(self.device, priority=-1)
+            if self.device.type == "cuda"
+            else None
+        )
         self.encoder_windows = 0  # windows encoded so far (a cost counter for metrics and tests)
+        self.encoder_positions = 0  # and the positions they held (the cost trimming cuts)
         # Whisper-tiny at a few windows is launch-bound: ~300 small kernels, each one Python call
         # holding the GIL that the engine's batch thread and the event loop also need. A CUDA
-        # graph per batch size replays them all in one call.
+        # graph per (batch size, window length) replays them all in one call.
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._graph_pool: Any = None
         self._d_model = int(encoder.config.d_model)
+        # transformers 4.x encoder layers take a positional layer_head_mask, 5.x do not
+        self._layer_kwargs = (
+            {"layer_head_mask": None}
+            if "layer_head_mask" in inspect.signature(encoder.layers[0].forward).parameters
+            else {}
+        )
         # reusable host batches of encoder input (see _Staging); one per concurrent caller
         self._staging: list[_Staging] = []
 
+    def positions_for(self, length: int) -> int:
+        """Encoder positions a window of ``length`` samples is encoded over (1500 unless trimming)."""
+        if not self.trim:
+            return N_WHISPER_FRAMES
+        need = -(-length // SAMPLES_PER_WHISPER_FRAME) + TRIM_MARGIN_POSITIONS
+        return min(N_WHISPER_FRAMES, -(-need // POSITION_BUCKET) * POSITION_BUCKET)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Every window length (in positions) this batcher encodes: what a warm-up plans."""
+        if not self.trim:
+            return [N_WHISPER_FRAMES]
+        return [*range(POSITION_BUCKET, N_WHISPER_FRAMES, POSITION_BUCKET), N_WHISPER_FRAMES]
+
     # -- maths ------------------------------------------------------------------------------------
 
-    def log_mel(self, audio: torch.Tensor) -> torch.Tensor:
-        """[B, <=480000] float32 16 kHz -> [B, 80, 3000] Whisper log-mel (zero-padded to 30 s).
+    def log_mel(self, audio: torch.Tensor, positions: int = N_WHISPER_FRAMES) -> torch.Tensor:
+        """[B, <=480000] float32 16 kHz -> [B, 80, 2 * positions] Whisper log-mel (zero-padded).
 
         Same steps as ``WhisperFeatureExtractor`` (torch path): periodic Hann STFT (n_fft 400, hop
         160, centred, reflect padding), power, slaney mel filters, log10 clamped at 1e-10, floor at
-        (max - 8) per window, then (x + 4) / 4.
+        (max - 8) per window, then (x + 4) / 4. With fewer than 1500 positions the mel frames are
+        the first ones of the padded 30 s, the same values: the audio is padded with zeros past
+        the last frame's reach (so no reflection enters it), and the window's maximum is in the
+        audio either way.
         """
         if audio.dim() == 1:
             audio = audio[None]
         if audio.shape[-1] > N_SAMPLES:
             raise ValueError(f"a Whisper window holds at most {N_SAMPLES} samples, got {audio.shape[-1]}")
+        n_mel = 2 * positions
+        length = N_SAMPLES if positions >= N_WHISPER_FRAMES else n_mel * self._hop + self._n_fft // 2
+        if audio.shape[-1] > length:
+            raise ValueError(f"{audio.shape[-1]} samples do not fit {positions} encoder positions")
         audio = audio.to(device=self.device, dtype=torch.float32)
-        audio = torch.nn.functional.pad(audio, (0, N_SAMPLES - audio.shape[-1]))
+        audio = torch.nn.functional.pad(audio, (0, length - audio.shape[-1]))
         stft = torch.stft(audio, self._n_fft, self._hop, window=self._window, return_complex=True)
-        power = stft[..., :-1].abs() ** 2  # [B, 201, 3000]
-        mel = self._mel_filters.T @ power  # [B, 80, 3000]
+        power = stft[..., :n_mel].abs() ** 2  # [B, 201, 2 * positions]
+        mel = self._mel_filters.T @ power  # [B, 80, 2 * positions]
         log_spec = torch.clamp(mel, min=1e-10).log10()
         peak = log_spec.amax(dim=(1, 2), keepdim=True)
         log_spec = torch.maximum(log_spec, peak - 8.0)
         return (log_spec + 4.0) / 4.0
 
     def encode(self, mel: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, 80, 3000] log-mel -> [B, 1500, 5, 384] stacked hidden states (encoder dtype).
+        """[B, 80, 2P] log-mel -> [B, P, 5, 384] stacked hidden states (encoder dtype); P is 1500
+        (Whisper's input, the official path) or fewer (trimmed: the first P positions).
 
         ``out``: write them there (a slice of a larger batch: :meth:`features` keeps the windows of
         all its passes in one tensor, so one gather serves them all) and return it.
@@ -200,13 +268,17 @@ class WhisperBatcher:
         with self._lock, torch.inference_mode():
             mel = mel.to(device=self.device, dtype=self.dtype)
             self.encoder_windows += mel.shape[0]
+            self.encoder_positions += mel.shape[0] * (mel.shape[-1] // 2)
             if self.cuda_graphs:
                 with torch.cuda.device(self.device):
                     return self._replay(mel, out)
             return self._encode(mel, out)
 
     def _encode(self, mel: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        states = self.encoder(mel, output_hidden_states=True).hidden_states
+        if mel.shape[-1] == N_MEL_FRAMES:
+            states = self.encoder(mel, output_hidden_states=True).hidden_states
+        else:
+            states = self._encode_positions(mel)
         if len(states) != self.n_layers + 1:  # the official recipe relies on exactly this
             raise RuntimeError(f"Whisper encoder returned {len(states)} hidden states, expected {self.n_layers + 1}")
         shape = (mel.shape[0], states[0].shape[1], len(states), states[0].shape[-1])
@@ -214,17 +286,37 @@ class WhisperBatcher:
             raise RuntimeError(f"encoder output buffer is {list(out.shape)}, hidden states {list(shape)}")
         return torch.stack(states, dim=2, out=out)
 
+    def _encode_positions(self, mel: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's own forward over the first ``mel.shape[-1] / 2`` positions: the same
+        modules in the same order as ``WhisperEncoder.forward`` (which insists on 3000 mel frames),
+        with the positional embedding's first rows; hidden states as ``output_hidden_states``
+        gives them (the input to each layer, then the layer-normed output)."""
+        enc = self.encoder
+        x = torch.nn.functional.gelu(enc.conv1(mel))
+        x = torch.nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)
+        x = x + enc.embed_positions.weight[: x.shape[1]]
+        states = [x]
+        for layer in enc.layers:
+            x = layer(x, None, **self._layer_kwargs)
+            if isinstance(x, tuple):  # transformers 4.x returns (hidden_states, ...)
+                x = x[0]
+            states.append(x)
+        states[-1] = enc.layer_norm(x)
+        return states
+
     def _replay(self, mel: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        size = mel.shape[0]
-        entry = self._graphs.get(size)
+        n = mel.shape[0]
+        size = next((s for s in PASS_SIZES if s >= n), n)
+        key = (size, mel.shape[-1])
+        entry = self._graphs.get(key)
         if entry is None:
-            entry = self._graphs[size] = self._capture(mel)
+            entry = self._graphs[key] = self._capture(mel[:1].expand(size, -1, -1))
         graph, static_in, static_out = entry
-        static_in.copy_(mel)
+        static_in[:n].copy_(mel)  # rows past n keep an earlier input: their output is not read
         graph.replay()
         if out is None:
-            return static_out.clone()  # the next replay reuses the output buffer
-        return out.copy_(static_out)
+            return static_out[:n].clone()  # the next replay reuses the output buffer
+        return out.copy_(static_out[:n])
 
     def _capture(self, mel: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         static_in = mel.clone()
@@ -242,29 +334,58 @@ class WhisperBatcher:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         return graph, static_in, static_out
 
-    def encode_audio(self, windows: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        """Each 16 kHz window (<= 30 s) -> its [1500, 5, 384] hidden states, ``max_batch`` per pass."""
+    def encode_audio(self, windows: Sequence[np.ndarray], positions: int | None = None) -> list[torch.Tensor]:
+        """Each 16 kHz window (<= 30 s) -> its [P, 5, 384] hidden states, ``max_batch`` per pass
+        (P = 1500, or what :meth:`positions_for` gives a trimmed window; ``positions`` forces one
+        length for all, as a warm-up or a benchmark does)."""
         sources = [(w, 0, 0, len(w), len(w)) for w in (np.asarray(w).reshape(-1) for w in windows)]
         if not sources:
             return []
+        order, passes = self._schedule(sources, positions)
         staging = self._take_staging()
         try:
-            hidden = self._encode_sources(staging, sources)
+            hidden = self._encode_sources(staging, [sources[i] for i in order], passes)
         finally:
             self._staging.append(staging)
-        return list(hidden.unbind(0))
+        lengths = [p for n, p in passes for _ in range(n)]
+        out: list[torch.Tensor] = [hidden[0]] * len(sources)
+        for row, i in enumerate(order):
+            out[i] = hidden[row, : lengths[row]]
+        return out
 
     def _take_staging(self) -> _Staging:
         # a concurrent caller (encoder passes are serialised, planning and copies are not) gets its own
         return self._staging.pop() if self._staging else _Staging(pinned=self.device.type == "cuda")
 
-    def _encode_sources(self, staging: _Staging, sources: list[_Source]) -> torch.Tensor:
-        """Windows -> [n, 1500, 5, 384] hidden states, in passes of ``max_batch`` consecutive windows.
+    def _schedule(self, sources: Sequence[_Source], positions: int | None = None) -> tuple[list[int], list[tuple[int, int]]]:
+        """The order windows are encoded in and the passes (windows, positions) that encode them:
+        padded, consecutive windows ``max_batch`` at a time; trimmed, longest first, each pass one
+        length."""
+        if positions is None and not self.trim:
+            positions = N_WHISPER_FRAMES
+        if positions is not None:
+            n = len(sources)
+            return list(range(n)), [(min(self.max_batch, n - lo), positions) for lo in range(0, n, self.max_batch)]
+        lengths = [self.positions_for(source[4]) for source in sources]
+        order = sorted(range(len(sources)), key=lambda i: -lengths[i])
+        passes: list[tuple[int, int]] = []
+        for length in (lengths[i] for i in order):
+            if passes and passes[-1][1] == length and passes[-1][0] < self.max_batch:
+                passes[-1] = (passes[-1][0] + 1, length)
+            else:
+                passes.append((1, length))
+        return order, passes
 
-        Each pass's input is [windows, longest window] (log_mel pads it to 30 s on the device),
-        filled in ``staging`` and sent as one ``non_blocking`` copy; the passes write into one tensor.
+    def _encode_sources(
+        self, staging: _Staging, sources: list[_Source], passes: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        """Windows -> [n, 1500, 5, 384] hidden states, pass after pass ((windows, positions) each,
+        consecutive windows); a pass of fewer positions fills only the first ones of its rows.
+
+        Each pass's input is [windows, longest window] (log_mel pads it on the device), filled in
+        ``staging`` and sent as one ``non_blocking`` copy; the passes write into one tensor.
         """
-        groups = staging.fill(sources, self.max_batch)
+        groups = staging.fill(sources, [n for n, _ in passes])
         # the staging buffer's event is made and recorded on the *current* device: make it ours
         on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         with torch.inference_mode(), on_device:
@@ -272,11 +393,11 @@ class WhisperBatcher:
             hidden = torch.empty(shape, device=self.device, dtype=self.dtype)
             row = 0
             try:
-                for n, offset, width in groups:
+                for (n, offset, width), (_, positions) in zip(groups, passes, strict=True):
                     batch = staging.audio[offset : offset + n * width].view(n, width)
                     if self.device.type == "cuda":
                         batch = batch.to(self.device, non_blocking=True)
-                    self.encode(self.log_mel(batch), out=hidden[row : row + n])
+                    self.encode(self.log_mel(batch, positions), out=hidden[row : row + n, :positions])
                     row += n
             finally:
                 staging.sent()
@@ -313,6 +434,12 @@ class WhisperBatcher:
     def _run_plans(self, plans: list[_Plan]) -> list[list[FrameFeatures]]:
         sources = [source for plan in plans for source in plan.sources()]
         index, keep = _gather_index(plans, len(sources))
+        order, passes = self._schedule(sources)
+        if self.trim:  # window w is encoded as row rank[w]
+            rank = np.empty(len(order), dtype=np.int64)
+            rank[order] = np.arange(len(order))
+            index = rank[index // N_WHISPER_FRAMES] * N_WHISPER_FRAMES + index % N_WHISPER_FRAMES
+            sources = [sources[i] for i in order]
         n_frames = len(index) // WINDOW_WHISPER_FRAMES
         staging = self._take_staging()
         try:
@@ -320,7 +447,7 @@ class WhisperBatcher:
             index_t = staging.indices(index if keep is None else np.concatenate([index, keep]))
             if self.device.type == "cuda":
                 index_t = index_t.to(self.device, non_blocking=True)
-            hidden = self._encode_sources(staging, sources)
+            hidden = self._encode_sources(staging, sources, passes)
             # every window's 1500 frames end to end; 10 Whisper frames per video frame
             flat = hidden.view(-1, *hidden.shape[2:])  # [windows * 1500, 5, 384]
             picked = torch.index_select(flat, 0, index_t[: len(index)])
@@ -416,18 +543,21 @@ class _Staging:
         self._index_np[: len(values)] = values
         return self._index[: len(values)]
 
-    def fill(self, sources: Sequence[_Source], max_batch: int) -> list[tuple[int, int, int]]:
-        """Copy the windows in, ``max_batch`` rows of the longest one's width per pass: the passes'
-        (rows, offset, width)."""
+    def fill(self, sources: Sequence[_Source], passes: Sequence[int]) -> list[tuple[int, int, int]]:
+        """Copy the windows in, pass after pass (``passes``: windows in each, consecutive), each
+        pass's rows as wide as its longest window: the passes' (rows, offset, width)."""
         self._ready()
+        if sum(passes) != len(sources):
+            raise ValueError(f"passes hold {sum(passes)} windows, not {len(sources)}")
         groups: list[tuple[int, int, int]] = []
         size = 0
-        for lo in range(0, len(sources), max_batch):
-            n = min(max_batch, len(sources) - lo)
+        lo = 0
+        for n in passes:
             width = max(1, max(source[4] for source in sources[lo : lo + n]))
             offset = -(-size // _ALIGN) * _ALIGN
             groups.append((n, offset, width))
             size = offset + n * width
+            lo += n
         if self.audio.numel() < size:
             capacity = max(size, 2 * self.audio.numel())
             self.audio = torch.zeros(capacity, dtype=torch.float32, pin_memory=self.pinned)

@@ -1,0 +1,259 @@
+"""Where one H200's time goes per talking session: the Whisper window pass vs UNet + VAE decode.
+
+The load test found one GPU holding 14 all-talking sessions, not 16 (docs/benchmarks.md,
+"Load test on the H200: findings"): the GPU was 83-86 % busy. This splits that time:
+
+  whisper   GPU ms of one encoder pass (log-mel + 4 layers, CUDA graph) per window, at batches
+            of 1-24 windows, for windows padded to 30 s (1500 positions, the official input)
+            and trimmed to fewer positions (what a frame's audio needs; see
+            pipeline/engines/musetalk/features.py, "trimmed windows")
+  sessions  the simulated sessions of bench/musetalk_engine.py (FeatureWorker + EngineWorker in
+            this process, streams at random places of their 30 s segments), padded vs trimmed
+            windows: latency from a frame's complete audio to its composed picture, and the
+            share over the processing budget (the server's jitter + processing, 0.11 s)
+  engine    UNet alone, VAE decode alone and the whole compose (compiled, CUDA graphs) per frame
+            at batches 8-24, with cuDNN's heuristic algorithm choice and with
+            ``torch.backends.cudnn.benchmark`` (it times every algorithm once per shape)
+
+Run on the device (full-size random weights, synthetic.py), figures as JSON in --out:
+
+    python -m bench.gpu_costs --device cuda:0 --models /tmp/mt --out $OUT
+    python -m bench.gpu_costs --report $OUT/gpu_costs.json   # here: docs/benchmarks.md section
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import torch
+
+from bench.musetalk_engine import _f, log, new_engine, requests_for, save_avatar, session_trial
+
+SECTION = "Where the GPU time goes (H200, per talking session)"
+
+
+def gpu_ms(fn, reps: int = 20, warmup: int = 3) -> float:
+    """Median GPU milliseconds of ``fn`` (CUDA events around each call on the current stream;
+    wall time on a CPU, where only --tiny runs: a check of the program, not figures)."""
+    for _ in range(warmup):
+        fn()
+    if not torch.cuda.is_available():
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1000)
+        return float(np.median(times))
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return float(np.median(times))
+
+
+def section_whisper(engine, res: dict[str, Any], batches: list[int], positions: list[int]) -> None:
+    whisper = engine.whisper
+    rows = []
+    max_batch = whisper.max_batch
+    for n in batches:
+        whisper.max_batch = n  # one pass of n windows
+        for p in positions:
+            seconds = p * 320 / 16000
+            audio = [np.random.default_rng(i).standard_normal(int(seconds * 16000)).astype(np.float32) * 0.1 for i in range(n)]
+            if p == 1500:
+                fn = lambda a=audio: whisper.encode_audio(a)  # noqa: E731 - the production path
+            else:
+                fn = lambda a=audio, p=p: whisper.encode_audio(a, positions=p)  # noqa: E731
+            ms = gpu_ms(fn)
+            rows.append({"batch": n, "positions": p, "ms": ms, "ms_per_window": ms / n})
+            log(f"whisper batch {n} positions {p}: {ms:.2f} ms ({ms / n:.3f} ms/window)")
+    whisper.max_batch = max_batch
+    res["whisper"] = rows
+
+
+def section_sessions(
+    engine, avatar, res: dict[str, Any], counts: list[int], batches: list[int], budget: float, modes: list[str]
+) -> None:
+    session_trial(engine, avatar, 4, 2.0, max(batches))  # warm-up: threads, shapes
+    rows = res.setdefault("sessions", [])
+    for windows in modes:
+        engine.whisper.trim = windows == "trimmed"
+        for batch, n in ((b, n) for b in batches for n in counts):
+            r = session_trial(engine, avatar, n, 6.0, batch, 1.0, budget)
+            r["windows"] = windows
+            r["batch"] = batch
+            rows.append(r)
+            log(
+                f"sessions [{windows}, batch {batch}] n={n}: p50 {_f(r['p50_ms'])} p95 {_f(r['p95_ms'])} ms, late {_f(100 * (r['late_share'] or 0))} %, "
+                f"features p95 {_f(r['features_p95_ms'])}, positions/window {r['encoder_positions_per_window']:.0f}, "
+                f"backlog {r['backlog_at_end']}, busy {r['gpu_busy']:.2f}"
+            )
+    engine.whisper.trim = True
+
+
+def section_engine(engine, avatar, res: dict[str, Any], batches: list[int], label: str) -> None:
+    rows = []
+    for n in batches:
+        reqs = requests_for(avatar, n, engine.device, engine.dtype)
+        latents = torch.stack([engine._avatar_latents(r.avatar)[r.frame_index] for r in reqs])
+        tokens = torch.stack([engine._tokens(r.features) for r in reqs]) + engine._pe
+        unet_ms = gpu_ms(lambda: engine._unet(latents, engine._timestep, encoder_hidden_states=tokens))
+        z = torch.randn(n, 4, 32, 32, device=engine.device, dtype=engine.dtype)
+        vae_ms = gpu_ms(lambda: engine._decode(z))
+        graph_ms = gpu_ms(lambda: engine.generate_float(reqs))
+        t = time.perf_counter()
+        for _ in range(10):
+            engine.compose(reqs)
+        compose_ms = (time.perf_counter() - t) / 10 * 1000
+        row = {
+            "cudnn": label, "batch": n, "unet_ms": unet_ms, "vae_ms": vae_ms, "graph_ms": graph_ms,
+            "compose_ms": compose_ms, "fps": n / compose_ms * 1000,
+        }
+        rows.append(row)
+        log(f"engine [{label}] batch {n}: unet {unet_ms:.1f} vae {vae_ms:.1f} graph {graph_ms:.1f} compose {compose_ms:.1f} ms ({row['fps']:.0f} fps)")
+    res.setdefault("engine", []).extend(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda:0")
+    p.add_argument("--dtype", default="fp16")
+    p.add_argument("--tiny", action="store_true", help="tiny weights on the CPU: a check of the program")
+    p.add_argument("--models", default="/tmp/musetalk-bench-models")
+    p.add_argument("--work", default="/tmp/musetalk-bench-work")
+    p.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu-costs"))
+    p.add_argument("--whisper-batches", default="1,4,8,16,24")
+    p.add_argument("--positions", default="1500,1250,1000,750,500,250")
+    p.add_argument("--whisper-max-batch", type=int, default=8, help="the engine's whisper_batch (server default 8)")
+    p.add_argument("--engine-batches", default="8,12,16,20,24")
+    p.add_argument("--sections", default="whisper,sessions,engine,cudnn")
+    p.add_argument("--sessions", default="14,16,18,20")
+    p.add_argument("--session-batches", default="24", help="EngineWorker batch sizes (configs/gpu.yaml: 24)")
+    p.add_argument("--windows", default="padded,trimmed", help="Whisper windows of the sessions section")
+    p.add_argument("--budget", type=float, default=0.11, help="seconds from complete audio to picture")
+    p.add_argument("--report", type=Path, help="write the docs/benchmarks.md section from a gpu_costs.json")
+    p.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    p.add_argument("--command", default="python -m bench.gpu_costs --device cuda:0 --models /tmp/mt --out $OUT")
+    args = p.parse_args(argv)
+    if args.report:
+        return report(args.report, args.doc, args.command)
+    ints = lambda v: [int(x) for x in v.split(",") if x]  # noqa: E731
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    models = Path(args.models)
+    if not (models / "musetalkV15" / "unet.pth").is_file():
+        from pipeline.engines.musetalk.synthetic import write_synthetic_checkpoints
+
+        write_synthetic_checkpoints(models, tiny=args.tiny, seed=0, dtype="fp32" if args.tiny else "fp16")
+    avatar = save_avatar(Path(args.work) / "avatars")
+    res: dict[str, Any] = {
+        "env": {"gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")},
+        "command": "python -m bench.gpu_costs " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    sections = args.sections.split(",")
+    top = max(ints(args.engine_batches) + ints(args.whisper_batches) + ints(args.session_batches))
+    engine = new_engine(args, batch_size=top, whisper_batch=args.whisper_max_batch)
+    engine.load_avatar(avatar)
+    t = time.perf_counter()
+    engine.warmup(top)
+    res["warmup_s"] = time.perf_counter() - t
+    log("warm-up", round(res["warmup_s"], 1), "s")
+
+    def save() -> None:
+        (out / "gpu_costs.json").write_text(json.dumps(res, indent=1))
+
+    if "whisper" in sections:
+        section_whisper(engine, res, ints(args.whisper_batches), ints(args.positions))
+        save()
+    if "sessions" in sections:
+        section_sessions(
+            engine, avatar, res, ints(args.sessions), ints(args.session_batches), args.budget, args.windows.split(",")
+        )
+        save()
+    if "engine" in sections:
+        section_engine(engine, avatar, res, ints(args.engine_batches), "heuristic")
+        save()
+    if "cudnn" in sections:
+        torch.backends.cudnn.benchmark = True
+        engine._graphs.clear()  # graphs hold the algorithms chosen at capture: capture again
+        engine.warmup(top)
+        section_engine(engine, avatar, res, ints(args.engine_batches), "benchmark")
+        save()
+    engine.close()
+    return 0
+
+
+def report(path: Path, doc: Path, command: str) -> int:
+    from bench import _report
+
+    r = json.loads(path.read_text())
+    env = r["env"]
+    lines = [
+        f"Device: {env['gpu']}, PyTorch {env['torch']}; {env['date']}. Full-size MuseTalk v1.5 with random "
+        f"weights (fp16, the engine's CUDA defaults: compile + CUDA graphs + channels_last). Command: `{r.get('command', command)}`.",
+        "",
+    ]
+    if r.get("whisper"):
+        lines += [
+            "Whisper encoder pass (log-mel + encoder, CUDA graph), GPU ms per window:",
+            "",
+        ]
+        positions = sorted({x["positions"] for x in r["whisper"]}, reverse=True)
+        batches = sorted({x["batch"] for x in r["whisper"]})
+        lines.append("| windows per pass | " + " | ".join(f"{p} positions ({p * 0.02:.0f} s)" for p in positions) + " |")
+        lines.append("|---|" + "---|" * len(positions))
+        for b in batches:
+            cells = {x["positions"]: x["ms_per_window"] for x in r["whisper"] if x["batch"] == b}
+            lines.append(f"| {b} | " + " | ".join(f"{cells[p]:.3f}" if p in cells else "-" for p in positions) + " |")
+        lines.append("")
+    if r.get("sessions"):
+        lines += [
+            "Simulated talking sessions in one process (bench/musetalk_engine.py's session_trial: FeatureWorker + "
+            "EngineWorker, each stream at a random place of its 30 s segment, 6 s each); latency from a "
+            "frame's complete audio to its composed picture; late = over the 0.11 s processing budget:",
+            "",
+            "| Whisper windows | engine batch | sessions | p50 ms | p95 ms | late % | features p95 ms | positions per window | backlog at end | engine busy |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for x in r["sessions"]:
+            lines.append(
+                f"| {x['windows']} | {x.get('batch', 24)} | {x['sessions']} | {_f(x['p50_ms'])} | {_f(x['p95_ms'])} | {100 * (x['late_share'] or 0):.1f} | "
+                f"{_f(x['features_p95_ms'])} | {x['encoder_positions_per_window']:.0f} | {x['backlog_at_end']} | {x['gpu_busy']:.2f} |"
+            )
+        lines.append("")
+    if r.get("engine"):
+        lines += [
+            "UNet + VAE decode per batch (GPU ms; compose = wall ms of the whole batch with blending and pasting):",
+            "",
+            "| cuDNN algorithms | batch | UNet | VAE decode | UNet + VAE (graph) | compose | frames/s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for x in r["engine"]:
+            lines.append(
+                f"| {x['cudnn']} | {x['batch']} | {x['unet_ms']:.1f} | {x['vae_ms']:.1f} | {x['graph_ms']:.1f} | "
+                f"{x['compose_ms']:.1f} | {x['fps']:.0f} |"
+            )
+        lines.append("")
+    _report.write_section(SECTION, "\n".join(lines), doc)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
