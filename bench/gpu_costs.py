@@ -240,7 +240,9 @@ def report(path: Path, doc: Path, command: str) -> int:
         lines.append("")
     if r.get("engine"):
         lines += [
-            "UNet + VAE decode per batch (GPU ms; compose = wall ms of the whole batch with blending and pasting):",
+            "UNet + VAE decode per batch (GPU ms). UNet and VAE decode alone are the compiled modules without a CUDA "
+            "graph (launch-bound at small batches: the UNet column hardly grows); UNet + VAE (graph) is what the engine "
+            "replays; compose = wall ms of the whole batch with blending and pasting:",
             "",
             "| cuDNN algorithms | batch | UNet | VAE decode | UNet + VAE (graph) | compose | frames/s |",
             "|---|---|---|---|---|---|---|",

@@ -27,7 +27,8 @@ not run on the server's event loop:
 
 Speech is espeak-ng, made once by this process, or read from ``--speech-dir`` (WAV files that
 ``--make-speech`` wrote with espeak-ng elsewhere, for a machine without it). ``--talk all`` loops sentences with ~0.3 s
-pauses; ``--talk conversational`` alternates a sentence (1-4 s) with a silence of the same length
+pauses; ``--talk conversational`` alternates a sentence (1-4 s) with a silence of the same length,
+each session starting at a random point of that cycle
 (50 % talking), in an order and with a lead-in seeded per session.
 
 Timeline: every session connects (staggered over ``--ramp`` s) and reports ready once video
@@ -104,6 +105,7 @@ FRAME_SECONDS = 1 / 25  # the server's frame interval
 GAP_MS = 100.0
 LEAD_SECONDS = 1.0  # silence before each session's first utterance (+ up to 1 s, per session)
 PAUSE_ALL = 0.3  # pause between sentences for --talk all
+CONVERSATION_CYCLE = 5.0  # seconds of one utterance and its silence, on average, for --talk conversational
 TAIL_SECONDS = 1.2  # keep receiving after the window, so the last utterances' frames arrive
 SETUP_TIMEOUT = 40.0  # for one session to connect and receive video
 ONSET_WINDOW = 1.5  # a mouth onset more than this after the sent onset is "missed"
@@ -132,6 +134,12 @@ def make_plan(
     """Utterances fitting in ``duration`` seconds; returns (plan, lead-in seconds)."""
     rng = np.random.default_rng(seed)
     lead = LEAD_SECONDS + float(rng.uniform(0.0, 1.0))
+    if talk == "conversational":
+        # Each session enters its talk/silence cycle at a random point, as independent callers
+        # do: about half of them talk at any moment. (Before 2026-12-03 every session opened
+        # with an utterance within the same second: a burst of all-talking that left a GPU
+        # sized for the average with a backlog it never drained; docs/benchmarks.md.)
+        lead = LEAD_SECONDS + float(rng.uniform(0.0, CONVERSATION_CYCLE))
     order = list(rng.permutation(len(durations)))
     plan: list[tuple[float, int]] = []
     t = lead
