@@ -47,7 +47,8 @@ A/V offset stands in; the table's onsets column counts both (mouth + audio / sen
 arrival at the client (decode and jitter buffer included), the A/V offset of those onsets against
 the returned audio, and the server's own stats for the session (``GET /v1/sessions/{id}``).
 Late frames of a session, in the talking window: the server's own count (its video tracks'
-``late_frames`` plus ``dropped_frames``, the difference of two ``GET /v1/sessions/{id}`` taken at
+``late_frames`` plus ``dropped_frames`` plus ``skipped_frames``, frames its device could not make
+on time and showed the last picture for; the difference of two ``GET /v1/sessions/{id}`` taken at
 the window's start and end) and the client's (from arrival gaps: after a gap of g ms, the frames
 that were due more than a frame interval before the next one came, ``ceil(g / 40) - 2``); the
 larger of the two percentages is the session's late %.
@@ -580,6 +581,13 @@ def _p95_with_missed(latencies: list[float], missed: int) -> float | None:
     return _pct(list(latencies) + [ONSET_WINDOW * 1000] * missed, 95)
 
 
+def _late_or_skipped(o: dict[str, Any]) -> float | None:
+    """The late column: late frames plus those the device skipped (reports before 2026-12-03 have none)."""
+    if o.get("late_percent") is None:
+        return None
+    return round(o["late_percent"] + (o.get("skipped_percent") or 0.0), 2)
+
+
 def judge(result: dict[str, Any], window: float) -> None:
     """Adds the server's late frames in the talking window and the session's verdicts:
     ``ok`` (fps, gaps, late frames) and ``passed`` (ok and p95 latency)."""
@@ -589,9 +597,12 @@ def judge(result: dict[str, Any], window: float) -> None:
         keys = ("frames", "late_frames", "dropped_frames")
         windowed = bool(start) and all(isinstance(start.get(k), int) for k in keys)
         delta = {k: (end.get(k) or 0) - ((start.get(k) or 0) if windowed else 0) for k in keys}
+        # frames the device skipped (they could not be on time; the last picture held) count as
+        # late: a degraded frame either way (servers before 2026-12-03 report none)
+        delta["skipped_frames"] = (end.get("skipped_frames") or 0) - ((start.get("skipped_frames") or 0) if windowed else 0)
         result["server_window"] = {**delta, "windowed": windowed}
         if delta["frames"] > 0:
-            bad = delta["late_frames"] + delta["dropped_frames"]
+            bad = delta["late_frames"] + delta["dropped_frames"] + delta["skipped_frames"]
             result["server_late_percent"] = round(100 * bad / delta["frames"], 2)
     shares = [result.get(k) for k in ("server_late_percent", "client_late_percent")]
     shares = [v for v in shares if v is not None]
@@ -916,6 +927,7 @@ def summarise(results: list[dict[str, Any]], cpu: CpuSampler, gpu: GpuSampler, t
     frames = sum(w.get("frames", 0) for w in windows)
     late = sum(w.get("late_frames", 0) for w in windows)
     dropped = sum(w.get("dropped_frames", 0) for w in windows)
+    skipped = sum(w.get("skipped_frames", 0) for w in windows)
     client_late = sum(r.get("client_late_frames", 0) for r in measured)
     latencies = [v for r in results for v in r.get("latency_ms", [])]
     combined = [v for r in results for v in r.get("onset_latency_ms", [])]
@@ -966,7 +978,10 @@ def summarise(results: list[dict[str, Any]], cpu: CpuSampler, gpu: GpuSampler, t
         "dropped_frames": dropped,
         "late_percent": round(100 * late / frames, 2) if frames else None,
         "dropped_percent": round(100 * dropped / frames, 2) if frames else None,
-        "server_late_or_dropped_percent": round(100 * (late + dropped) / frames, 2) if frames else None,
+        "skipped_frames": skipped,
+        "skipped_percent": round(100 * skipped / frames, 2) if frames else None,
+        # the verdict's share: late, dropped for a slow viewer, or skipped (the mouth held)
+        "server_late_or_dropped_percent": round(100 * (late + dropped + skipped) / frames, 2) if frames else None,
         "client_late_frames": client_late,
         "client_late_percent": (round(100 * client_late / (len(measured) * window_s / FRAME_SECONDS), 2)
                                 if measured and window_s else None),
@@ -1112,7 +1127,8 @@ def print_summary(report: dict[str, Any]) -> None:
     print(f"server: latency p50 {fmt(o['server_latency_ms_p50_median'])} ms (median of sessions), "
           f"p95 {fmt(o['server_latency_ms_p95_max'])} ms (max); late {o['late_frames']} "
           f"({fmt(o['late_percent'], '%')}), dropped {o['dropped_frames']} "
-          f"({fmt(o['dropped_percent'], '%')}) "
+          f"({fmt(o['dropped_percent'], '%')}), skipped {o.get('skipped_frames', 0)} "
+          f"({fmt(o.get('skipped_percent'), '%')}) "
           f"of {o['server_frames']} frames" + (" in the window" if o.get("server_frames_windowed") else ""))
     if "client_late_frames" in o:
         print(f"clients: {o['client_late_frames']} frames late by arrival "
@@ -1277,7 +1293,7 @@ def write_doc(report: dict[str, Any], title: str, doc: Path | None = None) -> No
                    else f"{o['onsets_measured']}/{o['onsets_sent']}"),
         "arrival": f"{fmt(o['arrival_latency_ms_p50'])} / {fmt(o['arrival_latency_ms_p95'])}",
         "server": f"{fmt(o['server_latency_ms_p50_median'])} / {fmt(o['server_latency_ms_p95_max'])}",
-        "late": f"{fmt(o['late_percent'])} / {fmt(o['dropped_percent'])}"
+        "late": f"{fmt(_late_or_skipped(o))} / {fmt(o['dropped_percent'])}"
         + (f" / {fmt(o['client_late_percent'])}" if "client_late_percent" in o else ""),
         "cpu": f"{fmt(o['server_cpu_percent_mean'])} ({fmt(o['server_cpu_percent_per_session'])})",
         "others": f"{fmt(o['clients_cpu_percent_mean'])} / {fmt(o['other_cpu_percent_mean'])}",
@@ -1321,6 +1337,7 @@ def write_doc(report: dict[str, Any], title: str, doc: Path | None = None) -> No
         "network, decoding and the client's jitter buffer: it also shows frames the server sent late. "
         "**server** = the server's own audio-to-frame latency, median of the sessions' "
         "p50 / largest p95 (ms). **late / dropped / client late** = % of the server's frames in the window "
+        "(late includes frames the device skipped because they could not be on time, since 2026-12-03) "
         "sent late / not delivered to a slow viewer, and % of the window's frames that arrived more than a "
         "frame interval late at the clients (gaps). **server CPU** = % of one "
         "core used by the server's processes, mean over the window (per session). **clients / other** = "

@@ -88,6 +88,7 @@ async def _start(state: AppState) -> None:
                     processing_seconds=settings.sessions.processing_seconds,
                     headroom=engine.capacity_headroom,
                     log_level=settings.server.log_level,
+                    skip_late=engine.skip_late_frames,
                 )
             )
 
@@ -101,6 +102,7 @@ async def _start(state: AppState) -> None:
             capacity_sessions=engine.capacity_sessions,
             headroom=engine.capacity_headroom,
             on_batch=state.metrics.on_batch,
+            skip_late=engine.skip_late_frames,
         )
         state.metrics.set_device_source(state.pool.describe)
         # Off the loop: a GPU engine compiles and captures CUDA graphs at start (minutes, cold),

@@ -57,6 +57,12 @@ class EngineConfig(Section):
     # agrees at least as well with the whole-file features and costs about half the GPU time
     # (docs/benchmarks.md); padded is the literal official input.
     whisper_windows: Literal["trimmed", "padded"] = "trimmed"
+    # A speech frame its device cannot make before its release time is skipped (the session
+    # holds its last picture for it) instead of made late: frames go out in order, so one made
+    # late delays every frame after it, and a burst above capacity would otherwise leave a
+    # backlog the sessions never catch up with. Skipped frames are counted (session stats,
+    # GET /v1/devices, metrics).
+    skip_late_frames: bool = True
     # musetalk: most Whisper windows (talking sessions' frames) per encoder pass
     whisper_batch: int = Field(8, ge=1, le=64)
     # where each device's engine, feature and batching workers run: "process" = a spawned

@@ -98,6 +98,7 @@ class _DeviceCollector(Collector):
     )
     COUNTERS = (
         ("lipstream_device_frames", "Frames the device composed", lambda d: d["frames"]),
+        ("lipstream_device_skipped_frames", "Speech frames the device skipped: they could not be on time", lambda d: d["skipped_frames"]),
         ("lipstream_device_busy_seconds", "Seconds the device spent in batches", lambda d: d["busy_seconds"]),
     )
 

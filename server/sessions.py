@@ -97,6 +97,7 @@ class ServerSession:
                 "active_frames": stats.active_frames,
                 "late_frames": sum(t.late for t in videos),
                 "dropped_frames": stats.dropped_frames,
+                "skipped_frames": stats.skipped_frames,
                 "fps": round(max((t.fps for t in videos), default=0.0), 2),
                 "buffered_seconds": round(self.live.buffered_seconds, 3),
                 "received_seconds": round(stats.received_seconds, 3),

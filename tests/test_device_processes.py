@@ -141,3 +141,33 @@ def test_a_dead_device_process_ends_only_its_sessions(avatars_root: Path, speech
             assert "cpu:1 failed: device process exited" in refused.json()["detail"]
 
     asyncio.run(scenario())
+
+
+def test_a_skipped_frame_crosses_from_the_device_process_as_skipped() -> None:
+    """The worker's SKIPPED (a frame that could not be on time) goes over the pipe as a
+    ``skipped`` message, not a picture, and resolves the server's picture future to SKIPPED."""
+    import concurrent.futures
+    import threading
+
+    from pipeline.live.device_link import DeviceLink, _Frame
+    from pipeline.live.device_process import DeviceProcess
+    from pipeline.live.worker import SKIPPED, BatchStats
+
+    sent: list[tuple] = []
+    process = DeviceProcess.__new__(DeviceProcess)
+    process.channel = type("Channel", (), {"send": staticmethod(sent.append)})()
+    process.rings = {}
+    made: concurrent.futures.Future = concurrent.futures.Future()
+    made.set_result(SKIPPED)
+    process._composed("session-1", 42, made)
+    assert sent == [("skipped", "session-1", 42)]
+
+    link = DeviceLink.__new__(DeviceLink)
+    link._lock = threading.Lock()
+    link.stats = BatchStats()
+    frame = _Frame()
+    frame.features.set_result(True)
+    link._frames = {"session-1": {42: frame}}
+    link._handle(sent[0])
+    assert frame.picture.result(timeout=1) is SKIPPED
+    assert link.stats.skipped == 1 and link._frames["session-1"] == {}

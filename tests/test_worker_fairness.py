@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 from pipeline.engines.base import Engine, FrameRequest
-from pipeline.live.worker import EngineWorker
+from pipeline.live.worker import SKIPPED, EngineWorker
 
 T = 1.0  # one batch, logical seconds
 BATCH = 8
@@ -167,3 +168,168 @@ def test_silent_sessions_cost_nothing(demo_avatar) -> None:
 
     assert asyncio.run(scenario()) >= 30
     assert CountingWorker.submitted == 0
+
+
+# --- skipping frames that cannot be on time (EngineWorker(skip_late=True)) ----------------------
+
+
+@contextmanager
+def plain_worker(skip_late: bool) -> Iterator[tuple[GatedEngine, EngineWorker]]:
+    """A gated worker with nothing queued yet (real monotonic deadlines: skipping compares them
+    with the clock; the margins below are seconds, far beyond any scheduling delay)."""
+    engine = GatedEngine()
+    worker = EngineWorker(engine, batch_size=BATCH, name="test", skip_late=skip_late)
+    try:
+        yield engine, worker
+    finally:
+        for _ in range(100):
+            engine.gate.release()
+        worker.close()
+
+
+def test_frames_that_cannot_be_on_time_are_skipped_the_rest_made() -> None:
+    """A burst queued behind a running batch: frames due before the next batch can be done
+    resolve to SKIPPED at once (whoever owns them); those that can make it go into the batch."""
+    with plain_worker(skip_late=True) as (engine, worker):
+        worker.submit(request("blocker"), time.monotonic() + 1000, "blocker")
+        assert engine.next_batch() == ["blocker"]
+        worker.batch_seconds = 5.0  # batches take 5 s (as if measured): a frame due sooner cannot make it
+        now = time.monotonic()
+        late = {
+            "overdue": worker.submit(request("overdue"), now - 1.0, "A"),
+            "too-soon": worker.submit(request("too-soon"), now + 1.0, "A"),
+            "other-session": worker.submit(request("other-session"), now + 2.0, "B"),
+        }
+        on_time = {tag: worker.submit(request(tag), now + 100.0, owner) for tag, owner in (("A-ok", "A"), ("B-ok", "B"))}
+        # a backlog: more queued than one batch holds (without one nothing is skipped)
+        filler = [worker.submit(request(f"C{i}"), now + 200.0 + i, "C") for i in range(BATCH)]
+        engine.gate.release()  # the blocker ends; the next batch is formed from the queue
+        batch = engine.next_batch()
+        assert {"A-ok", "B-ok"} <= set(batch) and len(batch) == BATCH
+        assert not {"overdue", "too-soon", "other-session"} & set(batch)
+        for tag, future in late.items():
+            assert future.result(timeout=WAIT) is SKIPPED, tag
+        engine.gate.release()
+        for future in on_time.values():
+            assert future.result(timeout=WAIT) is not SKIPPED
+        assert worker.stats.skipped == 3 and worker.stats.frames == 1 + BATCH
+        engine.gate.release()  # the last two fillers
+        assert all(f.result(timeout=WAIT) is not SKIPPED for f in filler)
+        # the estimate follows the batches actually run (the test held them well under 5 s)
+        assert worker.batch_seconds is not None and worker.batch_seconds < 5.0
+
+
+def test_without_a_backlog_late_frames_are_made_not_skipped() -> None:
+    """A device merely slower than the budget (a short queue) makes its frames late, as before:
+    skipping them all would show no speech at all and never measure the device again."""
+    with plain_worker(skip_late=True) as (engine, worker):
+        worker.submit(request("blocker"), time.monotonic() + 1000, "blocker")
+        assert engine.next_batch() == ["blocker"]
+        worker.batch_seconds = 5.0
+        late = [worker.submit(request(f"L{i}"), time.monotonic() - 1.0, "A") for i in range(BATCH)]
+        engine.gate.release()
+        assert engine.next_batch() == [f"L{i}" for i in range(BATCH)]
+        engine.gate.release()
+        assert all(f.result(timeout=WAIT) is not SKIPPED for f in late)
+        assert worker.stats.skipped == 0
+
+
+@pytest.mark.parametrize("skip_late", [False, True])
+def test_without_skip_late_or_before_any_batch_every_frame_is_made(skip_late: bool) -> None:
+    with plain_worker(skip_late) as (engine, worker):
+        overdue = worker.submit(request("overdue"), time.monotonic() - 10.0, "A")
+        # with skip_late: nothing measured yet, so nothing is known to be too late
+        assert engine.next_batch() == ["overdue"]
+        engine.gate.release()
+        assert overdue.result(timeout=WAIT) is not SKIPPED
+        if not skip_late:  # skip_late off: made, however late, backlog or not
+            worker.batch_seconds = 5.0
+            again = [worker.submit(request(f"again{i}"), time.monotonic() - 10.0, "A") for i in range(2 * BATCH)]
+            for _ in range(2):
+                assert len(engine.next_batch()) == BATCH
+                engine.gate.release()
+            assert all(f.result(timeout=WAIT) is not SKIPPED for f in again)
+        assert worker.stats.skipped == 0
+
+
+def test_a_skipped_frame_holds_the_sessions_last_picture(demo_avatar) -> None:
+    """What a session shows for a frame its device skipped: its last picture if that is one of
+    the frames just before (the mouth holds), else the idle avatar frame; skips are counted."""
+    import asyncio
+
+    from pipeline.engines.lite import LiteEngine
+    from pipeline.live.session import HOLD_FRAMES, LiveSession, OutputFrame
+
+    async def scenario() -> None:
+        engine = LiteEngine()
+        worker = EngineWorker(engine, batch_size=BATCH, name="cpu")
+        session = LiveSession(demo_avatar, worker, engine.new_featurizer())
+        loop = asyncio.get_running_loop()
+        made_picture = np.full_like(demo_avatar.frames[0], 7)
+
+        def show(index: int, result: object) -> np.ndarray:
+            out = OutputFrame(index, 0, 0.0, index % demo_avatar.frame_count, None, np.zeros(0, np.int16), True)
+            made, picture = loop.create_future(), loop.create_future()
+            made.set_result(result)
+            session._picture_made(made, out, picture)
+            return picture.result()
+
+        try:
+            assert show(10, made_picture) is made_picture
+            assert show(11, SKIPPED) is made_picture  # held
+            assert show(10 + HOLD_FRAMES, SKIPPED) is made_picture
+            stale = 10 + HOLD_FRAMES + 1
+            np.testing.assert_array_equal(show(stale, SKIPPED), demo_avatar.frames[stale % demo_avatar.frame_count])
+            np.testing.assert_array_equal(show(20, None), demo_avatar.frames[20 % demo_avatar.frame_count])  # not made
+            assert session.stats.skipped_frames == 3
+        finally:
+            await session.close()
+            worker.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_burst_over_capacity_is_skipped_not_made_late(demo_avatar, speech) -> None:
+    """Three sessions talk at once into a device that makes ~13 frames/s: with skip_late the
+    worker sheds what cannot be on time (counted, shown as held or idle pictures) and every
+    session keeps getting pictures; without it nothing is skipped and the backlog is made."""
+    import asyncio
+
+    from pipeline.engines.lite import LiteEngine
+    from pipeline.live.session import LiveSession
+
+    class SlowEngine(LiteEngine):
+        def compose(self, requests):
+            time.sleep(0.15)  # a device far slower than three talking sessions need
+            return super().compose(requests)
+
+    planar = speech.samples[None, : 3 * speech.sample_rate].astype(np.float32)
+
+    async def scenario(skip_late: bool) -> tuple[list[int], int, int]:
+        engine = SlowEngine()
+        worker = EngineWorker(engine, batch_size=2, name="cpu", skip_late=skip_late)
+        sessions = [LiveSession(demo_avatar, worker, engine.new_featurizer(), processing_seconds=0.1) for _ in range(3)]
+        queues = [s.subscribe() for s in sessions]
+        for s in sessions:
+            s.start()
+            s.push(planar, speech.sample_rate, "mono")
+        pictures = 0
+        try:
+            for _ in range(50):  # 2 s of frames of each session; every picture comes
+                for queue in queues:
+                    out = await asyncio.wait_for(queue.get(), WAIT)
+                    image = await asyncio.wait_for(out.image, WAIT) if isinstance(out.image, asyncio.Future) else out.image
+                    assert image.shape == demo_avatar.frames[0].shape
+                    pictures += 1
+        finally:
+            for s in sessions:
+                await s.close()
+            worker.close()
+        return [s.stats.skipped_frames for s in sessions], worker.stats.skipped, pictures
+
+    skipped, total, pictures = asyncio.run(scenario(True))
+    assert pictures == 150
+    assert all(n > 0 for n in skipped), skipped  # every session shed some, none was starved of the rest
+    assert total >= sum(skipped)  # (a skip that lands after its session closed is not shown)
+    skipped, total, _ = asyncio.run(scenario(False))
+    assert skipped == [0, 0, 0] and total == 0

@@ -37,7 +37,7 @@ from pipeline.ipc.channel import Channel
 from pipeline.ipc.frame_ring import ResultRing
 from pipeline.live.device_process import DeviceSpec
 from pipeline.live.faults import DeviceFailed
-from pipeline.live.worker import BatchObserver, BatchStats, FaultObserver
+from pipeline.live.worker import SKIPPED, BatchObserver, BatchStats, FaultObserver
 
 log = logging.getLogger("lipstream.devices")
 
@@ -203,6 +203,12 @@ class DeviceLink:
                 frame.fail(RuntimeError(f"frame {index} was overwritten before it was read"))
             elif not frame.picture.done():
                 frame.picture.set_result(image)
+        elif kind == "skipped":
+            _, key, index = message
+            self.stats.skipped += 1
+            frame = self._frame_of(key, index, last=True)
+            if frame is not None and not frame.picture.done():
+                frame.picture.set_result(SKIPPED)
         elif kind == "failed":
             _, key, index, error = message
             frame = self._frame_of(key, index, last=True)

@@ -23,7 +23,8 @@ Commands (tuples, first item the kind):
   ``ring(name, shape, slots)``, ``open(key, avatar)``, ``frame(key, index, window, speech,
   avatar_index, deadline, compose)``, ``reset(key)``, ``close(key)``, ``stop()``;
 - process -> server: ``reply(request, error, value)``, ``features(key, index, active,
-  composing)``, ``picture(key, index, ring, slot, number)``, ``failed(key, index, error)``,
+  composing)``, ``picture(key, index, ring, slot, number)``, ``skipped(key, index)`` (the frame
+  could not be on time), ``failed(key, index, error)``,
   ``batch(size, seconds, queued)``, ``fault(reason)``.
 
 ``deadline`` is a ``time.monotonic()`` instant (one clock for every process of the machine).
@@ -51,7 +52,7 @@ from pipeline.ipc.frame_ring import ResultRing
 from pipeline.live.calibration import calibrate
 from pipeline.live.faults import DeviceFailed, describe_fault, is_device_fault
 from pipeline.live.feature_worker import FeatureWorker
-from pipeline.live.worker import EngineWorker
+from pipeline.live.worker import SKIPPED, EngineWorker
 
 log = logging.getLogger("lipstream.device")
 
@@ -68,6 +69,7 @@ class DeviceSpec:
     processing_seconds: float
     headroom: float
     log_level: str = "warning"
+    skip_late: bool = False  # EngineWorker(skip_late): frames that cannot be on time are skipped
 
 
 @dataclass
@@ -150,6 +152,7 @@ class DeviceProcess:
             spec.name,
             on_batch=lambda size, seconds: self.channel.send(("batch", size, seconds, self._queued())),
             on_fault=lambda reason: self.channel.send(("fault", reason)),
+            skip_late=spec.skip_late,
         )
         self.features = FeatureWorker(spec.name, on_fault=self._feature_fault)
         return calibration
@@ -256,6 +259,9 @@ class DeviceProcess:
             self.channel.send(("failed", key, index, _portable(made.exception())))
             return
         image = made.result()
+        if image is SKIPPED:  # it could not be on time (EngineWorker skip_late)
+            self.channel.send(("skipped", key, index))
+            return
         ring = self.rings.get(tuple(image.shape))
         if ring is None:
             self.channel.send(("failed", key, index, RuntimeError(f"no result ring for frames of shape {image.shape}")))

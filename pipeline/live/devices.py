@@ -117,6 +117,7 @@ class Device:
             "queued_frames": worker.queued if worker else 0,
             "batches": stats.batches if stats else 0,
             "frames": stats.frames if stats else 0,
+            "skipped_frames": stats.skipped if stats else 0,
             "busy_seconds": round(stats.busy_seconds, 3) if stats else 0.0,
             "utilisation": round(stats.utilisation(), 3) if stats else 0.0,
             "process": self.link.describe_process() if self.link else None,
@@ -138,6 +139,7 @@ class DevicePool:
         headroom: float = HEADROOM,
         on_batch: BatchObserver | None = None,
         make_link: Callable[[str], DeviceLink] | None = None,
+        skip_late: bool = False,
     ) -> None:
         """``make_link``: run each device in a process of its own (``make_engine`` then unused)."""
         if not names:
@@ -149,6 +151,7 @@ class DevicePool:
         self.processing_seconds = processing_seconds
         self.capacity_sessions = capacity_sessions
         self.headroom = headroom
+        self.skip_late = skip_late  # EngineWorker(skip_late) (worker.py docstring)
         self._on_batch = on_batch
         self._lock = threading.RLock()
         self._listeners: list[FailureListener] = []
@@ -233,6 +236,7 @@ class DevicePool:
                 name,
                 on_batch=self._on_batch,
                 on_fault=lambda reason, name=name: self.fail(name, reason),
+                skip_late=self.skip_late,
             )
             device.feature_worker = FeatureWorker(
                 name, on_fault=lambda exc, name=name: self.fail(name, describe_fault(exc))

@@ -57,7 +57,7 @@ from pipeline.errors import LipstreamError
 from pipeline.live.device_link import RemoteStream
 from pipeline.live.faults import DeviceFailed
 from pipeline.live.feature_worker import FeatureWorker
-from pipeline.live.worker import EngineWorker
+from pipeline.live.worker import SKIPPED, EngineWorker
 
 log = logging.getLogger("lipstream.session")
 
@@ -65,6 +65,9 @@ FRAME_SECONDS = SAMPLES_PER_FRAME / SAMPLE_RATE  # 0.04
 #: Time constant of a session's measured talk fraction (the device pool's demand estimate).
 TALK_SECONDS = 10.0
 LOOKAHEAD_SECONDS = WINDOW_AFTER / SAMPLE_RATE  # 0.12
+#: A frame its device skipped (could not be on time) shows the session's last picture if that
+#: one is at most this many frames older; an older one would be a stale mouth: the idle frame.
+HOLD_FRAMES = 3
 OUTPUT_RATE = 48000  # WebRTC (Opus), RTMP and MP4 outputs all take 48 kHz
 OUTPUT_SAMPLES_PER_FRAME = OUTPUT_RATE * SAMPLES_PER_FRAME // SAMPLE_RATE  # 1920
 RATIO = OUTPUT_RATE // SAMPLE_RATE  # 3
@@ -122,6 +125,7 @@ class SessionStats:
     active_frames: int = 0
     late_frames: int = 0  # released after their time (counted by outputs)
     dropped_frames: int = 0  # not delivered to a slow output
+    skipped_frames: int = 0  # speech frames the device could not make on time (the last picture held)
     padded_seconds: float = 0.0  # silence inserted for gaps in the input
     received_seconds: float = 0.0
     # Share of recent frames that needed the engine (speech), as an exponential average over
@@ -178,6 +182,7 @@ class LiveSession:
         # does not end it (the frames themselves still follow the audio exactly).
         self._hangover_frames = round(speaking_hangover_seconds / FRAME_SECONDS)
         self._quiet_since: int | None = None
+        self._last_picture: tuple[int, np.ndarray | None] = (-1, None)  # (frame index, picture)
         self.t0: float | None = None
         self._windower = FrameWindower(vad_aggressiveness)
         self._to16k = Resampler16k()
@@ -273,6 +278,7 @@ class LiveSession:
         else:
             self.featurizer.reset()
         self._quiet_since = None
+        self._last_picture = (-1, None)
         if self.speaking:
             self._set_speaking(False, self.media_time)
 
@@ -376,6 +382,11 @@ class LiveSession:
             features = self.featurizer.features([frame])[0]
             image = self._image(features, frame.index, avatar_index, release)
             out = OutputFrame(frame.index, self.epoch, release, avatar_index, image, audio, features.active)
+            if isinstance(image, asyncio.Future):  # through _picture_made (a skipped frame)
+                picture: asyncio.Future = image.get_loop().create_future()
+                picture.add_done_callback(_consume_cancellation)
+                out.image = picture
+                image.add_done_callback(lambda made: self._picture_made(made, out, picture))
         else:
             loop = asyncio.get_running_loop()
             picture: asyncio.Future = loop.create_future()
@@ -427,7 +438,7 @@ class LiveSession:
             return
         self.stats.active_frames += 1
         made = asyncio.wrap_future(image, loop=picture.get_loop())
-        made.add_done_callback(lambda result: _chain(result, picture, idle))
+        made.add_done_callback(lambda result: self._picture_made(result, out, picture))
 
     def _account(self, active: bool, index: int) -> None:
         """A frame's features, in frame order: speaking events, metrics, the talk fraction."""
@@ -472,9 +483,28 @@ class LiveSession:
             picture.set_exception(exc)
             return
         if isinstance(image, asyncio.Future):
-            image.add_done_callback(lambda result: _chain(result, picture))
+            image.add_done_callback(lambda result: self._picture_made(result, out, picture))
         else:
             picture.set_result(image)
+
+    def _picture_made(self, made: asyncio.Future, out: OutputFrame, picture: asyncio.Future) -> None:
+        """Frame ``out``'s picture came back from its device: pass it on. None (not made) is the
+        idle frame; SKIPPED (it could not be on time) holds the session's last picture if it
+        belongs to the frames just before, else the idle frame."""
+        if picture.done():
+            return
+        if made.cancelled() or made.exception() is not None:
+            _chain(made, picture)
+            return
+        image = made.result()
+        if image is SKIPPED:
+            self.stats.skipped_frames += 1
+            last_index, last = self._last_picture
+            recent = last is not None and 0 < out.index - last_index <= HOLD_FRAMES
+            image = last if recent else None
+        elif image is not None:
+            self._last_picture = (out.index, image)
+        picture.set_result(self.avatar.frames[out.avatar_index] if image is None else image)
 
     def _record_latency(self, index: int, release: float) -> None:
         """Audio-to-frame latency: from the arrival of a frame's last input sample to its release."""

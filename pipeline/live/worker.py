@@ -28,6 +28,21 @@ in order (an overdue frame is never skipped), so demoting a late frame stalls it
 further while helping nobody the share does not already protect; and under overload a demoted
 class would starve for good. The share keeps every session progressing.
 
+Frames that cannot be on time are skipped, with ``skip_late`` (``engine.skip_late_frames``, on
+in the server). Outputs release every frame in order, so a frame made late holds its session's
+video back, and under a burst above the device's capacity (more sessions starting to talk at
+once than it can serve) every frame made late makes the next one later: the load test saw a
+backlog that drained only at the device's spare rate, so the sessions never caught up although
+the average load fitted (docs/benchmarks.md, "Load test on the H200: findings"). So when more
+frames are queued than one batch holds (the device is behind), every queued frame whose
+deadline falls before the next batch can be done (now + the recent batches' time, start to
+delivery) resolves to :data:`SKIPPED` instead: its session shows its last picture for that
+frame (the mouth holds for 40 ms) and is on time again. The frames that are made are on time,
+bursts cost a few held frames, and the skips are counted (``BatchStats.skipped``; per session
+in its stats). Without a backlog nothing is skipped: a device merely slower than the
+processing budget makes its frames late, as before, rather than showing none (and its batch
+time keeps being measured).
+
 Two stages per batch (:meth:`Engine.compose_staged`): the engine thread runs the device's part
 (for MuseTalk: UNet, VAE, blend, the face boxes back to the CPU) and hands the CPU end (pasting
 the boxes into full frames, resolving the futures, which for a device process copies each frame
@@ -66,6 +81,19 @@ FaultObserver = Callable[[str], None]  # (reason) once, when the device fails
 
 #: Seconds of recent batches that :meth:`EngineWorker.utilisation` looks at.
 UTILISATION_WINDOW = 10.0
+#: Weight of the newest batch in the running estimate of a batch's time (``skip_late``).
+BATCH_TIME_WEIGHT = 0.2
+
+
+class _Skipped:
+    """What a skipped frame's future resolves to (a singleton: compare with ``is``)."""
+
+    def __repr__(self) -> str:
+        return "SKIPPED"
+
+
+#: The result of a frame that could not be made on time (``EngineWorker(skip_late=True)``).
+SKIPPED = _Skipped()
 
 
 class BatchStats:
@@ -76,6 +104,7 @@ class BatchStats:
     def __init__(self) -> None:
         self.batches = 0
         self.frames = 0
+        self.skipped = 0  # frames resolved as SKIPPED: they could not be on time
         self.busy_seconds = 0.0
         self.started = time.monotonic()
         self._recent: collections.deque[tuple[float, float]] = collections.deque()  # (end, seconds)
@@ -121,9 +150,14 @@ class EngineWorker:
         name: str = "cpu",
         on_batch: BatchObserver | None = None,
         on_fault: FaultObserver | None = None,
+        skip_late: bool = False,
     ) -> None:
         self.engine = engine
         self.batch_size = batch_size
+        self.skip_late = skip_late
+        # seconds from picking a batch to delivering its frames, recent batches weighted most;
+        # None until a batch has run (nothing is skipped before)
+        self.batch_seconds: float | None = None
         self.name = name
         self._on_batch = on_batch
         self._on_fault = on_fault
@@ -215,7 +249,27 @@ class EngineWorker:
                 self._cv.wait()
             if self._closed or self.failed is not None:
                 return []
-            return self._pick_locked()
+            if self.skip_late and self.batch_seconds is not None and self._queued > self.batch_size:
+                skipped = self._skip_late_locked(time.monotonic() + self.batch_seconds)
+            else:
+                skipped = []
+            batch = self._pick_locked()
+        for job in skipped:
+            job.future.set_result(SKIPPED)
+        return batch
+
+    def _skip_late_locked(self, done_by: float) -> list[_Job]:
+        """Take every queued job due before ``done_by`` out of the queues (module docstring)."""
+        skipped: list[_Job] = []
+        for owner, queue in self._queues.items():
+            while queue and queue[0].deadline < done_by:
+                job = heapq.heappop(queue)
+                self._queued -= 1
+                if job.future.set_running_or_notify_cancel():
+                    skipped.append(job)
+        if skipped:
+            self.stats.skipped += len(skipped)
+        return skipped
 
     def _pick_locked(self) -> list[_Job]:
         """Up to ``batch_size`` jobs: each owner's share first, then the rest, earliest deadline
@@ -264,7 +318,7 @@ class EngineWorker:
                 continue
             elapsed = time.perf_counter() - started
             self.stats.record(len(batch), elapsed)
-            self._finisher.submit(self._finish, batch, finish)
+            self._finisher.submit(self._finish, batch, finish, started)
             if self._on_batch is not None:
                 self._on_batch(len(batch), elapsed)
 
@@ -275,7 +329,7 @@ class EngineWorker:
         frames = self.engine.compose(requests)  # an engine-like object without stages
         return lambda: frames
 
-    def _finish(self, batch: list[_Job], finish: Callable[[], list[Any]]) -> None:
+    def _finish(self, batch: list[_Job], finish: Callable[[], list[Any]], started: float) -> None:
         """On the finisher thread, batches in order: the CPU part, then every frame delivered."""
         try:
             frames = finish()
@@ -286,6 +340,9 @@ class EngineWorker:
             return
         for job, frame in zip(batch, frames, strict=True):
             job.future.set_result(frame)
+        seconds = time.perf_counter() - started
+        previous = self.batch_seconds
+        self.batch_seconds = seconds if previous is None else previous + BATCH_TIME_WEIGHT * (seconds - previous)
 
     def _failed_batch(self, batch: list[_Job], exc: Exception) -> bool:
         """Fail ``batch``'s frames; True when ``exc`` was a device fault (the worker is done)."""
