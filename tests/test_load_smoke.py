@@ -44,3 +44,28 @@ def test_load_two_websocket_sessions(avatars_root: Path, tmp_path: Path) -> None
     assert overall["latency_ms_p50"] is not None
     assert isinstance(overall["server_cpu_percent_mean"], float)  # the spawned server was sampled
     assert "sessions OK" in done.stdout
+
+
+def test_skipped_frames_count_as_late_in_the_verdict() -> None:
+    """A frame the device skipped (the mouth held) is a degraded frame: the session's late share
+    and its OK verdict include it; a server that reports no skips (older) is judged as before."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import load
+
+    def session(skipped_at_end: int | None) -> dict:
+        end = {"frames": 1000, "late_frames": 4, "dropped_frames": 0}
+        if skipped_at_end is not None:
+            end["skipped_frames"] = skipped_at_end
+        start = {"frames": 500, "late_frames": 2, "dropped_frames": 0, "skipped_frames": 0}
+        return {
+            "server": {"stats": end}, "server_stats_at_start": start, "fps": 25.0, "max_gap_ms": 50.0,
+            "client_late_percent": 0.0, "onset_latency_ms": [150.0] * 20, "onsets_unmeasured": 0,
+        }
+
+    clean = session(None)
+    load.judge(clean, 20.0)
+    assert clean["server_window"]["skipped_frames"] == 0 and clean["late_percent"] == 0.4 and clean["ok"]
+    skipping = session(10)
+    load.judge(skipping, 20.0)
+    assert skipping["server_window"]["skipped_frames"] == 10
+    assert skipping["late_percent"] == 2.4 and not skipping["ok"]  # (2 late + 10 skipped) / 500
