@@ -82,8 +82,8 @@ DEFAULT_HANGOVER_SECONDS = 0.2
 # is encoded over the positions its audio fills plus TRIM_MARGIN_POSITIONS, rounded up to a
 # multiple of POSITION_BUCKET, instead of all 1500. Each length is a pass of its own (windows of
 # different lengths cannot share one without changing each other's numbers), and a pass has a
-# fixed cost of ~1 ms on an H200 (bench/gpu_costs.py: 4 windows of 250 positions take as long as
-# 4 of 750), so the buckets are coarse: 500, 1000, 1500. See the class docstring for the why.
+# fixed cost of ~1 ms on an H200 (bench/gpu_costs.py: 4 windows of 250 positions take 1.3 ms,
+# 4 of 750 1.6 ms, 4 of 1500 2.6 ms), so the buckets are coarse: 500, 1000, 1500. See the class docstring for the why.
 POSITION_BUCKET = 500
 TRIM_MARGIN_POSITIONS = 2
 #: Windows per encoder pass are padded up to one of these (one CUDA graph per size and length).
@@ -153,7 +153,7 @@ class WhisperBatcher:
     rest quadratic in them. Positions keep their absolute embedding (a frame stays where the
     whole-file path puts it); what changes is that the frames no longer attend to ~15 s of
     padding. Measured against the whole-file reference on real speech (bench/whisper_agreement.py
-    --trim, docs/benchmarks.md) the trimmed windows agree *better* frame by frame than padded ones
+    --windows padded,trimmed, docs/benchmarks.md) the trimmed windows agree *better* frame by frame than padded ones
     (the padding is no closer to the real future than nothing), at about half the positions.
     Windows that fill all 30 s (a segment's edge, whole-clip calls) are encoded exactly as before.
     Windows of one call are sorted by length, one pass (or more, ``max_batch`` at a time) per
