@@ -39,7 +39,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np
 import torch
 
-from bench.musetalk_engine import _f, log, new_engine, requests_for, save_avatar, session_trial
+from bench.musetalk_engine import (
+    _f,
+    add_engine_arguments,
+    ensure_synthetic_models,
+    log,
+    new_engine,
+    requests_for,
+    save_avatar,
+    session_trial,
+)
 
 SECTION = "Where the GPU time goes (H200, per talking session)"
 
@@ -93,6 +102,7 @@ def section_sessions(
 ) -> None:
     session_trial(engine, avatar, 4, 2.0, max(batches))  # warm-up: threads, shapes
     rows = res.setdefault("sessions", [])
+    trim = engine.whisper.trim
     for windows in modes:
         engine.whisper.trim = windows == "trimmed"
         for batch, n in ((b, n) for b in batches for n in counts):
@@ -105,7 +115,7 @@ def section_sessions(
                 f"features p95 {_f(r['features_p95_ms'])}, positions/window {r['encoder_positions_per_window']:.0f}, "
                 f"backlog {r['backlog_at_end']}, busy {r['gpu_busy']:.2f}"
             )
-    engine.whisper.trim = True
+    engine.whisper.trim = trim
 
 
 def section_engine(engine, avatar, res: dict[str, Any], batches: list[int], label: str) -> None:
@@ -133,12 +143,7 @@ def section_engine(engine, avatar, res: dict[str, Any], batches: list[int], labe
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda:0")
-    p.add_argument("--dtype", default="fp16")
-    p.add_argument("--tiny", action="store_true", help="tiny weights on the CPU: a check of the program")
-    p.add_argument("--models", default="/tmp/musetalk-bench-models")
-    p.add_argument("--work", default="/tmp/musetalk-bench-work")
-    p.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu-costs"))
+    add_engine_arguments(p, "/tmp/gpu-costs")
     p.add_argument("--whisper-batches", default="1,4,8,16,24")
     p.add_argument("--positions", default="1500,1250,1000,750,500,250")
     p.add_argument("--whisper-max-batch", type=int, default=8, help="the engine's whisper_batch (server default 8)")
@@ -157,11 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ints = lambda v: [int(x) for x in v.split(",") if x]  # noqa: E731
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    models = Path(args.models)
-    if not (models / "musetalkV15" / "unet.pth").is_file():
-        from pipeline.engines.musetalk.synthetic import write_synthetic_checkpoints
-
-        write_synthetic_checkpoints(models, tiny=args.tiny, seed=0, dtype="fp32" if args.tiny else "fp16")
+    ensure_synthetic_models(Path(args.models), tiny=args.tiny)
     avatar = save_avatar(Path(args.work) / "avatars")
     res: dict[str, Any] = {
         "env": {"gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")},

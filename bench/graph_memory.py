@@ -48,11 +48,10 @@ def main() -> int:
     if args.order:
         print(json.dumps(measure(args.models, args.top, args.order)), flush=True)
         return 0
-    if not (Path(args.models) / "musetalkV15" / "unet.pth").is_file():
-        sys.path.insert(0, str(ROOT))
-        from pipeline.engines.musetalk.synthetic import write_synthetic_checkpoints
+    sys.path.insert(0, str(ROOT))
+    from bench.musetalk_engine import ensure_synthetic_models
 
-        write_synthetic_checkpoints(Path(args.models), seed=0, dtype="fp16")
+    ensure_synthetic_models(Path(args.models))
     for order in ("ascending", "descending"):
         cmd = [sys.executable, "-m", "bench.graph_memory", "--models", args.models, "--top", str(args.top), "--order", order]
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=os.environ)

@@ -495,7 +495,7 @@ def section_sessions(args, avatar, res, clock, engine) -> None:
     series = [(share, st) for st in streams for share in [float(x) for x in args.speaking_shares.split(",")]]
     for share, st in series:
         if engine.device.type == "cuda":  # Whisper on its own CUDA stream, or on the default one
-            engine.whisper._stream = torch.cuda.Stream(engine.device) if st else None
+            engine.whisper._stream = engine.whisper.new_stream() if st else None
         ok_n, bad_n = 0, None
         n = max(1, round(args.sessions_start / max(share, 0.25)))
         while clock.left > seconds + 25:
@@ -609,13 +609,7 @@ def run(args: argparse.Namespace) -> None:
         env["cuda"] = torch.version.cuda
     res["env"] = env
     log("env", env)
-    models = Path(args.models)
-    if not (models / "musetalkV15" / "unet.pth").is_file():
-        from pipeline.engines.musetalk.synthetic import write_synthetic_checkpoints
-
-        t = time.perf_counter()
-        write_synthetic_checkpoints(models, tiny=args.tiny, seed=0, dtype="fp16" if not args.tiny else "fp32")
-        log(f"wrote synthetic checkpoints in {time.perf_counter() - t:.1f} s")
+    ensure_synthetic_models(Path(args.models), tiny=args.tiny)
     Path(args.work).mkdir(parents=True, exist_ok=True)
     avatars_dir = Path(args.work) / "avatars"
     avatar = save_avatar(avatars_dir)
@@ -776,14 +770,31 @@ def report(path: Path, command: str, render_command: str, doc: Path | None = Non
         write_section("MuseTalk render (GPU)", body)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_engine_arguments(p: argparse.ArgumentParser, out: str) -> None:
+    """The options every GPU bench shares: where the engine runs, its weights, work and output
+    folders (``new_engine`` and ``ensure_synthetic_models`` read them)."""
     p.add_argument("--device", default="cuda:0")
     p.add_argument("--dtype", default="fp16")
     p.add_argument("--tiny", action="store_true", help="tiny weights (a CPU check of the program)")
     p.add_argument("--models", default="/tmp/musetalk-bench-models")
     p.add_argument("--work", default="/tmp/musetalk-bench-work")
-    p.add_argument("--out", default=os.environ.get("OUT", "/tmp/musetalk-bench-out"))
+    p.add_argument("--out", default=os.environ.get("OUT", out))
+
+
+def ensure_synthetic_models(models: Path, tiny: bool = False) -> None:
+    """Full-size (or tiny) random weights in the official layout, written once into ``models``."""
+    if (models / "musetalkV15" / "unet.pth").is_file():
+        return
+    from pipeline.engines.musetalk.synthetic import write_synthetic_checkpoints
+
+    t = time.perf_counter()
+    write_synthetic_checkpoints(models, tiny=tiny, seed=0, dtype="fp32" if tiny else "fp16")
+    log(f"wrote synthetic checkpoints in {time.perf_counter() - t:.1f} s")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_arguments(p, "/tmp/musetalk-bench-out")
     p.add_argument("--sections", default="variants,sweep,official,memory,sessions,render")
     p.add_argument("--budget", type=float, default=540.0, help="seconds; sections are skipped past it")
     p.add_argument("--reps", type=int, default=10)

@@ -188,14 +188,7 @@ class WhisperBatcher:
             np.asarray(feature_extractor.mel_filters), dtype=torch.float32
         ).to(self.device)
         self._lock = threading.Lock()
-        # A high-priority stream: a frame's features gate its UNet/VAE batch, so when both are
-        # queued on the GPU the short encoder kernels go first instead of waiting behind a
-        # 50 ms VAE batch's (a graph replayed into a stream takes that stream's priority).
-        self._stream = (
-            torch.cuda.Stream(self.device, priority=-1)
-            if self.device.type == "cuda"
-            else None
-        )
+        self._stream = self.new_stream() if self.device.type == "cuda" else None
         self.encoder_windows = 0  # windows encoded so far (a cost counter for metrics and tests)
         self.encoder_positions = 0  # and the positions they held (the cost trimming cuts)
         # Whisper-tiny at a few windows is launch-bound: ~300 small kernels, each one Python call
@@ -213,6 +206,13 @@ class WhisperBatcher:
         )
         # reusable host batches of encoder input (see _Staging); one per concurrent caller
         self._staging: list[_Staging] = []
+
+    def new_stream(self) -> torch.cuda.Stream:
+        """The CUDA stream feature passes run on. High priority: a frame's features gate its
+        UNet/VAE batch, so when both are queued on the GPU the short encoder kernels go first
+        instead of waiting behind a 50 ms VAE batch's (a graph replayed into a stream takes that
+        stream's priority)."""
+        return torch.cuda.Stream(self.device, priority=-1)
 
     def positions_for(self, length: int) -> int:
         """Encoder positions a window of ``length`` samples is encoded over (1500 unless trimming)."""
