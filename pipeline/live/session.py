@@ -493,8 +493,11 @@ class LiveSession:
         belongs to the frames just before, else the idle frame."""
         if picture.done():
             return
-        if made.cancelled() or made.exception() is not None:
-            _chain(made, picture)
+        if made.cancelled():
+            picture.cancel()
+            return
+        if made.exception() is not None:
+            picture.set_exception(made.exception())  # type: ignore[arg-type]
             return
         image = made.result()
         if image is SKIPPED:
@@ -553,17 +556,3 @@ def _consume_thread_cancellation(future: Any) -> None:
     """The same for a concurrent future nobody waits on (an interrupted remote frame)."""
     if not future.cancelled():
         future.exception()
-
-
-def _chain(source: asyncio.Future, target: asyncio.Future, instead_of_none: Any = None) -> None:
-    """Copy a finished future's outcome into ``target`` (unless it already has one); a None
-    result becomes ``instead_of_none``."""
-    if target.done():
-        return
-    if source.cancelled():
-        target.cancel()
-    elif source.exception() is not None:
-        target.set_exception(source.exception())  # type: ignore[arg-type]
-    else:
-        result = source.result()
-        target.set_result(instead_of_none if result is None else result)
