@@ -45,6 +45,9 @@ def test_yaml_then_environment_override(tmp_path: Path, monkeypatch: pytest.Monk
         ("engine:\n  devices: [cuda:0, cuda:0]\n", "engine.devices"),
         ("sessions:\n  expected_talk_fraction: 0\n", "sessions.expected_talk_fraction"),
         ("server:\n  port: 70000\n", "server.port"),
+        ("engine:\n  whisper_windows: cropped\n", "engine.whisper_windows"),
+        ("engine:\n  whisper_batch: 0\n", "engine.whisper_batch"),
+        ("engine:\n  skip_late_frames: sometimes\n", "engine.skip_late_frames"),
         ("bogus: 1\n", "bogus"),
     ],
 )
