@@ -14,6 +14,9 @@ The load test found one GPU holding 14 all-talking sessions, not 16 (docs/benchm
   engine    UNet alone, VAE decode alone and the whole compose (compiled, CUDA graphs) per frame
             at batches 8-24, with cuDNN's heuristic algorithm choice and with
             ``torch.backends.cudnn.benchmark`` (it times every algorithm once per shape)
+  upsample  VAE decode with diffusers' upsampling layers vs the engine's folded ones
+            (pipeline/engines/musetalk/upsample.py): GPU ms per batch and how many 8-bit pixel
+            levels the two decodes differ by in fp16
 
 Run on the device (full-size random weights, synthetic.py), figures as JSON in --out:
 
@@ -51,6 +54,7 @@ from bench.musetalk_engine import (
 )
 
 SECTION = "Where the GPU time goes (H200, per talking session)"
+SECTION_KEYS = ("whisper", "sessions", "engine", "upsample")
 
 
 def gpu_ms(fn, reps: int = 20, warmup: int = 3) -> float:
@@ -133,12 +137,67 @@ def section_engine(engine, avatar, res: dict[str, Any], batches: list[int], labe
             engine.compose(reqs)
         compose_ms = (time.perf_counter() - t) / 10 * 1000
         row = {
-            "cudnn": label, "batch": n, "unet_ms": unet_ms, "vae_ms": vae_ms, "graph_ms": graph_ms,
+            "cudnn": label, "vae_upsample": engine.vae_upsample, "batch": n, "unet_ms": unet_ms, "vae_ms": vae_ms, "graph_ms": graph_ms,
             "compose_ms": compose_ms, "fps": n / compose_ms * 1000,
         }
         rows.append(row)
         log(f"engine [{label}] batch {n}: unet {unet_ms:.1f} vae {vae_ms:.1f} graph {graph_ms:.1f} compose {compose_ms:.1f} ms ({row['fps']:.0f} fps)")
     res.setdefault("engine", []).extend(rows)
+
+
+def section_upsample(engine, res: dict[str, Any], batches: list[int], compiled: bool) -> None:
+    """VAE decode with diffusers' upsampling layers vs folded ones (pipeline/engines/musetalk/
+    upsample.py), each compiled as the engine compiles it (dynamic batch, channels_last) and
+    replayed from a CUDA graph per batch; and how far apart the two decodes are in fp16."""
+    from pipeline.engines.musetalk.upsample import fold_upsamplers
+
+    vae = engine.models.vae
+    folded = fold_upsamplers(vae)[0]
+    on_cuda = engine.device.type == "cuda"
+    if engine.channels_last:
+        folded.to(memory_format=torch.channels_last)
+
+    def decoder(model):
+        fn = lambda z: model.decode(z).sample  # noqa: E731
+        return torch.compile(fn, dynamic=None) if compiled else fn
+
+    variants = {"reference": decoder(vae), "folded": decoder(folded)}
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    rows = []
+    for n in batches:
+        z = (torch.randn(n, 4, 32, 32, generator=gen) / 0.18215).to(engine.device, engine.dtype)
+        if engine.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)
+        outputs, row = {}, {"batch": n}
+        for name, fn in variants.items():
+            with torch.inference_mode():
+                if compiled:
+                    torch._dynamo.maybe_mark_dynamic(z, 0)
+                run = lambda f=fn: f(z)  # noqa: E731
+                if on_cuda:
+                    stream = torch.cuda.Stream(engine.device)
+                    stream.wait_stream(torch.cuda.current_stream(engine.device))
+                    with torch.cuda.stream(stream):
+                        for _ in range(3):
+                            fn(z)
+                    torch.cuda.current_stream(engine.device).wait_stream(stream)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, stream=stream):
+                        static = fn(z)
+                    run = lambda g=graph: g.replay()  # noqa: E731
+                    outputs[name] = static
+                else:
+                    outputs[name] = fn(z)
+                row[f"{name}_ms"] = gpu_ms(run)
+        pixels = lambda x: ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round()  # noqa: E731
+        diff = (pixels(outputs["folded"]) - pixels(outputs["reference"])).abs()
+        row["max_pixel_diff"] = float(diff.max())
+        row["mean_pixel_diff"] = float(diff.mean())
+        row["speedup"] = row["reference_ms"] / row["folded_ms"]
+        rows.append(row)
+        log(f"upsample batch {n}: reference {row['reference_ms']:.1f} ms, folded {row['folded_ms']:.1f} ms "
+            f"(x{row['speedup']:.2f}); pixels differ by {row['mean_pixel_diff']:.4f} mean, {row['max_pixel_diff']:.0f} max")
+    res["upsample"] = rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--session-batches", default="24", help="EngineWorker batch sizes (configs/gpu.yaml: 24)")
     p.add_argument("--windows", default="padded,trimmed", help="Whisper windows of the sessions section")
     p.add_argument("--budget", type=float, default=0.11, help="seconds from complete audio to picture")
-    p.add_argument("--report", type=Path, help="write the docs/benchmarks.md section from a gpu_costs.json")
+    p.add_argument("--report", type=Path, nargs="+", help="write the docs/benchmarks.md section from gpu_costs.json files (sections of later files replace earlier ones)")
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
     p.add_argument("--command", default="python -m bench.gpu_costs --device cuda:0 --models /tmp/mt --out $OUT")
     args = p.parse_args(argv)
@@ -180,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         (out / "gpu_costs.json").write_text(json.dumps(res, indent=1))
 
+    if "upsample" in sections:
+        section_upsample(engine, res, ints(args.engine_batches), compiled=engine.compile_mode != "none")
+        save()
     if "whisper" in sections:
         section_whisper(engine, res, ints(args.whisper_batches), ints(args.positions))
         save()
@@ -201,14 +263,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report(path: Path, doc: Path, command: str) -> int:
+def report(paths: list[Path], doc: Path, command: str) -> int:
     from bench import _report
 
-    r = json.loads(path.read_text())
+    runs = [json.loads(path.read_text()) for path in paths]
+    r: dict[str, Any] = {}
+    for run in runs:
+        r.update(run)
     env = r["env"]
+    commands = "; ".join(f"`{run.get('command', command)}` ({run['env']['date']}: {', '.join(k for k in SECTION_KEYS if k in run)})" for run in runs)
     lines = [
-        f"Device: {env['gpu']}, PyTorch {env['torch']}; {env['date']}. Full-size MuseTalk v1.5 with random "
-        f"weights (fp16, the engine's CUDA defaults: compile + CUDA graphs + channels_last). Command: `{r.get('command', command)}`.",
+        f"Device: {env['gpu']}, PyTorch {env['torch']}. Full-size MuseTalk v1.5 with random "
+        f"weights (fp16, the engine's CUDA defaults: compile + CUDA graphs + channels_last). Commands: {commands}.",
         "",
     ]
     if r.get("whisper"):
@@ -245,13 +311,28 @@ def report(path: Path, doc: Path, command: str) -> int:
             "graph (launch-bound at small batches: the UNet column hardly grows); UNet + VAE (graph) is what the engine "
             "replays; compose = wall ms of the whole batch with blending and pasting:",
             "",
-            "| cuDNN algorithms | batch | UNet | VAE decode | UNet + VAE (graph) | compose | frames/s |",
-            "|---|---|---|---|---|---|---|",
+            "| VAE upsampling | cuDNN algorithms | batch | UNet | VAE decode | UNet + VAE (graph) | compose | frames/s |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for x in r["engine"]:
             lines.append(
-                f"| {x['cudnn']} | {x['batch']} | {x['unet_ms']:.1f} | {x['vae_ms']:.1f} | {x['graph_ms']:.1f} | "
+                f"| {x.get('vae_upsample', 'reference')} | {x['cudnn']} | {x['batch']} | {x['unet_ms']:.1f} | {x['vae_ms']:.1f} | {x['graph_ms']:.1f} | "
                 f"{x['compose_ms']:.1f} | {x['fps']:.0f} |"
+            )
+        lines.append("")
+    if r.get("upsample"):
+        lines += [
+            "VAE decode with diffusers' upsampling layers (nearest 2x + 3x3 convolution) vs the engine's folded "
+            "2x2 phase convolutions (pipeline/engines/musetalk/upsample.py), both compiled and replayed from a CUDA "
+            "graph, GPU ms per batch; and how far the two decodes' 8-bit pixels are apart (random latents, fp16):",
+            "",
+            "| batch | reference ms | folded ms | speed-up | pixel levels apart: mean / max |",
+            "|---|---|---|---|---|",
+        ]
+        for x in r["upsample"]:
+            lines.append(
+                f"| {x['batch']} | {x['reference_ms']:.1f} | {x['folded_ms']:.1f} | {x['speedup']:.2f}x | "
+                f"{x['mean_pixel_diff']:.4f} / {x['max_pixel_diff']:.0f} |"
             )
         lines.append("")
     _report.write_section(SECTION, "\n".join(lines), doc)

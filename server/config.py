@@ -57,6 +57,11 @@ class EngineConfig(Section):
     # agrees at least as well with the whole-file features and costs about half the GPU time
     # (docs/benchmarks.md); padded is the literal official input.
     whisper_windows: Literal["trimmed", "padded"] = "trimmed"
+    # musetalk: the VAE decoder's three upsampling layers (nearest 2x, then a 3x3 convolution)
+    # as "folded" 2x2 convolutions on the small input, one per output phase: the same function
+    # (up to rounding) with 0.45x their arithmetic; "reference" runs diffusers' layers as loaded;
+    # "auto": folded on GPUs, reference on CPUs (slower there).
+    vae_upsample: Literal["auto", "folded", "reference"] = "auto"
     # A speech frame its device cannot make before its release time is skipped (the session
     # holds its last picture for it) instead of made late: frames go out in order, so one made
     # late delays every frame after it, and a burst above capacity would otherwise leave a
@@ -139,6 +144,7 @@ def engine_options(engine: EngineConfig, device: str | None = None) -> dict[str,
             "models_dir": engine.models_dir,
             "batch_size": engine.batch_size,
             "whisper_windows": engine.whisper_windows,
+            "vae_upsample": engine.vae_upsample,
             "whisper_batch": engine.whisper_batch,
         }
     return {}

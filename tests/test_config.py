@@ -48,6 +48,7 @@ def test_yaml_then_environment_override(tmp_path: Path, monkeypatch: pytest.Monk
         ("engine:\n  whisper_windows: cropped\n", "engine.whisper_windows"),
         ("engine:\n  whisper_batch: 0\n", "engine.whisper_batch"),
         ("engine:\n  skip_late_frames: sometimes\n", "engine.skip_late_frames"),
+        ("engine:\n  vae_upsample: bilinear\n", "engine.vae_upsample"),
         ("bogus: 1\n", "bogus"),
     ],
 )

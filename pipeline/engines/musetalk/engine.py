@@ -51,6 +51,7 @@ from pipeline.engines.musetalk.features import (
     positional_encoding,
 )
 from pipeline.engines.musetalk.loader import DTYPES, load_models, resolve_device
+from pipeline.engines.musetalk.upsample import fold_upsamplers
 from pipeline.engines.musetalk.vae_cache import SCALING_FACTOR, load_or_compute_latents
 from pipeline.errors import ConfigError
 
@@ -65,7 +66,11 @@ class MuseTalkEngine(Engine):
     audio features, see :class:`~pipeline.engines.musetalk.features.MuseTalkFeaturizer`),
     ``whisper_batch`` (most windows per encoder pass), ``whisper_windows`` ("trimmed": each
     window encoded over the positions its audio needs, or "padded": Whisper's full 30 s input;
-    :class:`~pipeline.engines.musetalk.features.WhisperBatcher`), ``latents_batch`` (frames per VAE
+    :class:`~pipeline.engines.musetalk.features.WhisperBatcher`), ``vae_upsample`` ("folded":
+    the VAE decoder's nearest-2x + 3x3 convolutions as one 2x2 convolution per output phase, the
+    same function with 0.45x the arithmetic, :mod:`.upsample`; "reference": diffusers' layers
+    as loaded; None or "auto": folded on a GPU, reference on a CPU, where oneDNN's 2x2
+    convolutions are slower than its 3x3 ones), ``latents_batch`` (frames per VAE
     encode when an avatar's cache is built), ``gpu_blend`` (blend on the engine's device in
     :meth:`compose`; default True), ``channels_last`` / ``cuda_graphs`` / ``compile`` /
     ``attention`` (speed, module docstring; None picks :data:`CUDA_DEFAULTS` on a GPU and off on
@@ -86,6 +91,7 @@ class MuseTalkEngine(Engine):
         hangover_seconds: float = DEFAULT_HANGOVER_SECONDS,
         whisper_batch: int = 8,
         whisper_windows: str = "trimmed",
+        vae_upsample: str | None = None,
         latents_batch: int = 8,
         gpu_blend: bool = True,
         channels_last: bool | None = None,
@@ -121,6 +127,10 @@ class MuseTalkEngine(Engine):
             raise ConfigError(f"musetalk compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
         if whisper_windows not in WHISPER_WINDOWS:
             raise ConfigError(f"musetalk whisper_windows must be one of {', '.join(WHISPER_WINDOWS)}, got {whisper_windows!r}")
+        if vae_upsample in (None, "auto"):
+            vae_upsample = CUDA_DEFAULTS["vae_upsample"] if on_cuda else "reference"
+        if vae_upsample not in VAE_UPSAMPLE:
+            raise ConfigError(f"musetalk vae_upsample must be one of {', '.join(VAE_UPSAMPLE)}, got {vae_upsample!r}")
         if attention not in ("sdpa", "classic"):
             raise ConfigError(f"musetalk attention must be 'sdpa' or 'classic', got {attention!r}")
         if cuda_graphs and not on_cuda:
@@ -132,6 +142,7 @@ class MuseTalkEngine(Engine):
         self.cuda_graphs = bool(cuda_graphs)
         self.compile_mode = compile
         self.attention = attention
+        self.vae_upsample = vae_upsample
         self.batch_size = batch_size
         # Batches run at their own size up to batch_size when that costs only a graph capture
         # (a shape-generic compile or none): padding a batch of 17 to 20 was ~8 % of the GPU at
@@ -379,6 +390,8 @@ class MuseTalkEngine(Engine):
 
     def _prepare_models(self) -> None:
         unet, vae = self.models.unet, self.models.vae
+        # the decode path's own view of the VAE; models.vae stays as loaded
+        decoder_vae = fold_upsamplers(vae)[0] if self.vae_upsample == "folded" else vae
         if self.attention == "classic":
             from diffusers.models.attention_processor import AttnProcessor
 
@@ -386,13 +399,14 @@ class MuseTalkEngine(Engine):
         if self.channels_last:
             unet.to(memory_format=torch.channels_last)
             vae.to(memory_format=torch.channels_last)
+            decoder_vae.to(memory_format=torch.channels_last)  # the folded layers' own weights
         self._unet = unet
-        self._decode = lambda z: vae.decode(z).sample
+        self._decode = lambda z: decoder_vae.decode(z).sample
         if self.compile_mode != "none":
             mode = "max-autotune-no-cudagraphs" if self.compile_mode == "max-autotune" else None
             dynamic = None if self.compile_mode == "default" else False  # default: marked dims only
             self._unet = torch.compile(unet, mode=mode, dynamic=dynamic)
-            self._decode = torch.compile(lambda z: vae.decode(z).sample, mode=mode, dynamic=dynamic)
+            self._decode = torch.compile(lambda z: decoder_vae.decode(z).sample, mode=mode, dynamic=dynamic)
 
     def _tokens(self, features: Any) -> torch.Tensor:
         t = torch.as_tensor(features)
@@ -436,9 +450,10 @@ class MuseTalkEngine(Engine):
 
 
 #: What a cuda device gets when an option is left unset (chosen by bench/musetalk_engine.py).
-CUDA_DEFAULTS: dict[str, Any] = {"channels_last": True, "cuda_graphs": True, "compile": "default"}
+CUDA_DEFAULTS: dict[str, Any] = {"channels_last": True, "cuda_graphs": True, "compile": "default", "vae_upsample": "folded"}
 PASTE_THREADS = 4
 WHISPER_WINDOWS = ("trimmed", "padded")
+VAE_UPSAMPLE = ("folded", "reference")
 COMPILE_MODES = ("none", "default", "static", "max-autotune")
 #: Batch sizes compiled or captured; a batch is padded up to the next one.
 PADDED_SIZES = (1, 2, 4, 8, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128, 192, 256)
