@@ -219,6 +219,60 @@ def test_frames_that_cannot_be_on_time_are_skipped_the_rest_made() -> None:
         assert worker.batch_seconds is not None and worker.batch_seconds < 5.0
 
 
+def test_skipping_leaves_one_batch_to_run_earliest_skipped_first() -> None:
+    """However far behind, a full batch is left to run (skipping everything would show nothing
+    and never measure the device again), and the frames skipped are the most overdue."""
+    with plain_worker(skip_late=True) as (engine, worker):
+        worker.submit(request("blocker"), time.monotonic() + 1000, "blocker")
+        assert engine.next_batch() == ["blocker"]
+        worker.batch_seconds = 5.0
+        now = time.monotonic()
+        doomed = [worker.submit(request(f"D{i}"), now - 3.0 + i * 0.1, "AB"[i % 2]) for i in range(2 * BATCH + 3)]
+        engine.gate.release()
+        assert engine.next_batch() == [f"D{i}" for i in range(BATCH + 3, 2 * BATCH + 3)]
+        engine.gate.release()
+        assert all(f.result(timeout=WAIT) is SKIPPED for f in doomed[: BATCH + 3])
+        assert all(f.result(timeout=WAIT) is not SKIPPED for f in doomed[BATCH + 3 :])
+        assert worker.stats.skipped == BATCH + 3
+
+
+class StagedGatedEngine(GatedEngine):
+    """The device part returns at once; the CPU end (finish) waits for the test: batches are
+    staged while the one before is still in flight, as on a GPU."""
+
+    def compose_staged(self, requests):
+        self.started.put([r.features for r in requests])
+        return lambda: self.compose_finish(requests)
+
+    def compose_finish(self, requests):
+        assert self.gate.acquire(timeout=WAIT), "test never released the batch"
+        return [np.zeros((1, 1, 3), np.uint8) for _ in requests]
+
+
+def test_batch_time_estimate_excludes_waiting_for_the_batch_in_flight() -> None:
+    """A staged batch starts while the previous one is in flight; the wait for it is not its own
+    time. Counting it (start to delivery) made frames the next batch would have made look doomed."""
+    engine = StagedGatedEngine()
+    worker = EngineWorker(engine, batch_size=BATCH, name="test", skip_late=True)
+    try:
+        first = worker.submit(request("first"), time.monotonic() + 1000, "A")
+        assert engine.next_batch() == ["first"]
+        second = worker.submit(request("second"), time.monotonic() + 1000, "A")
+        assert engine.next_batch() == ["second"]  # staged at once, behind the first
+        time.sleep(0.6)
+        engine.gate.release()
+        first.result(timeout=WAIT)
+        engine.gate.release()
+        second.result(timeout=WAIT)
+        # first: ~0.6 s; second: only the moment after the first's delivery (start to delivery
+        # would be ~0.6 s again and keep the estimate at >= 0.6)
+        assert worker.batch_seconds is not None and worker.batch_seconds < 0.55
+    finally:
+        for _ in range(10):
+            engine.gate.release()
+        worker.close()
+
+
 def test_without_a_backlog_late_frames_are_made_not_skipped() -> None:
     """A device merely slower than the budget (a short queue) makes its frames late, as before:
     skipping them all would show no speech at all and never measure the device again."""
