@@ -55,6 +55,7 @@ from bench.musetalk_engine import (
 
 SECTION = "Where the GPU time goes (H200, per talking session)"
 SECTION_KEYS = ("whisper", "sessions", "engine", "upsample")
+CONCATENATED = ("engine", "upsample")  # their tables keep the rows of every run given to --report
 
 
 def gpu_ms(fn, reps: int = 20, warmup: int = 3) -> float:
@@ -79,6 +80,23 @@ def gpu_ms(fn, reps: int = 20, warmup: int = 3) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b))
     return float(np.median(times))
+
+
+def replayed_ms(fn, device: torch.device) -> tuple[float, Any]:
+    """GPU ms of ``fn`` replayed from a CUDA graph (as the engine runs it: no launch gaps), and
+    its output; on a CPU, plain wall ms."""
+    if device.type != "cuda":
+        return gpu_ms(fn), fn()
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        output = fn()
+    return gpu_ms(graph.replay), output
 
 
 def section_whisper(engine, res: dict[str, Any], batches: list[int], positions: list[int]) -> None:
@@ -128,20 +146,29 @@ def section_engine(engine, avatar, res: dict[str, Any], batches: list[int], labe
         reqs = requests_for(avatar, n, engine.device, engine.dtype)
         latents = torch.stack([engine._avatar_latents(r.avatar)[r.frame_index] for r in reqs])
         tokens = torch.stack([engine._tokens(r.features) for r in reqs]) + engine._pe
-        unet_ms = gpu_ms(lambda: engine._unet(latents, engine._timestep, encoder_hidden_states=tokens))
+        unet = lambda: engine._unet(latents, engine._timestep, encoder_hidden_states=tokens)  # noqa: E731
+        unet_ms = gpu_ms(unet)
+        with torch.inference_mode():
+            unet_graph_ms = replayed_ms(unet, engine.device)[0]
         z = torch.randn(n, 4, 32, 32, device=engine.device, dtype=engine.dtype)
+        if engine.channels_last:  # as the UNet hands it over
+            z = z.contiguous(memory_format=torch.channels_last)
+        if engine.compile_mode == "default":
+            torch._dynamo.maybe_mark_dynamic(z, 0)
         vae_ms = gpu_ms(lambda: engine._decode(z))
+        with torch.inference_mode():
+            vae_graph_ms = replayed_ms(lambda: engine._decode(z), engine.device)[0]
         graph_ms = gpu_ms(lambda: engine.generate_float(reqs))
         t = time.perf_counter()
         for _ in range(10):
             engine.compose(reqs)
         compose_ms = (time.perf_counter() - t) / 10 * 1000
         row = {
-            "cudnn": label, "vae_upsample": engine.vae_upsample, "batch": n, "unet_ms": unet_ms, "vae_ms": vae_ms, "graph_ms": graph_ms,
+            "cudnn": label, "vae_upsample": engine.vae_upsample, "batch": n, "unet_ms": unet_ms, "unet_graph_ms": unet_graph_ms, "vae_ms": vae_ms, "vae_graph_ms": vae_graph_ms, "graph_ms": graph_ms,
             "compose_ms": compose_ms, "fps": n / compose_ms * 1000,
         }
         rows.append(row)
-        log(f"engine [{label}] batch {n}: unet {unet_ms:.1f} vae {vae_ms:.1f} graph {graph_ms:.1f} compose {compose_ms:.1f} ms ({row['fps']:.0f} fps)")
+        log(f"engine [{label}] batch {n}: unet {unet_ms:.1f} (graph {unet_graph_ms:.1f}) vae {vae_ms:.1f} (graph {vae_graph_ms:.1f}) graph {graph_ms:.1f} compose {compose_ms:.1f} ms ({row['fps']:.0f} fps)")
     res.setdefault("engine", []).extend(rows)
 
 
@@ -153,7 +180,6 @@ def section_upsample(engine, res: dict[str, Any], batches: list[int], compiled: 
 
     vae = engine.models.vae
     folded = fold_upsamplers(vae)[0]
-    on_cuda = engine.device.type == "cuda"
     if engine.channels_last:
         folded.to(memory_format=torch.channels_last)
 
@@ -173,22 +199,7 @@ def section_upsample(engine, res: dict[str, Any], batches: list[int], compiled: 
             with torch.inference_mode():
                 if compiled:
                     torch._dynamo.maybe_mark_dynamic(z, 0)
-                run = lambda f=fn: f(z)  # noqa: E731
-                if on_cuda:
-                    stream = torch.cuda.Stream(engine.device)
-                    stream.wait_stream(torch.cuda.current_stream(engine.device))
-                    with torch.cuda.stream(stream):
-                        for _ in range(3):
-                            fn(z)
-                    torch.cuda.current_stream(engine.device).wait_stream(stream)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, stream=stream):
-                        static = fn(z)
-                    run = lambda g=graph: g.replay()  # noqa: E731
-                    outputs[name] = static
-                else:
-                    outputs[name] = fn(z)
-                row[f"{name}_ms"] = gpu_ms(run)
+                row[f"{name}_ms"], outputs[name] = replayed_ms(lambda f=fn: f(z), engine.device)
         pixels = lambda x: ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round()  # noqa: E731
         diff = (pixels(outputs["folded"]) - pixels(outputs["reference"])).abs()
         row["max_pixel_diff"] = float(diff.max())
@@ -263,15 +274,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
 def report(paths: list[Path], doc: Path, command: str) -> int:
     from bench import _report
 
     runs = [json.loads(path.read_text()) for path in paths]
     r: dict[str, Any] = {}
-    for run in runs:
-        r.update(run)
+    for number, run in enumerate(runs, 1):
+        for key, value in run.items():
+            if key in CONCATENATED:  # rows of every run, each marked with its run
+                r.setdefault(key, []).extend({**row, "run": number} for row in value)
+            else:
+                r[key] = value
     env = r["env"]
-    commands = "; ".join(f"`{run.get('command', command)}` ({run['env']['date']}: {', '.join(k for k in SECTION_KEYS if k in run)})" for run in runs)
+    commands = "; ".join(
+        f"run {number}: `{run.get('command', command)}` ({run['env']['date']}: {', '.join(k for k in SECTION_KEYS if k in run)})"
+        for number, run in enumerate(runs, 1)
+    )
     lines = [
         f"Device: {env['gpu']}, PyTorch {env['torch']}. Full-size MuseTalk v1.5 with random "
         f"weights (fp16, the engine's CUDA defaults: compile + CUDA graphs + channels_last). Commands: {commands}.",
@@ -307,16 +329,18 @@ def report(paths: list[Path], doc: Path, command: str) -> int:
         lines.append("")
     if r.get("engine"):
         lines += [
-            "UNet + VAE decode per batch (GPU ms). UNet and VAE decode alone are the compiled modules without a CUDA "
-            "graph (launch-bound at small batches: the UNet column hardly grows); UNet + VAE (graph) is what the engine "
-            "replays; compose = wall ms of the whole batch with blending and pasting:",
+            "UNet + VAE decode per batch (GPU ms). UNet and VAE decode alone are the compiled modules, launched "
+            "kernel by kernel (launch-bound at small batches: the UNet column hardly grows) and replayed from a CUDA "
+            "graph of their own (later runs); UNet + VAE (graph) is what the engine replays; compose = wall ms of the "
+            "whole batch with blending and pasting:",
             "",
-            "| VAE upsampling | cuDNN algorithms | batch | UNet | VAE decode | UNet + VAE (graph) | compose | frames/s |",
-            "|---|---|---|---|---|---|---|---|",
+            "| run | VAE upsampling | cuDNN algorithms | batch | UNet | UNet (graph) | VAE decode | VAE (graph) | UNet + VAE (graph) | compose | frames/s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for x in r["engine"]:
             lines.append(
-                f"| {x.get('vae_upsample', 'reference')} | {x['cudnn']} | {x['batch']} | {x['unet_ms']:.1f} | {x['vae_ms']:.1f} | {x['graph_ms']:.1f} | "
+                f"| {x['run']} | {x.get('vae_upsample', 'reference')} | {x['cudnn']} | {x['batch']} | {x['unet_ms']:.1f} | {_ms(x.get('unet_graph_ms'))} | "
+                f"{x['vae_ms']:.1f} | {_ms(x.get('vae_graph_ms'))} | {x['graph_ms']:.1f} | "
                 f"{x['compose_ms']:.1f} | {x['fps']:.0f} |"
             )
         lines.append("")
@@ -326,12 +350,12 @@ def report(paths: list[Path], doc: Path, command: str) -> int:
             "2x2 phase convolutions (pipeline/engines/musetalk/upsample.py), both compiled and replayed from a CUDA "
             "graph, GPU ms per batch; and how far the two decodes' 8-bit pixels are apart (random latents, fp16):",
             "",
-            "| batch | reference ms | folded ms | speed-up | pixel levels apart: mean / max |",
-            "|---|---|---|---|---|",
+            "| run | batch | reference ms | folded ms | speed-up | pixel levels apart: mean / max |",
+            "|---|---|---|---|---|---|",
         ]
         for x in r["upsample"]:
             lines.append(
-                f"| {x['batch']} | {x['reference_ms']:.1f} | {x['folded_ms']:.1f} | {x['speedup']:.2f}x | "
+                f"| {x['run']} | {x['batch']} | {x['reference_ms']:.1f} | {x['folded_ms']:.1f} | {x['speedup']:.2f}x | "
                 f"{x['mean_pixel_diff']:.4f} / {x['max_pixel_diff']:.0f} |"
             )
         lines.append("")

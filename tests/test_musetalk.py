@@ -803,7 +803,7 @@ def test_engine_speed_options_and_gpu_config(tiny_dir: Path) -> None:
         assert (eng.channels_last, eng.cuda_graphs, eng.compile_mode, eng.vae_upsample) == (False, False, "none", "reference")
     finally:
         eng.close()
-    assert set(CUDA_DEFAULTS) == {"channels_last", "cuda_graphs", "compile", "vae_upsample"}
+    assert set(CUDA_DEFAULTS) == {"channels_last", "cuda_graphs", "compile"}
     assert [padded_size(n) for n in (1, 3, 17, 33, 48, 300)] == [1, 4, 20, 40, 48, 300]
     assert padded_size(1, minimum=2) == 2
     assert [padded_size(n, 2, exact_up_to=24) for n in (1, 3, 17, 24, 25, 33)] == [2, 3, 17, 24, 32, 40]

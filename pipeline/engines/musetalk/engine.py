@@ -68,9 +68,9 @@ class MuseTalkEngine(Engine):
     window encoded over the positions its audio needs, or "padded": Whisper's full 30 s input;
     :class:`~pipeline.engines.musetalk.features.WhisperBatcher`), ``vae_upsample`` ("folded":
     the VAE decoder's nearest-2x + 3x3 convolutions as one 2x2 convolution per output phase, the
-    same function with 0.45x the arithmetic, :mod:`.upsample`; "reference": diffusers' layers
-    as loaded; None or "auto": folded on a GPU, reference on a CPU, where oneDNN's 2x2
-    convolutions are slower than its 3x3 ones), ``latents_batch`` (frames per VAE
+    same function with 0.45x the arithmetic, :mod:`.upsample`; "reference", the default:
+    diffusers' layers as loaded. Folding did not make the compiled engine faster on an H200,
+    nor oneDNN on a CPU: docs/design-notes.md), ``latents_batch`` (frames per VAE
     encode when an avatar's cache is built), ``gpu_blend`` (blend on the engine's device in
     :meth:`compose`; default True), ``channels_last`` / ``cuda_graphs`` / ``compile`` /
     ``attention`` (speed, module docstring; None picks :data:`CUDA_DEFAULTS` on a GPU and off on
@@ -91,7 +91,7 @@ class MuseTalkEngine(Engine):
         hangover_seconds: float = DEFAULT_HANGOVER_SECONDS,
         whisper_batch: int = 8,
         whisper_windows: str = "trimmed",
-        vae_upsample: str | None = None,
+        vae_upsample: str = "reference",
         latents_batch: int = 8,
         gpu_blend: bool = True,
         channels_last: bool | None = None,
@@ -127,8 +127,6 @@ class MuseTalkEngine(Engine):
             raise ConfigError(f"musetalk compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
         if whisper_windows not in WHISPER_WINDOWS:
             raise ConfigError(f"musetalk whisper_windows must be one of {', '.join(WHISPER_WINDOWS)}, got {whisper_windows!r}")
-        if vae_upsample in (None, "auto"):
-            vae_upsample = CUDA_DEFAULTS["vae_upsample"] if on_cuda else "reference"
         if vae_upsample not in VAE_UPSAMPLE:
             raise ConfigError(f"musetalk vae_upsample must be one of {', '.join(VAE_UPSAMPLE)}, got {vae_upsample!r}")
         if attention not in ("sdpa", "classic"):
@@ -450,7 +448,7 @@ class MuseTalkEngine(Engine):
 
 
 #: What a cuda device gets when an option is left unset (chosen by bench/musetalk_engine.py).
-CUDA_DEFAULTS: dict[str, Any] = {"channels_last": True, "cuda_graphs": True, "compile": "default", "vae_upsample": "folded"}
+CUDA_DEFAULTS: dict[str, Any] = {"channels_last": True, "cuda_graphs": True, "compile": "default"}
 PASTE_THREADS = 4
 WHISPER_WINDOWS = ("trimmed", "padded")
 VAE_UPSAMPLE = ("folded", "reference")
