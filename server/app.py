@@ -89,6 +89,7 @@ async def _start(state: AppState) -> None:
                     headroom=engine.capacity_headroom,
                     log_level=settings.server.log_level,
                     skip_late=engine.skip_late_frames,
+                    skip_keep=engine.skip_keep_frames,
                 )
             )
 
@@ -103,6 +104,7 @@ async def _start(state: AppState) -> None:
             headroom=engine.capacity_headroom,
             on_batch=state.metrics.on_batch,
             skip_late=engine.skip_late_frames,
+            skip_keep=engine.skip_keep_frames,
         )
         state.metrics.set_device_source(state.pool.describe)
         # Off the loop: a GPU engine compiles and captures CUDA graphs at start (minutes, cold),

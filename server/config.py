@@ -68,6 +68,11 @@ class EngineConfig(Section):
     # backlog the sessions never catch up with. Skipped frames are counted (session stats,
     # GET /v1/devices, metrics).
     skip_late_frames: bool = True
+    # Frames a device always makes at each batch when it skips (the latest-due ones): 0 = one
+    # batch (batch_size). Fewer sheds more of a burst (pipeline/live/worker.py; simulated in
+    # bench/worker_sim.py, not yet measured on a GPU) but a device slower than the processing
+    # budget then makes only that many frames per batch.
+    skip_keep_frames: int = Field(0, ge=0, le=256)
     # musetalk: most Whisper windows (talking sessions' frames) per encoder pass
     whisper_batch: int = Field(8, ge=1, le=64)
     # where each device's engine, feature and batching workers run: "process" = a spawned

@@ -49,6 +49,7 @@ def test_yaml_then_environment_override(tmp_path: Path, monkeypatch: pytest.Monk
         ("engine:\n  whisper_batch: 0\n", "engine.whisper_batch"),
         ("engine:\n  skip_late_frames: sometimes\n", "engine.skip_late_frames"),
         ("engine:\n  vae_upsample: bilinear\n", "engine.vae_upsample"),
+        ("engine:\n  skip_keep_frames: -1\n", "engine.skip_keep_frames"),
         ("bogus: 1\n", "bogus"),
     ],
 )

@@ -69,3 +69,25 @@ def test_skipped_frames_count_as_late_in_the_verdict() -> None:
     load.judge(skipping, 20.0)
     assert skipping["server_window"]["skipped_frames"] == 10
     assert skipping["late_percent"] == 2.4 and not skipping["ok"]  # (2 late + 10 skipped) / 500
+
+
+def test_worker_sim_counts_late_and_skipped_frames(tmp_path: Path) -> None:
+    """bench/worker_sim.py (the real EngineWorker before a modelled GPU): an idle device makes
+    every frame on time; one far too slow (50 ms per frame for 4 sessions) makes them late
+    without skipping, and sheds them with the server's policy."""
+    from bench import worker_sim
+
+    out = tmp_path / "sim.json"
+    worker_sim.main(
+        ["--scenarios", "4:all", "--policies", "none,batch", "--seconds", "3", "--warmup", "1",
+         "--base-ms", "0", "--per-frame-ms", "0.1", "--json", str(out)]
+    )
+    idle = json.loads(out.read_text())
+    assert [r["degraded_pct"] for r in idle] == [0.0, 0.0], idle
+    worker_sim.main(
+        ["--scenarios", "4:all", "--policies", "none,batch", "--seconds", "3", "--warmup", "1",
+         "--base-ms", "0", "--per-frame-ms", "50", "--json", str(out)]
+    )
+    none, batch = json.loads(out.read_text())
+    assert none["late_pct"] > 50 and none["skipped_pct"] == 0, none
+    assert batch["skipped_pct"] > 10, batch

@@ -236,9 +236,29 @@ def test_skipping_leaves_one_batch_to_run_earliest_skipped_first() -> None:
         assert worker.stats.skipped == BATCH + 3
 
 
+def test_skip_keep_sets_how_many_frames_a_pick_always_leaves() -> None:
+    """``skip_keep=1`` sheds a backlog down to its latest-due frame (a batch by default)."""
+    engine = GatedEngine()
+    worker = EngineWorker(engine, batch_size=BATCH, name="test", skip_late=True, skip_keep=1)
+    try:
+        worker.submit(request("blocker"), time.monotonic() + 1000, "blocker")
+        assert engine.next_batch() == ["blocker"]
+        worker.batch_seconds = 5.0
+        now = time.monotonic()
+        doomed = [worker.submit(request(f"D{i}"), now - 3.0 + i * 0.1, "AB"[i % 2]) for i in range(BATCH + 3)]
+        engine.gate.release()
+        assert engine.next_batch() == [f"D{BATCH + 2}"]
+        engine.gate.release()
+        assert [f.result(timeout=WAIT) is SKIPPED for f in doomed] == [True] * (BATCH + 2) + [False]
+    finally:
+        for _ in range(10):
+            engine.gate.release()
+        worker.close()
+
+
 class StagedGatedEngine(GatedEngine):
-    """The device part returns at once; the CPU end (finish) waits for the test: batches are
-    staged while the one before is still in flight, as on a GPU."""
+    """The device part returns at once; the CPU end (finish) waits for the test: the next batch
+    starts while the one before waits for its delivery."""
 
     def compose_staged(self, requests):
         self.started.put([r.features for r in requests])
@@ -250,8 +270,8 @@ class StagedGatedEngine(GatedEngine):
 
 
 def test_batch_time_estimate_excludes_waiting_for_the_batch_in_flight() -> None:
-    """A staged batch starts while the previous one is in flight; the wait for it is not its own
-    time. Counting it (start to delivery) made frames the next batch would have made look doomed."""
+    """A batch starts while the previous one still waits for its delivery (the finisher serves
+    them in order); that wait is not the batch's own time and must not make frames look doomed."""
     engine = StagedGatedEngine()
     worker = EngineWorker(engine, batch_size=BATCH, name="test", skip_late=True)
     try:

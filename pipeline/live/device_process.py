@@ -70,6 +70,7 @@ class DeviceSpec:
     headroom: float
     log_level: str = "warning"
     skip_late: bool = False  # EngineWorker(skip_late): frames that cannot be on time are skipped
+    skip_keep: int = 0  # EngineWorker(skip_keep): frames always left queued when skipping (0: a batch)
 
 
 @dataclass
@@ -153,6 +154,7 @@ class DeviceProcess:
             on_batch=lambda size, seconds: self.channel.send(("batch", size, seconds, self._queued())),
             on_fault=lambda reason: self.channel.send(("fault", reason)),
             skip_late=spec.skip_late,
+            skip_keep=spec.skip_keep,
         )
         self.features = FeatureWorker(spec.name, on_fault=self._feature_fault)
         return calibration

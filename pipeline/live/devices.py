@@ -140,6 +140,7 @@ class DevicePool:
         on_batch: BatchObserver | None = None,
         make_link: Callable[[str], DeviceLink] | None = None,
         skip_late: bool = False,
+        skip_keep: int = 0,
     ) -> None:
         """``make_link``: run each device in a process of its own (``make_engine`` then unused)."""
         if not names:
@@ -151,7 +152,8 @@ class DevicePool:
         self.processing_seconds = processing_seconds
         self.capacity_sessions = capacity_sessions
         self.headroom = headroom
-        self.skip_late = skip_late  # EngineWorker(skip_late) (worker.py docstring)
+        self.skip_late = skip_late  # EngineWorker(skip_late, skip_keep) (worker.py docstring)
+        self.skip_keep = skip_keep
         self._on_batch = on_batch
         self._lock = threading.RLock()
         self._listeners: list[FailureListener] = []
@@ -237,6 +239,7 @@ class DevicePool:
                 on_batch=self._on_batch,
                 on_fault=lambda reason, name=name: self.fail(name, reason),
                 skip_late=self.skip_late,
+                skip_keep=self.skip_keep,
             )
             device.feature_worker = FeatureWorker(
                 name, on_fault=lambda exc, name=name: self.fail(name, describe_fault(exc))

@@ -43,11 +43,20 @@ are made are on time, bursts cost a few held frames, and the skips are counted
 a full batch is always left to run: a device merely slower than the processing budget makes
 its frames late, as before, rather than showing none (and its batch time keeps being measured).
 
-A batch's own time is what counts, not start to delivery: a staged batch starts while the one
-before it is still on the GPU, so its start-to-delivery time holds that wait too, about twice
-its own. With that estimate (the first version) a frame that the next batch would have made in
-time looked doomed, and on an H200 at 16 talking sessions 37 % of frames were skipped with the
-GPU 75 % busy (run ``055707``).
+Two details matter (the first version had neither, and on an H200 at 16 talking sessions it
+skipped 37 % of frames with the GPU 75 % busy, run ``055707``): skipping stops once one batch's
+worth is queued (it used to drop *every* doomed frame once more than a batch was queued, and at
+16 sessions a 90 ms budget holds more than a batch: most of the queue went), and a batch's time
+is its own, from its start or the previous batch's delivery, whichever is later (its frames are
+delivered by the finisher after the previous batch's pasting; start to delivery counted that
+wait too).
+
+How many frames a pick always leaves is ``skip_keep`` (``engine.skip_keep_frames``; 0, the
+default: one batch). Fewer sheds more of a burst: bench/worker_sim.py, the real worker before a
+modelled H200, put 29 conversational sessions at 20 % late or held frames keeping a batch and
+10 % keeping one frame, 18 all-talking at 39 % and 12 % (docs/benchmarks.md); not yet measured
+on a GPU. The cost of keeping few: a device slower than the processing budget makes only that
+many frames per batch (every fresh frame looks doomed), so its talking sessions mostly hold.
 
 Two stages per batch (:meth:`Engine.compose_staged`): the engine thread runs the device's part
 (for MuseTalk: UNet, VAE, blend, the face boxes back to the CPU) and hands the CPU end (pasting
@@ -157,14 +166,17 @@ class EngineWorker:
         on_batch: BatchObserver | None = None,
         on_fault: FaultObserver | None = None,
         skip_late: bool = False,
+        skip_keep: int = 0,
     ) -> None:
         self.engine = engine
         self.batch_size = batch_size
         self.skip_late = skip_late
+        # frames never skipped at a pick: the latest-due ones run (0: one batch's worth)
+        self.skip_keep = skip_keep if skip_keep > 0 else batch_size
         # a batch's own time: from its start, or from the previous batch's delivery if that came
-        # later, to its delivery (staged batches queue behind the one in flight; that wait is
-        # not theirs), recent batches weighted most; None until a batch has run (nothing is
-        # skipped before)
+        # later, to its delivery (the finisher delivers batches in order, so a batch can wait
+        # for the previous one's pasting; that wait is not its own), recent batches weighted
+        # most; None until a batch has run (nothing is skipped before)
         self.batch_seconds: float | None = None
         self._last_delivery = 0.0
         self.name = name
@@ -258,7 +270,7 @@ class EngineWorker:
                 self._cv.wait()
             if self._closed or self.failed is not None:
                 return []
-            if self.skip_late and self.batch_seconds is not None and self._queued > self.batch_size:
+            if self.skip_late and self.batch_seconds is not None and self._queued > self.skip_keep:
                 skipped = self._skip_late_locked(time.monotonic() + self.batch_seconds)
             else:
                 skipped = []
@@ -269,11 +281,11 @@ class EngineWorker:
 
     def _skip_late_locked(self, done_by: float) -> list[_Job]:
         """Take queued jobs due before ``done_by`` out of the queues, earliest first, while more
-        than one batch is queued (module docstring)."""
+        than ``skip_keep`` (one batch, by default) are queued (module docstring)."""
         skipped: list[_Job] = []
         heads = [(queue[0], owner) for owner, queue in self._queues.items() if queue]
         heapq.heapify(heads)
-        while heads and self._queued > self.batch_size and heads[0][0].deadline < done_by:
+        while heads and self._queued > self.skip_keep and heads[0][0].deadline < done_by:
             _, owner = heapq.heappop(heads)
             queue = self._queues[owner]
             job = heapq.heappop(queue)

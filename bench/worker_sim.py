@@ -1,0 +1,250 @@
+"""The real EngineWorker in front of a simulated GPU: how late-frame policies fare, on any CPU.
+
+A GPU load test costs device time, which is scarce; the batching and skipping logic does not
+need a GPU to be judged. Here the server's own :class:`~pipeline.live.worker.EngineWorker`
+(batching, per-session share, skipping) takes frames from N simulated sessions at 25 fps; the
+"engine" takes ``batch_ms(n) = base + per_frame * n`` in its first stage (as MuseTalk's waits
+for the GPU) and a few ms of pasting in the second (default: the H200 figures of docs/benchmarks.md,
+"Where the GPU time goes": UNet + VAE in a graph, ~1.5 + 2.0 n ms, plus ~0.3 ms per frame for
+its Whisper window). With those it reproduces the load test's all-talking edge (16 sessions:
+no late frame; 18 without skipping: nearly all late) but not its conversational figure exactly
+(one seed per trial; the server adds feature-time jitter and CPU contention the model lacks). A frame is handed to the worker ``feature_ms`` after its audio is complete
+and is due at its release time (audio complete + jitter + processing, the gpu.yaml 0.11 s);
+sessions release frames in order, so a frame sent late can hold the next one back, as in the
+server. Talk patterns as in bench/load.py: all talking, or conversational (1-4 s sentences and
+equal silences, each session at a random point of its cycle, 0.2 s VAD hangover).
+
+    python -m bench.worker_sim --scenarios 16:all,18:all,29:conversational --policies none,batch,one
+
+Policies: ``none`` (never skip), ``batch`` (the server's default: skip doomed frames, earliest
+first, while more than a batch is queued), ``one`` (down to a single queued frame:
+``engine.skip_keep_frames: 1``).
+Figures go to stdout and, with --doc, to docs/benchmarks.md ("Late-frame policies, simulated").
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import random
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from pipeline.engines.base import Engine, FrameRequest  # noqa: E402
+from pipeline.live.worker import SKIPPED, EngineWorker  # noqa: E402
+
+FRAME = 0.04
+SECTION = "Late-frame policies, simulated (the server's EngineWorker, a modelled H200)"
+
+
+class SimulatedGPU(Engine):
+    """Stage one (the engine thread) takes the batch's GPU time, as MuseTalk's does (it waits for
+    the blended face boxes to reach the CPU); stage two (the finisher thread) the pasting."""
+
+    name = "simulated"
+
+    def __init__(self, base_ms: float, per_frame_ms: float, paste_ms: float) -> None:
+        self.base_ms, self.per_frame_ms, self.paste_ms = base_ms, per_frame_ms, paste_ms
+        self.busy = 0.0
+
+    def new_featurizer(self):  # pragma: no cover - not used
+        raise NotImplementedError
+
+    def load_avatar(self, avatar) -> None:
+        pass
+
+    def generate(self, requests):  # pragma: no cover - compose_staged is used
+        raise NotImplementedError
+
+    def compose(self, requests):
+        return self.compose_staged(requests)()
+
+    def compose_staged(self, requests):
+        seconds = (self.base_ms + self.per_frame_ms * len(requests)) / 1000
+        _sleep(seconds)
+        self.busy += seconds
+        return lambda: (_sleep(self.paste_ms / 1000), [None] * len(requests))[1]
+
+
+def _sleep(seconds: float) -> None:
+    """time.sleep overshoots by up to a millisecond or so: sleep most of it, spin the rest."""
+    end = time.perf_counter() + seconds
+    while (left := end - time.perf_counter()) > 0:
+        time.sleep(left - 0.0005 if left > 0.001 else 0)
+
+
+@dataclass
+class Frame:
+    session: int
+    index: int
+    release: float
+    done: float | None = None
+    skipped: bool = False
+
+
+@dataclass
+class Trial:
+    sessions: int
+    talk: str
+    policy: str
+    frames: list[Frame] = field(default_factory=list)
+
+
+def talking(talk: str, seconds: float, rng: random.Random, hangover: float = 0.2) -> np.ndarray:
+    """Per 40 ms frame: does the session need a picture (speech or VAD hangover)?"""
+    n = int(seconds / FRAME)
+    if talk == "all":  # sentences with 0.3 s pauses, bridged by the 0.2 s hangover mostly
+        active = np.ones(n, bool)
+        t = rng.uniform(0, 3)
+        while t < seconds:
+            t += rng.uniform(1.5, 3.5)
+            gap = slice(int((t + hangover) / FRAME), int((t + 0.3) / FRAME))
+            active[gap] = False
+            t += 0.3
+        return active
+    active = np.zeros(n, bool)
+    t = -rng.uniform(0, 8)  # a random point of the cycle
+    while t < seconds:
+        length = rng.uniform(1, 4)
+        active[max(0, int(t / FRAME)) : max(0, int((t + length + hangover) / FRAME))] = True
+        t += 2 * length
+    return active
+
+
+def run_trial(args: argparse.Namespace, sessions: int, talk: str, policy: str, seed: int) -> dict[str, Any]:
+    rng = random.Random(seed)
+    gpu = SimulatedGPU(args.base_ms, args.per_frame_ms + args.whisper_ms, args.paste_ms)
+    worker = EngineWorker(gpu, batch_size=args.batch, name="sim", skip_late=policy != "none", skip_keep=1 if policy == "one" else 0)
+    start = time.monotonic() + 0.2
+    events: list[tuple[float, int, Frame]] = []
+    for s in range(sessions):
+        offset = rng.uniform(0, FRAME)  # sessions' clocks are not aligned
+        for k, active in enumerate(talking(talk, args.seconds, rng)):
+            if active:
+                complete = start + offset + k * FRAME
+                frame = Frame(s, k, complete + args.budget)
+                events.append((complete + args.feature_ms / 1000, len(events), frame))
+    heapq.heapify(events)
+    trial = Trial(sessions, talk, policy)
+    lock = threading.Lock()
+
+    def finished(frame: Frame, future) -> None:
+        with lock:
+            frame.done = time.monotonic()
+            frame.skipped = future.result() is SKIPPED
+
+    while events:
+        at, _, frame = heapq.heappop(events)
+        if (wait := at - time.monotonic()) > 0:
+            time.sleep(wait)
+        trial.frames.append(frame)
+        worker.submit(FrameRequest(None, frame.index, None), frame.release, frame.session).add_done_callback(  # type: ignore[arg-type]
+            lambda fut, f=frame: finished(f, fut)
+        )
+    deadline = time.monotonic() + 10
+    while any(f.done is None for f in trial.frames) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    busy = gpu.busy / args.seconds
+    worker.close()
+    return summarise(trial, busy, args.warmup)
+
+
+def summarise(trial: Trial, busy: float, warmup: float) -> dict[str, Any]:
+    """Late = sent after its release time: in each session frames go out in order, so a frame
+    is sent at max(its release, its picture, the previous frame sent); skipped frames are sent
+    on time with the last picture but count as degraded (as bench/load.py counts them)."""
+    by_session: dict[int, list[Frame]] = {}
+    for f in sorted(trial.frames, key=lambda f: (f.session, f.index)):
+        by_session.setdefault(f.session, []).append(f)
+    shares, late_total, skipped_total, counted = [], 0, 0, 0
+    t0 = min(f.release for f in trial.frames) + warmup
+    for frames in by_session.values():
+        sent_prev, late, skipped, n = 0.0, 0, 0, 0
+        for f in frames:
+            done = f.done if f.done is not None else float("inf")
+            sent = f.release if f.skipped else max(f.release, done, sent_prev)
+            sent_prev = sent
+            if f.release < t0:
+                continue
+            n += 1
+            skipped += f.skipped
+            late += (not f.skipped) and sent > f.release + 0.001
+        counted += n
+        late_total += late
+        skipped_total += skipped
+        shares.append(100 * (late + skipped) / max(n, 1))
+    return {
+        "sessions": trial.sessions, "talk": trial.talk, "policy": trial.policy,
+        "late_pct": 100 * late_total / max(counted, 1), "skipped_pct": 100 * skipped_total / max(counted, 1),
+        "degraded_pct": 100 * (late_total + skipped_total) / max(counted, 1),
+        "worst_session_pct": max(shares) if shares else 0.0, "gpu_busy": busy,
+    }
+
+
+def report(rows: list[dict[str, Any]], args: argparse.Namespace, argv: list[str]) -> str:
+    lines = [
+        f"Command: `python -m bench.worker_sim {' '.join(argv)}` ({time.strftime('%Y-%m-%d')}, on this "
+        f"machine's CPU: the GPU is a model). Batches take {args.base_ms} + {args.per_frame_ms + args.whisper_ms:.2f} n ms "
+        f"(UNet + VAE + Whisper per frame, H200); frames reach the worker {args.feature_ms} ms after their audio "
+        f"and are due {args.budget * 1000:.0f} ms after it; batch {args.batch}; {args.seconds:.0f} s per trial, the first "
+        f"{args.warmup:.0f} s not counted; degraded = late + skipped frames, mean of {args.repeats} trials.",
+        "",
+        "| sessions | talk | policy | late % | skipped % | degraded % | worst session % | GPU busy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['sessions']} | {r['talk']} | {r['policy']} | {r['late_pct']:.1f} | {r['skipped_pct']:.1f} | "
+            f"{r['degraded_pct']:.1f} | {r['worst_session_pct']:.1f} | {r['gpu_busy']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenarios", default="16:all,18:all,29:conversational", help="N:talk,... (talk: all | conversational)")
+    p.add_argument("--policies", default="none,batch,one")
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--batch", type=int, default=24)
+    p.add_argument("--base-ms", type=float, default=1.5)
+    p.add_argument("--per-frame-ms", type=float, default=2.0)
+    p.add_argument("--whisper-ms", type=float, default=0.3, help="GPU time per frame the Whisper window takes from the batches")
+    p.add_argument("--paste-ms", type=float, default=4.0, help="the CPU end of a batch (finisher thread)")
+    p.add_argument("--feature-ms", type=float, default=20.0)
+    p.add_argument("--budget", type=float, default=0.11, help="seconds from complete audio to release")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--doc", action="store_true", help="write the docs/benchmarks.md section")
+    args = p.parse_args(argv)
+    rows = []
+    for scenario in args.scenarios.split(","):
+        n, talk = int(scenario.split(":")[0]), scenario.split(":")[1]
+        for policy in args.policies.split(","):
+            trials = [run_trial(args, n, talk, policy, seed) for seed in range(args.repeats)]
+            row = {k: (float(np.mean([t[k] for t in trials])) if isinstance(v, float) else v) for k, v in trials[0].items()}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    text = report(rows, args, argv if argv is not None else sys.argv[1:])
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    if args.doc:
+        from bench import _report
+
+        _report.write_section(SECTION, text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
