@@ -70,8 +70,8 @@ class EngineConfig(Section):
     skip_late_frames: bool = True
     # Frames a device always makes at each batch when it skips (the latest-due ones): 0 = one
     # batch (batch_size). Fewer sheds more of a burst (pipeline/live/worker.py; simulated in
-    # bench/worker_sim.py, not yet measured on a GPU) but a device slower than the processing
-    # budget then makes only that many frames per batch.
+    # bench/worker_sim.py, not yet measured on a GPU); when every queued frame is late anyway
+    # (a device slower than the processing budget) a whole batch is still made.
     skip_keep_frames: int = Field(0, ge=0, le=256)
     # musetalk: most Whisper windows (talking sessions' frames) per encoder pass
     whisper_batch: int = Field(8, ge=1, le=64)

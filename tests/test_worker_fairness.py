@@ -237,7 +237,9 @@ def test_skipping_leaves_one_batch_to_run_earliest_skipped_first() -> None:
 
 
 def test_skip_keep_sets_how_many_frames_a_pick_always_leaves() -> None:
-    """``skip_keep=1`` sheds a backlog down to its latest-due frame (a batch by default)."""
+    """``skip_keep=1`` sheds every doomed frame while a fresh one is queued (a batch's worth is
+    kept by default); when every queued frame is doomed (a device slower than the budget) a
+    pick still keeps a whole batch, made late, rather than one frame."""
     engine = GatedEngine()
     worker = EngineWorker(engine, batch_size=BATCH, name="test", skip_late=True, skip_keep=1)
     try:
@@ -246,10 +248,18 @@ def test_skip_keep_sets_how_many_frames_a_pick_always_leaves() -> None:
         worker.batch_seconds = 5.0
         now = time.monotonic()
         doomed = [worker.submit(request(f"D{i}"), now - 3.0 + i * 0.1, "AB"[i % 2]) for i in range(BATCH + 3)]
+        fresh = worker.submit(request("fresh"), now + 100.0, "A")
         engine.gate.release()
-        assert engine.next_batch() == [f"D{BATCH + 2}"]
+        assert engine.next_batch() == ["fresh"]
+        assert all(f.result(timeout=WAIT) is SKIPPED for f in doomed)
+        # all doomed: the latest batch of them is made
+        now = time.monotonic()
+        slow = [worker.submit(request(f"S{i}"), now - 3.0 + i * 0.1, "AB"[i % 2]) for i in range(BATCH + 3)]
         engine.gate.release()
-        assert [f.result(timeout=WAIT) is SKIPPED for f in doomed] == [True] * (BATCH + 2) + [False]
+        assert engine.next_batch() == [f"S{i}" for i in range(3, BATCH + 3)]
+        engine.gate.release()
+        assert fresh.result(timeout=WAIT) is not SKIPPED
+        assert [f.result(timeout=WAIT) is SKIPPED for f in slow] == [True] * 3 + [False] * BATCH
     finally:
         for _ in range(10):
             engine.gate.release()

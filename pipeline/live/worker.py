@@ -55,8 +55,9 @@ How many frames a pick always leaves is ``skip_keep`` (``engine.skip_keep_frames
 default: one batch). Fewer sheds more of a burst: bench/worker_sim.py, the real worker before a
 modelled H200, put 29 conversational sessions at 20 % late or held frames keeping a batch and
 10 % keeping one frame, 18 all-talking at 39 % and 12 % (docs/benchmarks.md); not yet measured
-on a GPU. The cost of keeping few: a device slower than the processing budget makes only that
-many frames per batch (every fresh frame looks doomed), so its talking sessions mostly hold.
+on a GPU. Keeping few would cost a device slower than the processing budget: it would make only that
+many frames per batch (every fresh frame looks doomed) and its talking sessions mostly hold;
+so when every queued frame is doomed, a pick keeps a whole batch whatever ``skip_keep`` says.
 
 Two stages per batch (:meth:`Engine.compose_staged`): the engine thread runs the device's part
 (for MuseTalk: UNet, VAE, blend, the face boxes back to the CPU) and hands the CPU end (pasting
@@ -281,11 +282,15 @@ class EngineWorker:
 
     def _skip_late_locked(self, done_by: float) -> list[_Job]:
         """Take queued jobs due before ``done_by`` out of the queues, earliest first, while more
-        than ``skip_keep`` (one batch, by default) are queued (module docstring)."""
+        than ``skip_keep`` (one batch, by default) are queued; a whole batch when every queued
+        job is doomed (module docstring)."""
         skipped: list[_Job] = []
+        keep = self.skip_keep
+        if keep < self.batch_size and all(job.deadline < done_by for queue in self._queues.values() for job in queue):
+            keep = self.batch_size  # a device slower than the budget: make a batch, late, not one frame
         heads = [(queue[0], owner) for owner, queue in self._queues.items() if queue]
         heapq.heapify(heads)
-        while heads and self._queued > self.skip_keep and heads[0][0].deadline < done_by:
+        while heads and self._queued > keep and heads[0][0].deadline < done_by:
             _, owner = heapq.heappop(heads)
             queue = self._queues[owner]
             job = heapq.heappop(queue)
