@@ -11,8 +11,9 @@ no late frame; 18 without skipping: nearly all late) but not its conversational 
 (one seed per trial; the server adds feature-time jitter and CPU contention the model lacks). A frame is handed to the worker ``feature_ms`` after its audio is complete
 and is due at its release time (audio complete + jitter + processing, the gpu.yaml 0.11 s);
 sessions release frames in order, so a frame sent late can hold the next one back, as in the
-server. Talk patterns as in bench/load.py: all talking, or conversational (1-4 s sentences and
-equal silences, each session at a random point of its cycle, 0.2 s VAD hangover).
+server. Talk patterns are bench/load.py's own plans (``make_plan``: all talking, or
+conversational: 1-4 s sentences and equal silences, each session at a random point of its
+cycle), plus a 0.2 s VAD hangover.
 
     python -m bench.worker_sim --scenarios 16:all,18:all,29:conversational --policies none,batch,one
 
@@ -40,10 +41,13 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from bench.load import make_plan  # noqa: E402
 from pipeline.engines.base import Engine, FrameRequest  # noqa: E402
 from pipeline.live.worker import SKIPPED, EngineWorker  # noqa: E402
 
 FRAME = 0.04
+#: espeak-ng's lengths of bench/load.py's SENTENCES (the load test's speech), seconds
+SENTENCE_SECONDS = [0.79, 0.73, 1.57, 2.06, 1.62, 3.42, 3.18, 3.72, 2.54, 2.67]
 SECTION = "Late-frame policies, simulated (the server's EngineWorker, a modelled H200)"
 
 
@@ -100,24 +104,13 @@ class Trial:
     frames: list[Frame] = field(default_factory=list)
 
 
-def talking(talk: str, seconds: float, rng: random.Random, hangover: float = 0.2) -> np.ndarray:
-    """Per 40 ms frame: does the session need a picture (speech or VAD hangover)?"""
-    n = int(seconds / FRAME)
-    if talk == "all":  # sentences with 0.3 s pauses, bridged by the 0.2 s hangover mostly
-        active = np.ones(n, bool)
-        t = rng.uniform(0, 3)
-        while t < seconds:
-            t += rng.uniform(1.5, 3.5)
-            gap = slice(int((t + hangover) / FRAME), int((t + 0.3) / FRAME))
-            active[gap] = False
-            t += 0.3
-        return active
-    active = np.zeros(n, bool)
-    t = -rng.uniform(0, 8)  # a random point of the cycle
-    while t < seconds:
-        length = rng.uniform(1, 4)
-        active[max(0, int(t / FRAME)) : max(0, int((t + length + hangover) / FRAME))] = True
-        t += 2 * length
+def talking(talk: str, seconds: float, seed: int, hangover: float = 0.2) -> np.ndarray:
+    """Per 40 ms frame: does the session need a picture? The load test's own talk plan
+    (bench/load.py ``make_plan``) with its sentences' lengths, plus the VAD hangover."""
+    active = np.zeros(int(seconds / FRAME), bool)
+    plan, _ = make_plan(talk, SENTENCE_SECONDS, seconds, seed)
+    for start, index in plan:
+        active[int(start / FRAME) : int((start + SENTENCE_SECONDS[index] + hangover) / FRAME)] = True
     return active
 
 
@@ -129,7 +122,7 @@ def run_trial(args: argparse.Namespace, sessions: int, talk: str, policy: str, s
     events: list[tuple[float, int, Frame]] = []
     for s in range(sessions):
         offset = rng.uniform(0, FRAME)  # sessions' clocks are not aligned
-        for k, active in enumerate(talking(talk, args.seconds, rng)):
+        for k, active in enumerate(talking(talk, args.seconds, seed * 1000 + s)):
             if active:
                 complete = start + offset + k * FRAME
                 frame = Frame(s, k, complete + args.budget)

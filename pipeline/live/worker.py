@@ -53,8 +53,8 @@ wait too).
 
 How many frames a pick always leaves is ``skip_keep`` (``engine.skip_keep_frames``; 0, the
 default: one batch). Fewer sheds more of a burst: bench/worker_sim.py, the real worker before a
-modelled H200, put 29 conversational sessions at 20 % late or held frames keeping a batch and
-10 % keeping one frame, 18 all-talking at 39 % and 12 % (docs/benchmarks.md); not yet measured
+modelled H200, put 29 conversational sessions at 19 % late or held frames keeping a batch and
+9 % keeping one frame, 18 all-talking at 36 % and 11 % (docs/benchmarks.md); not yet measured
 on a GPU. Keeping few would cost a device slower than the processing budget: it would make only that
 many frames per batch (every fresh frame looks doomed) and its talking sessions mostly hold;
 so when every queued frame is doomed, a pick keeps a whole batch whatever ``skip_keep`` says.
