@@ -83,7 +83,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 from dataclasses import dataclass, field
 
@@ -288,20 +288,29 @@ class EngineWorker:
         keep = self.skip_keep
         if keep < self.batch_size and all(job.deadline < done_by for queue in self._queues.values() for job in queue):
             keep = self.batch_size  # a device slower than the budget: make a batch, late, not one frame
-        heads = [(queue[0], owner) for owner, queue in self._queues.items() if queue]
-        heapq.heapify(heads)
-        while heads and self._queued > keep and heads[0][0].deadline < done_by:
-            _, owner = heapq.heappop(heads)
-            queue = self._queues[owner]
+        for queue in self._earliest_first_locked():
+            if self._queued <= keep or queue[0].deadline >= done_by:
+                break
             job = heapq.heappop(queue)
             self._queued -= 1
             if job.future.set_running_or_notify_cancel():
                 skipped.append(job)
-            if queue:
-                heapq.heappush(heads, (queue[0], owner))
         if skipped:
             self.stats.skipped += len(skipped)
         return skipped
+
+    def _earliest_first_locked(self) -> Iterator[list[_Job]]:
+        """The owners' queues in the order of their queued jobs' deadlines, across owners: each
+        time, the queue whose head is the earliest queued job. The caller pops that head before
+        asking for the next, or stops."""
+        heads = [(queue[0], owner) for owner, queue in self._queues.items() if queue]
+        heapq.heapify(heads)
+        while heads:
+            _, owner = heapq.heappop(heads)
+            queue = self._queues[owner]
+            yield queue
+            if queue:
+                heapq.heappush(heads, (queue[0], owner))
 
     def _pick_locked(self) -> list[_Job]:
         """Up to ``batch_size`` jobs: each owner's share first, then the rest, earliest deadline
@@ -321,14 +330,10 @@ class EngineWorker:
             taken = len(batch)
             while queue and len(batch) - taken < share and len(batch) < self.batch_size:
                 take(queue)
-        heads = [(queue[0], owner) for owner, queue in self._queues.items() if queue]
-        heapq.heapify(heads)
-        while heads and len(batch) < self.batch_size:  # pass 2: free slots, earliest deadline first
-            _, owner = heapq.heappop(heads)
-            queue = self._queues[owner]
+        for queue in self._earliest_first_locked():  # pass 2: free slots, earliest deadline first
+            if len(batch) >= self.batch_size:
+                break
             take(queue)
-            if queue:
-                heapq.heappush(heads, (queue[0], owner))
         for owner in [owner for owner, queue in self._queues.items() if not queue]:
             del self._queues[owner]
         batch.sort()
