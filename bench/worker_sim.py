@@ -41,13 +41,14 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from bench.load import make_plan  # noqa: E402
+from bench.load import make_plan, parse_scenarios  # noqa: E402
 from pipeline.engines.base import Engine, FrameRequest  # noqa: E402
 from pipeline.live.worker import SKIPPED, EngineWorker  # noqa: E402
 
 FRAME = 0.04
 #: espeak-ng's lengths of bench/load.py's SENTENCES (the load test's speech), seconds
 SENTENCE_SECONDS = [0.79, 0.73, 1.57, 2.06, 1.62, 3.42, 3.18, 3.72, 2.54, 2.67]
+POLICIES = ("none", "batch", "one")
 SECTION = "Late-frame policies, simulated (the server's EngineWorker, a modelled H200)"
 
 
@@ -114,7 +115,7 @@ def talking(talk: str, seconds: float, seed: int, hangover: float = 0.2) -> np.n
     return active
 
 
-def run_trial(args: argparse.Namespace, sessions: int, talk: str, policy: str, seed: int) -> dict[str, Any]:
+def run_trial(args: argparse.Namespace, sessions: int, talk: str, seconds: float, policy: str, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     gpu = SimulatedGPU(args.base_ms, args.per_frame_ms + args.whisper_ms, args.paste_ms)
     worker = EngineWorker(gpu, batch_size=args.batch, name="sim", skip_late=policy != "none", skip_keep=1 if policy == "one" else 0)
@@ -122,7 +123,7 @@ def run_trial(args: argparse.Namespace, sessions: int, talk: str, policy: str, s
     events: list[tuple[float, int, Frame]] = []
     for s in range(sessions):
         offset = rng.uniform(0, FRAME)  # sessions' clocks are not aligned
-        for k, active in enumerate(talking(talk, args.seconds, seed * 1000 + s)):
+        for k, active in enumerate(talking(talk, seconds, seed * 1000 + s)):
             if active:
                 complete = start + offset + k * FRAME
                 frame = Frame(s, k, complete + args.budget)
@@ -147,7 +148,7 @@ def run_trial(args: argparse.Namespace, sessions: int, talk: str, policy: str, s
     deadline = time.monotonic() + 10
     while any(f.done is None for f in trial.frames) and time.monotonic() < deadline:
         time.sleep(0.05)
-    busy = gpu.busy / args.seconds
+    busy = gpu.busy / seconds
     worker.close()
     return summarise(trial, busy, args.warmup)
 
@@ -189,7 +190,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, argv: list[str]
         f"Command: `python -m bench.worker_sim {' '.join(argv)}` ({time.strftime('%Y-%m-%d')}, on this "
         f"machine's CPU: the GPU is a model). Batches take {args.base_ms} + {args.per_frame_ms + args.whisper_ms:.2f} n ms "
         f"(UNet + VAE + Whisper per frame, H200); frames reach the worker {args.feature_ms} ms after their audio "
-        f"and are due {args.budget * 1000:.0f} ms after it; batch {args.batch}; {args.seconds:.0f} s per trial, the first "
+        f"and are due {args.budget * 1000:.0f} ms after it; batch {args.batch}; {args.seconds:.0f} s per trial (unless a scenario says), the first "
         f"{args.warmup:.0f} s not counted; degraded = late + skipped frames, mean of {args.repeats} trials.",
         "",
         "| sessions | talk | policy | late % | skipped % | degraded % | worst session % | GPU busy |",
@@ -205,7 +206,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, argv: list[str]
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenarios", default="16:all,18:all,29:conversational", help="N:talk,... (talk: all | conversational)")
+    p.add_argument("--scenarios", default="16:all,18:all,29:conversational", help="N:talk,... as bench/load.py's (talk: all | conversational)")
     p.add_argument("--policies", default="none,batch,one")
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--warmup", type=float, default=2.0)
@@ -220,11 +221,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     p.add_argument("--doc", action="store_true", help="write the docs/benchmarks.md section")
     args = p.parse_args(argv)
+    try:
+        scenarios = parse_scenarios(args.scenarios, "ws", args.seconds)  # the load test's own syntax
+    except ValueError as exc:
+        p.error(str(exc))
+    policies = args.policies.split(",")
+    if unknown := [x for x in policies if x not in POLICIES]:
+        p.error(f"unknown policies {unknown}: choose from {', '.join(POLICIES)}")
     rows = []
-    for scenario in args.scenarios.split(","):
-        n, talk = int(scenario.split(":")[0]), scenario.split(":")[1]
-        for policy in args.policies.split(","):
-            trials = [run_trial(args, n, talk, policy, seed) for seed in range(args.repeats)]
+    for scenario in scenarios:
+        n, talk, seconds = scenario["sessions"], scenario["talk"], scenario["duration"]
+        for policy in policies:
+            trials = [run_trial(args, n, talk, seconds, policy, seed) for seed in range(args.repeats)]
             row = {k: (float(np.mean([t[k] for t in trials])) if isinstance(v, float) else v) for k, v in trials[0].items()}
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -91,3 +91,15 @@ def test_worker_sim_counts_late_and_skipped_frames(tmp_path: Path) -> None:
     none, batch = json.loads(out.read_text())
     assert none["late_pct"] > 50 and none["skipped_pct"] == 0, none
     assert batch["skipped_pct"] > 10, batch
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--scenarios", "16:chatty"], "talk must be"), (["--policies", "never"], "unknown policies")],
+)
+def test_worker_sim_rejects_bad_scenarios_and_policies(argv: list[str], message: str, capsys) -> None:
+    from bench import worker_sim
+
+    with pytest.raises(SystemExit) as exit_info:
+        worker_sim.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
