@@ -48,7 +48,8 @@ arrival at the client (decode and jitter buffer included), the A/V offset of tho
 the returned audio, and the server's own stats for the session (``GET /v1/sessions/{id}``).
 Late frames of a session, in the talking window: the server's own count (its video tracks'
 ``late_frames`` plus ``dropped_frames`` plus ``skipped_frames``, frames its device could not make
-on time and showed the last picture for; the difference of two ``GET /v1/sessions/{id}`` taken at
+on time and showed the last picture for; since 2026-12-03 a held frame is counted as skipped only,
+before it was also late when it went out late, and a session's share could pass 100 %; the difference of two ``GET /v1/sessions/{id}`` taken at
 the window's start and end) and the client's (from arrival gaps: after a gap of g ms, the frames
 that were due more than a frame interval before the next one came, ``ceil(g / 40) - 2``); the
 larger of the two percentages is the session's late %.

@@ -18,7 +18,7 @@ class Metrics:
         r = self.registry
         self.sessions = Gauge("lipstream_sessions", "Live sessions", registry=r)
         self.frames = Counter("lipstream_frames", "Video frames produced", ["kind"], registry=r)
-        self.late_frames = Counter("lipstream_late_frames", "Frames sent more than a frame late", registry=r)
+        self.late_frames = Counter("lipstream_late_frames", "Made frames sent more than a frame late (held frames count as skipped)", registry=r)
         self.dropped_frames = Counter("lipstream_dropped_frames", "Frames not delivered to a slow output", registry=r)
         self.fps = Gauge("lipstream_output_fps", "Mean delivered video fps over outputs", registry=r)
         self.latency = Histogram(

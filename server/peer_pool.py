@@ -70,7 +70,8 @@ class RemotePeer:
 
 
 class SessionFeed:
-    """Releases one session's frames to its peer process, and counts what went out late."""
+    """Releases one session's frames to its peer process, and counts the made frames that went out
+    late (a held frame, skipped by its device, is counted as skipped instead)."""
 
     kind = "video"  # counted with the outgoing video tracks in session stats
 
@@ -118,7 +119,7 @@ class SessionFeed:
         slot = self.ring.write(out.index, np.ascontiguousarray(image))
         self.worker.channel.send(("frame", self.session_id, out.index, slot))
         now = asyncio.get_running_loop().time()
-        if now - out.release > FRAME_SECONDS:
+        if now - out.release > FRAME_SECONDS and not out.held:  # a held frame counts as skipped only
             self.late += 1
             if self._on_late is not None:
                 self._on_late()

@@ -417,3 +417,49 @@ def test_a_burst_over_capacity_is_skipped_not_made_late(demo_avatar, speech) -> 
     assert total >= sum(skipped)  # (a skip that lands after its session closed is not shown)
     skipped, total, _ = asyncio.run(scenario(False))
     assert skipped == [0, 0, 0] and total == 0
+
+
+def test_a_held_frame_counts_as_skipped_not_also_late(demo_avatar) -> None:
+    """A frame sent more than a frame after its release is late if its device made it; a frame
+    the device skipped (a held picture) is counted as skipped only, even when it goes out late
+    behind late frames, so late + skipped counts each degraded frame once (the load test adds
+    them: before, a late held frame was counted twice and a session could pass 100 %)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from pipeline.engines.lite import LiteEngine
+    from pipeline.live.session import LiveSession, OutputFrame
+    from server.peer_pool import SessionFeed
+
+    async def scenario() -> None:
+        engine = LiteEngine()
+        worker = EngineWorker(engine, batch_size=BATCH, name="cpu")
+        session = LiveSession(demo_avatar, worker, engine.new_featurizer())
+        sent: list[tuple] = []
+        peers = SimpleNamespace(channel=SimpleNamespace(send=sent.append), feeds={})
+        feed = SessionFeed("s1", session, peers, on_late=None)
+        peers.feeds["s1"] = feed
+        loop = asyncio.get_running_loop()
+        long_ago = loop.time() - 1.0  # released a second ago: whatever goes out now is late
+
+        async def send(index: int, result: object) -> OutputFrame:
+            out = OutputFrame(index, session.epoch, long_ago, index % demo_avatar.frame_count, None, np.zeros(0, np.int16), True)
+            made, picture = loop.create_future(), loop.create_future()
+            made.set_result(result)
+            session._picture_made(made, out, picture)
+            out.image = picture
+            await feed._picture(out, None)
+            return out
+
+        try:
+            made = await send(10, np.full_like(demo_avatar.frames[0], 7))
+            assert not made.held and feed.late == 1
+            held = await send(11, SKIPPED)
+            assert held.held and feed.late == 1 and session.stats.skipped_frames == 1
+            assert feed.sent == 2 and [m[0] for m in sent].count("frame") == 2
+        finally:
+            await feed.close()
+            await session.close()
+            worker.close()
+
+    asyncio.run(scenario())

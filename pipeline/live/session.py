@@ -113,6 +113,9 @@ class OutputFrame:
     image: np.ndarray | asyncio.Future
     audio: np.ndarray  # int16 mono, OUTPUT_SAMPLES_PER_FRAME samples at OUTPUT_RATE
     speaking: bool
+    # Its device skipped it (it could not be on time) and it shows a held picture: counted as
+    # skipped, never also as late, so a session's late + skipped frames are distinct frames.
+    held: bool = False
 
     @property
     def pts_seconds(self) -> float:
@@ -502,6 +505,7 @@ class LiveSession:
         image = made.result()
         if image is SKIPPED:
             self.stats.skipped_frames += 1
+            out.held = True
             last_index, last = self._last_picture
             recent = last is not None and 0 < out.index - last_index <= HOLD_FRAMES
             image = last if recent else None
