@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--session-batches", default="24", help="EngineWorker batch sizes (configs/gpu.yaml: 24)")
     p.add_argument("--windows", default="padded,trimmed", help="Whisper windows of the sessions section")
     p.add_argument("--budget", type=float, default=0.11, help="seconds from complete audio to picture")
+    p.add_argument("--skip-warmup", action="store_true", help="capture only the batch sizes the sections use (a quick look: compiles on first use)")
     p.add_argument("--report", type=Path, nargs="+", help="write the docs/benchmarks.md section from gpu_costs.json files (sections of later files replace earlier ones)")
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
     p.add_argument("--command", default="python -m bench.gpu_costs --device cuda:0 --models /tmp/mt --out $OUT")
@@ -243,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = new_engine(args, batch_size=top, whisper_batch=args.whisper_max_batch)
     engine.load_avatar(avatar)
     t = time.perf_counter()
-    engine.warmup(top)
+    if not args.skip_warmup:
+        engine.warmup(top)
     res["warmup_s"] = time.perf_counter() - t
     log("warm-up", round(res["warmup_s"], 1), "s")
 

@@ -8,7 +8,9 @@ for the GPU) and a few ms of pasting in the second (default: the H200 figures of
 "Where the GPU time goes": UNet + VAE in a graph, ~1.5 + 2.0 n ms, plus ~0.3 ms per frame for
 its Whisper window). With those it reproduces the load test's all-talking edge (16 sessions:
 no late frame; 18 without skipping: nearly all late) but not its conversational figure exactly
-(one seed per trial; the server adds feature-time jitter and CPU contention the model lacks). A frame is handed to the worker ``feature_ms`` after its audio is complete
+(one seed per trial; the server adds feature-time jitter and CPU contention the model lacks),
+and its case for keeping one frame (``one``) did not hold on an H200 (docs/benchmarks.md, run
+``071645``): a model to compare rules with, not a predictor of a GPU. A frame is handed to the worker ``feature_ms`` after its audio is complete
 and is due at its release time (audio complete + jitter + processing, the gpu.yaml 0.11 s);
 sessions release frames in order, so a frame sent late can hold the next one back, as in the
 server. Talk patterns are bench/load.py's own plans (``make_plan``: all talking, or
@@ -196,12 +198,15 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, argv: list[str]
         "| sessions | talk | policy | late % | skipped % | degraded % | worst session % | GPU busy |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    caveat = (
+        "Checked on an H200 (docs: \"16 all-talking did not repeat; keeping one frame is worse on the GPU\", run `071645`): `one` was worse there, not better (16 all-talking 13.3 % degraded, 29 conversational 78 %): its small batches cost more GPU time per frame and the model lacks how frames bunch (sessions' clocks, batched Whisper passes) and the server's CPU contention. Use it to compare rules, not to predict a GPU."
+    )
     for r in rows:
         lines.append(
             f"| {r['sessions']} | {r['talk']} | {r['policy']} | {r['late_pct']:.1f} | {r['skipped_pct']:.1f} | "
             f"{r['degraded_pct']:.1f} | {r['worst_session_pct']:.1f} | {r['gpu_busy']:.2f} |"
         )
-    return "\n".join(lines)
+    return "\n".join([*lines, "", caveat])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,8 +69,8 @@ class EngineConfig(Section):
     # GET /v1/devices, metrics).
     skip_late_frames: bool = True
     # Frames a device always makes at each batch when it skips (the latest-due ones): 0 = one
-    # batch (batch_size). Fewer sheds more of a burst (pipeline/live/worker.py; simulated in
-    # bench/worker_sim.py, not yet measured on a GPU); when every queued frame is late anyway
+    # batch (batch_size). Fewer sheds more of a burst but leaves small batches: on an H200, 1 was
+    # worse than 0 (docs/benchmarks.md, run 071645); when every queued frame is late anyway
     # (a device slower than the processing budget) a whole batch is still made.
     skip_keep_frames: int = Field(0, ge=0, le=256)
     # musetalk: most Whisper windows (talking sessions' frames) per encoder pass

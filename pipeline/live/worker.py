@@ -54,8 +54,9 @@ wait too).
 How many frames a pick always leaves is ``skip_keep`` (``engine.skip_keep_frames``; 0, the
 default: one batch). Fewer sheds more of a burst: bench/worker_sim.py, the real worker before a
 modelled H200, put 29 conversational sessions at 19 % late or held frames keeping a batch and
-9 % keeping one frame, 18 all-talking at 36 % and 11 % (docs/benchmarks.md); not yet measured
-on a GPU. Keeping few would cost a device slower than the processing budget: it would make only that
+9 % keeping one frame, 18 all-talking at 36 % and 11 % (docs/benchmarks.md); on an H200 it was
+the other way round (29 conversational 78 % vs 10.5 %): the small batches it leaves cost more
+GPU time per frame, so more frames fall behind. Keeping few would cost a device slower than the processing budget: it would make only that
 many frames per batch (every fresh frame looks doomed) and its talking sessions mostly hold;
 so when every queued frame is doomed, a pick keeps a whole batch whatever ``skip_keep`` says.
 

@@ -252,11 +252,10 @@ class MuseTalkEngine(Engine):
         latent = torch.zeros((1, 8, 32, 32), device=self.device, dtype=self.dtype)
         token = torch.zeros((1, N_TOKENS, D_MODEL), device=self.device, dtype=self.dtype)
         with self._run_lock, torch.inference_mode(), self._on_device():
-            # Largest first: graphs share one memory pool, and the blocks a large capture frees
-            # can serve every smaller one after it. Captured smallest first, every size up to 24
-            # held 45 GB on an H200 (17 GB for the 8 padded sizes before): each capture needing
-            # blocks a little larger than any freed so far is the likely cause, not yet measured
-            # (bench/graph_memory.py compares the two orders).
+            # Largest first, so the dynamic-batch compile (on the first call) takes its kernel
+            # configurations from the largest batch, the one that matters under load. Graphs
+            # share one memory pool; the capture order does not change its size
+            # (bench/graph_memory.py on an H200: 59.8 GB either way without compile).
             for size in sorted(sizes, reverse=True):
                 latents, tokens = latent.expand(size, -1, -1, -1), token.expand(size, -1, -1)
                 if self.cuda_graphs:
