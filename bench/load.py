@@ -1147,6 +1147,8 @@ def print_summary(report: dict[str, Any]) -> None:
           + (f"; per GPU util {' / '.join(fmt(v, '%') for v in o['gpu_util_percent_mean_per_gpu'])}, memory "
              f"{' / '.join(fmt(v, ' MiB') for v in o['gpu_memory_mib_max_per_gpu'])}"
              if len(o.get("gpu_util_percent_mean_per_gpu") or []) > 1 else ""))
+    for line in stage_lines(report.get("server_devices_at_end") or {}):
+        print(line)
     if "clients_cpu_percent_per_session" in o:
         print(f"CPU per session: server {fmt(o['server_cpu_percent_per_session'], '%')}, client "
               f"{fmt(o['clients_cpu_percent_per_session'], '%')} (100% = one core)")
@@ -1257,6 +1259,23 @@ def plot(report: dict[str, Any], path: Path) -> bool:
 
 # ------------------------------------------------------------------------------- docs section
 DOC_ROWS = "<!-- load-rows "
+
+
+def stage_lines(devices_at_end: dict[str, Any]) -> list[str]:
+    """Where each device's made frames spent their budget (``stages_ms`` of ``GET /v1/devices``,
+    pipeline/live/stage_times.py: the last 10,000 frames at the end of the scenario)."""
+    lines = []
+    for device in devices_at_end.get("devices") or []:
+        stages = device.get("stages_ms") or {}
+        if not stages.get("frames"):
+            continue
+        parts = [f"{stage} {fmt(stages[stage]['p50'])}/{fmt(stages[stage]['p95'])}"
+                 for stage in ("features", "queue", "batch", "finish") if stage in stages]
+        slack = stages.get("slack")
+        if slack:
+            parts.append(f"slack (deadline - delivery) p5 {fmt(slack['p5'])}, p50 {fmt(slack['p50'])}")
+        lines.append(f"device {device['name']} stages over its last {stages['frames']} frames, ms p50/p95: " + "; ".join(parts))
+    return lines
 
 
 def write_doc(report: dict[str, Any], title: str, doc: Path | None = None) -> None:

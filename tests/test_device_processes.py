@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from pipeline.ipc.frame_ring import ResultRing
+from pipeline.live.stage_times import STAGES
 from tests.speech import SpeechClip
 from tests.test_devices import WAIT, create, devices, ended_reason, next_ended, server, until
 
@@ -67,7 +68,7 @@ async def _pictures(
 def test_device_processes_make_the_same_frames_as_threads(avatars_root: Path, speech: SpeechClip) -> None:
     """Same audio, same avatar: every picture from a device process equals the in-process one,
     speech frames are really composed (they differ from the idle avatar), and /v1/devices shows
-    the processes and their batches."""
+    the processes, their batches and where each made frame's time went (``stages_ms``, both ways)."""
     planar = speech.samples[None, :].astype(np.float32)
 
     async def frames_of(workers: str) -> tuple[list, dict]:
@@ -76,14 +77,35 @@ def test_device_processes_make_the_same_frames_as_threads(avatars_root: Path, sp
         async with server(avatars_root, engine=engine) as (state, http):
             created = await create(http)
             frames = await _pictures(state, created["id"], planar, speech.sample_rate)
-            listed = await devices(http)
+            made = sum(1 for _, speaking, _, _ in frames if speaking)
+            listed: dict = {}
+
+            async def stages_arrived() -> None:  # a device process sends them every second
+                listed.update(await devices(http))
+
+            deadline = asyncio.get_running_loop().time() + WAIT
+            await stages_arrived()
+            while listed["cpu:0"]["stages_ms"].get("frames", 0) < made and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.1)
+                await stages_arrived()
             return frames, listed
 
-    threads, _ = asyncio.run(frames_of("thread"))
+    threads, listed_threads = asyncio.run(frames_of("thread"))
     processes, listed = asyncio.run(frames_of("process"))
     assert [(i, s) for i, s, _, _ in processes] == [(i, s) for i, s, _, _ in threads]
     spoken = [i for i, speaking, _, _ in processes if speaking]
     assert len(spoken) >= 10, "the clip should make the avatar talk"
+    for where, timed in ((listed_threads, ("queue", "batch", "finish", "slack")), (listed, STAGES)):
+        # in the server process the lite featurizer runs inline (no feature worker to time)
+        stages = where["cpu:0"]["stages_ms"]
+        assert stages["frames"] >= len(spoken), (stages, len(spoken))  # every made frame, delivered
+        assert set(stages) == {"frames", *timed}, stages
+        for stage in timed:
+            p5, p50, p95 = (stages[stage][q] for q in ("p5", "p50", "p95"))
+            assert p5 <= p50 <= p95, (stage, stages[stage])
+            if stage != "slack":  # durations; slack is deadline - delivery and may be negative
+                assert p5 >= 0, (stage, stages[stage])
+        assert where["cpu:1"]["stages_ms"].get("frames", 0) == 0  # its device made nothing
     for (index, speaking, ours, idle), (_, _, theirs, _) in zip(processes, threads, strict=True):
         np.testing.assert_array_equal(ours, theirs, err_msg=f"frame {index}")
         if speaking:  # composed there, not the idle picture

@@ -89,7 +89,8 @@ def test_devices_endpoint_reports_a_calibrated_device(avatars_root: Path) -> Non
             (device,) = (await http.get("/v1/devices")).json()["devices"]
             assert device.keys() == {
                 "name", "engine", "state", "error", "capacity", "capacity_source", "calibration", "sessions",
-                "demand", "avatars", "queued_frames", "batches", "frames", "skipped_frames", "busy_seconds", "utilisation", "process",
+                "demand", "avatars", "queued_frames", "batches", "frames", "skipped_frames", "busy_seconds", "utilisation",
+                "stages_ms", "process",
             }
             assert (device["name"], device["engine"], device["state"], device["error"]) == ("cpu", "lite", "ready", None)
             assert device["capacity_source"] == "calibrated" and device["capacity"] >= 1

@@ -44,6 +44,10 @@ def test_load_two_websocket_sessions(avatars_root: Path, tmp_path: Path) -> None
     assert overall["latency_ms_p50"] is not None
     assert isinstance(overall["server_cpu_percent_mean"], float)  # the spawned server was sampled
     assert "sessions OK" in done.stdout
+    # where the device's made frames spent their time, from GET /v1/devices at the end
+    (device,) = report["server_devices_at_end"]["devices"]
+    assert device["stages_ms"]["frames"] > 0 and "batch" in device["stages_ms"]
+    assert f"device {device['name']} stages over its last" in done.stdout
 
 
 def test_skipped_frames_count_as_late_in_the_verdict() -> None:

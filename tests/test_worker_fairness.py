@@ -147,9 +147,9 @@ def test_silent_sessions_cost_nothing(demo_avatar) -> None:
     class CountingWorker(EngineWorker):
         submitted = 0
 
-        def submit(self, request, deadline, owner):
+        def submit(self, request, deadline, owner, arrived=None):
             CountingWorker.submitted += 1
-            return super().submit(request, deadline, owner)
+            return super().submit(request, deadline, owner, arrived)
 
     async def scenario() -> int:
         engine = LiteEngine()
@@ -463,3 +463,23 @@ def test_a_held_frame_counts_as_skipped_not_also_late(demo_avatar) -> None:
             worker.close()
 
     asyncio.run(scenario())
+
+
+def test_stage_times_report_percentiles_per_frame() -> None:
+    """A batch's stage counts once per frame; percentiles are over frames, in milliseconds."""
+    from pipeline.live.stage_times import StageTimes
+
+    stages = StageTimes(keep=100)
+    assert stages.summary() == {"frames": 0}
+    stages.add("batch", 0.010, frames=19)  # one batch of 19 frames at 10 ms
+    stages.add("batch", 0.030)  # and one frame's batch at 30 ms
+    for ms in range(-10, 10):
+        stages.add("slack", ms / 1000)
+    summary = stages.summary()
+    assert summary["frames"] == 20
+    assert summary["batch"] == {"p5": 10.0, "p50": 10.0, "p95": 11.0}  # numpy's linear percentiles
+    assert summary["slack"]["p5"] == pytest.approx(-9.05, abs=0.06) and summary["slack"]["p50"] == -0.5
+    assert "queue" not in summary  # nothing recorded, nothing claimed
+    for _ in range(150):
+        stages.add("queue", 0.001)
+    assert stages.summary()["queue"]["p95"] == 1.0  # only the last `keep` frames are kept

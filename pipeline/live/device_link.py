@@ -77,6 +77,7 @@ class DeviceLink:
         self.on_fault: FaultObserver | None = None
         self.stats = BatchStats()
         self.queued = 0  # frames waiting for the engine, as of the last batch
+        self.stage_summary: dict[str, Any] = {}  # the process's StageTimes.summary(), every second
         self.failed: str | None = None
         # A batch is written in one go and read within moments: two batches of slots is plenty.
         self.ring_slots = ring_slots or 2 * spec.batch_size + 8
@@ -220,6 +221,8 @@ class DeviceLink:
             self.queued = queued
             if self.on_batch is not None:
                 self.on_batch(size, seconds)
+        elif kind == "stages":
+            self.stage_summary = message[1]
         elif kind == "fault":
             self._fault(message[1])
         elif kind == "reply":

@@ -25,7 +25,8 @@ Commands (tuples, first item the kind):
 - process -> server: ``reply(request, error, value)``, ``features(key, index, active,
   composing)``, ``picture(key, index, ring, slot, number)``, ``skipped(key, index)`` (the frame
   could not be on time), ``failed(key, index, error)``,
-  ``batch(size, seconds, queued)``, ``fault(reason)``.
+  ``batch(size, seconds, queued)``, ``stages(summary)`` (every second:
+  :class:`~pipeline.live.stage_times.StageTimes`), ``fault(reason)``.
 
 ``deadline`` is a ``time.monotonic()`` instant (one clock for every process of the machine).
 """
@@ -37,6 +38,7 @@ import logging
 import pickle
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -55,6 +57,8 @@ from pipeline.live.feature_worker import FeatureWorker
 from pipeline.live.worker import SKIPPED, EngineWorker
 
 log = logging.getLogger("lipstream.device")
+#: Seconds between two ``stages`` messages (the engine worker's stage percentiles).
+STAGES_EVERY = 1.0
 
 
 @dataclass(frozen=True)
@@ -118,9 +122,16 @@ class DeviceProcess:
             log.warning("device process: unknown command %r", kind)
 
     def serve(self) -> None:
-        """The main thread: slow commands in order, until ``stop`` (or the server is gone)."""
+        """The main thread: slow commands in order, until ``stop`` (or the server is gone); while
+        idle, every second, the engine worker's stage times to the server (computed here, not on
+        the engine thread)."""
         while True:
-            message = self.control.get()
+            try:
+                message = self.control.get(timeout=STAGES_EVERY)
+            except queue.Empty:
+                if self.worker is not None:
+                    self.channel.send(("stages", self.worker.stages.summary()))
+                continue
             kind = message[0]
             if kind == "stop":
                 return
@@ -213,13 +224,16 @@ class DeviceProcess:
         if stream is None or self.features is None:
             self.channel.send(("failed", key, index, RuntimeError("no such stream on this device")))
             return
+        arrived = time.monotonic()
         frame = AudioFrame(index, np.frombuffer(window, dtype=np.float32), speech)
         try:
             pending = self.features.submit(stream.featurizer, [frame], key)
         except RuntimeError as exc:  # closed while stopping
             self.channel.send(("failed", key, index, _portable(exc)))
             return
-        pending.add_done_callback(lambda done: self._featured(key, stream, index, avatar_index, deadline, compose, done))
+        pending.add_done_callback(
+            lambda done: self._featured(key, stream, index, avatar_index, deadline, compose, done, arrived)
+        )
 
     def _featured(
         self,
@@ -230,6 +244,7 @@ class DeviceProcess:
         deadline: float,
         compose: bool,
         done: concurrent.futures.Future,
+        arrived: float,
     ) -> None:
         """On the feature thread, in frame order: tell the server, start the picture."""
         if done.cancelled():
@@ -246,7 +261,7 @@ class DeviceProcess:
         assert self.worker is not None
         request = FrameRequest(stream.avatar, avatar_index, features.data)
         try:
-            picture = self.worker.submit(request, deadline, key)
+            picture = self.worker.submit(request, deadline, key, arrived=arrived)
         except (DeviceFailed, RuntimeError) as exc:
             self.channel.send(("failed", key, index, _portable(exc)))
             return

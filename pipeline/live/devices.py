@@ -120,8 +120,16 @@ class Device:
             "skipped_frames": stats.skipped if stats else 0,
             "busy_seconds": round(stats.busy_seconds, 3) if stats else 0.0,
             "utilisation": round(stats.utilisation(), 3) if stats else 0.0,
+            "stages_ms": self._stage_summary(),
             "process": self.link.describe_process() if self.link else None,
         }
+
+    def _stage_summary(self) -> dict[str, Any]:
+        """Where made frames spent their budget (pipeline/live/stage_times.py): the worker's own,
+        or the last a device process sent."""
+        if self.worker is not None:
+            return self.worker.stages.summary()
+        return self.link.stage_summary if self.link is not None else {}
 
 
 class DevicePool:

@@ -395,8 +395,9 @@ class LiveSession:
             picture: asyncio.Future = loop.create_future()
             picture.add_done_callback(_consume_cancellation)
             out = OutputFrame(frame.index, self.epoch, release, avatar_index, picture, audio, False)
+            arrived = time.monotonic()
             pending = asyncio.wrap_future(self.feature_worker.submit(self.featurizer, [frame], self), loop=loop)
-            pending.add_done_callback(lambda done: self._features_ready(done, out, picture))
+            pending.add_done_callback(lambda done: self._features_ready(done, out, picture, arrived))
         self.stats.frames += 1
         for queue in self._subscribers:
             if queue.full():
@@ -450,15 +451,16 @@ class LiveSession:
         self.stats.talk_fraction += (FRAME_SECONDS / TALK_SECONDS) * (active - self.stats.talk_fraction)
 
     def _image(
-        self, features: FrameFeatures, index: int, avatar_index: int, release: float
+        self, features: FrameFeatures, index: int, avatar_index: int, release: float, arrived: float | None = None
     ) -> np.ndarray | asyncio.Future:
-        """Account for a frame's features (in frame order) and start its picture."""
+        """Account for a frame's features (in frame order) and start its picture. ``arrived``:
+        when its audio went to the feature worker (the device's stage times)."""
         self._account(features.active, index)
         if features.active and self._subscribers:
             request = FrameRequest(self.avatar, avatar_index, features.data)
             wall_deadline = monotonic_of(release)
             try:
-                submitted = self.worker.submit(request, wall_deadline, self)
+                submitted = self.worker.submit(request, wall_deadline, self, arrived=arrived)
             except DeviceFailed:  # the device is out of rotation; the server is ending this session
                 return self.avatar.frames[avatar_index]
             image = asyncio.wrap_future(submitted)
@@ -467,7 +469,9 @@ class LiveSession:
             return image
         return self.avatar.frames[avatar_index]
 
-    def _features_ready(self, done: asyncio.Future, out: OutputFrame, picture: asyncio.Future) -> None:
+    def _features_ready(
+        self, done: asyncio.Future, out: OutputFrame, picture: asyncio.Future, arrived: float | None = None
+    ) -> None:
         """Frame ``out``'s features arrived (callbacks run in frame order): chain its picture."""
         if picture.done():
             return
@@ -481,7 +485,7 @@ class LiveSession:
             features = done.result()[0]
         out.speaking = features.active
         try:
-            image = self._image(features, out.index, out.avatar_index, out.release)
+            image = self._image(features, out.index, out.avatar_index, out.release, arrived)
         except Exception as exc:  # noqa: BLE001 - e.g. the worker closed during shutdown
             picture.set_exception(exc)
             return

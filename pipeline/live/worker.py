@@ -90,6 +90,7 @@ from dataclasses import dataclass, field
 
 from pipeline.engines.base import Engine, FrameRequest
 from pipeline.live.faults import DeviceFailed, describe_fault, is_device_fault
+from pipeline.live.stage_times import StageTimes
 
 log = logging.getLogger("lipstream.worker")
 
@@ -154,6 +155,7 @@ class _Job:
     owner: Hashable = field(compare=False)
     request: FrameRequest = field(compare=False)
     future: concurrent.futures.Future = field(compare=False)
+    submitted: float = field(compare=False, default=0.0)  # time.monotonic() at submit
 
 
 class EngineWorker:
@@ -191,23 +193,32 @@ class EngineWorker:
         self._closed = False
         self.failed: str | None = None  # the device fault's description once failed
         self.stats = BatchStats()
+        self.stages = StageTimes()  # where made frames spent their budget (GET /v1/devices)
         # The CPU end of each batch (pasting, handing frames over) runs here, in batch order,
         # while the device already works on the next batch (Engine.compose_staged).
         self._finisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"finish-{name}")
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, request: FrameRequest, deadline: float, owner: Hashable) -> concurrent.futures.Future:
-        """Queue one frame; the future resolves to the composed full BGR frame.
+    def submit(
+        self, request: FrameRequest, deadline: float, owner: Hashable, arrived: float | None = None
+    ) -> concurrent.futures.Future:
+        """Queue one frame; the future resolves to the composed full BGR frame. ``arrived``: when
+        its audio reached the device (``time.monotonic()``), for the features stage of
+        :attr:`stages`.
 
         Raises :class:`DeviceFailed` once the device failed, RuntimeError once closed."""
         future: concurrent.futures.Future = concurrent.futures.Future()
+        now = time.monotonic()
+        if arrived is not None:
+            self.stages.add("features", now - arrived)
         with self._cv:
             if self.failed is not None:
                 raise DeviceFailed(self._failure_message())
             if self._closed:
                 raise RuntimeError(f"engine worker {self.name} is closed")
-            heapq.heappush(self._queues.setdefault(owner, []), _Job(deadline, next(self._seq), owner, request, future))
+            job = _Job(deadline, next(self._seq), owner, request, future, now)
+            heapq.heappush(self._queues.setdefault(owner, []), job)
             self._queued += 1
             self._cv.notify()
         return future
@@ -348,6 +359,9 @@ class EngineWorker:
                     return
                 continue
             started = time.perf_counter()
+            begun = time.monotonic()
+            for job in batch:
+                self.stages.add("queue", begun - job.submitted)
             try:
                 finish = self._stage_one([job.request for job in batch])
             except Exception as exc:
@@ -356,7 +370,8 @@ class EngineWorker:
                 continue
             elapsed = time.perf_counter() - started
             self.stats.record(len(batch), elapsed)
-            self._finisher.submit(self._finish, batch, finish, started)
+            self.stages.add("batch", elapsed, len(batch))
+            self._finisher.submit(self._finish, batch, finish, started, time.monotonic())
             if self._on_batch is not None:
                 self._on_batch(len(batch), elapsed)
 
@@ -367,8 +382,10 @@ class EngineWorker:
         frames = self.engine.compose(requests)  # an engine-like object without stages
         return lambda: frames
 
-    def _finish(self, batch: list[_Job], finish: Callable[[], list[Any]], started: float) -> None:
-        """On the finisher thread, batches in order: the CPU part, then every frame delivered."""
+    def _finish(self, batch: list[_Job], finish: Callable[[], list[Any]], started: float, made: float) -> None:
+        """On the finisher thread, batches in order: the CPU part, then every frame delivered.
+        ``started``: the batch's start (perf_counter); ``made``: the end of its device part
+        (monotonic, as deadlines)."""
         try:
             frames = finish()
             if len(frames) != len(batch):
@@ -378,6 +395,10 @@ class EngineWorker:
             return
         for job, frame in zip(batch, frames, strict=True):
             job.future.set_result(frame)
+        now = time.monotonic()
+        self.stages.add("finish", now - made, len(batch))
+        for job in batch:
+            self.stages.add("slack", job.deadline - now)
         delivered = time.perf_counter()
         seconds = delivered - max(started, self._last_delivery)
         self._last_delivery = delivered

@@ -1,0 +1,55 @@
+"""Where a device's frames spend their processing budget: per-frame stage durations, rolling.
+
+Why: on an H200 the same build held 16 all-talking sessions with no late frame in one load test
+and lost 21 % of its frames in the next, at the same 82-85 % GPU (docs/benchmarks.md, "Load test
+on the H200: findings"). A session's total audio-to-frame latency cannot say which part of the
+budget ran out: the Whisper features, the wait for a batch, the batch itself or the pasting and
+hand-over after it. Each device's :class:`~pipeline.live.worker.EngineWorker` records every made
+frame's stages here, and ``GET /v1/devices`` shows their percentiles (``stages_ms``):
+
+- ``features``: from the frame's audio reaching the device to its features (where known);
+- ``queue``: from its features to the start of the batch it ran in;
+- ``batch``: that batch's device part (UNet + VAE + blend, with any feature passes that ran on
+  the same GPU meanwhile);
+- ``finish``: from the end of that part to the frame's delivery (pasting, and waiting for the
+  previous batch's pasting: batches are delivered in order);
+- ``slack``: the frame's deadline minus its delivery (negative: late). Its low percentiles are
+  the ones to read.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+import numpy as np
+
+STAGES = ("features", "queue", "batch", "finish", "slack")
+#: Frames kept per stage: about 25 s of 16 talking sessions, a load test's window.
+KEEP_FRAMES = 10_000
+
+
+class StageTimes:
+    """The last ``keep`` frames' seconds per stage; thread-safe (the engine and finisher threads
+    add, any thread reads)."""
+
+    def __init__(self, keep: int = KEEP_FRAMES) -> None:
+        self._samples: dict[str, collections.deque[float]] = {s: collections.deque(maxlen=keep) for s in STAGES}
+        self._lock = threading.Lock()
+
+    def add(self, stage: str, seconds: float, frames: int = 1) -> None:
+        """``frames`` frames spent ``seconds`` in ``stage`` (a batch's stages count once per frame)."""
+        with self._lock:
+            self._samples[stage].extend([seconds] * frames)
+
+    def summary(self) -> dict[str, dict[str, float] | int]:
+        """Per stage, milliseconds at the 5th, 50th and 95th percentile of the kept frames, and
+        how many frames that is (``frames``: of the slack, i.e. delivered frames)."""
+        with self._lock:
+            arrays = {stage: np.fromiter(samples, dtype=np.float64) for stage, samples in self._samples.items()}
+        out: dict[str, dict[str, float] | int] = {"frames": int(arrays["slack"].size)}
+        for stage, values in arrays.items():
+            if values.size:
+                p5, p50, p95 = np.percentile(values, (5, 50, 95)) * 1000
+                out[stage] = {"p5": round(float(p5), 1), "p50": round(float(p50), 1), "p95": round(float(p95), 1)}
+        return out
