@@ -1147,6 +1147,8 @@ def print_summary(report: dict[str, Any]) -> None:
           + (f"; per GPU util {' / '.join(fmt(v, '%') for v in o['gpu_util_percent_mean_per_gpu'])}, memory "
              f"{' / '.join(fmt(v, ' MiB') for v in o['gpu_memory_mib_max_per_gpu'])}"
              if len(o.get("gpu_util_percent_mean_per_gpu") or []) > 1 else ""))
+    for line in window_lines(report.get("server_devices_window") or [], report["config"]["duration"]):
+        print(line)
     for line in stage_lines(report.get("server_devices_at_end") or {}):
         print(line)
     if "clients_cpu_percent_per_session" in o:
@@ -1259,6 +1261,42 @@ def plot(report: dict[str, Any], path: Path) -> bool:
 
 # ------------------------------------------------------------------------------- docs section
 DOC_ROWS = "<!-- load-rows "
+
+
+def device_window(start: Any, end: Any) -> list[dict[str, Any]]:
+    """Each device's batches in the talking window: the difference of ``GET /v1/devices`` at its
+    start and end (the counters run from the server's start, warm-up and earlier scenarios
+    included). Mean batch size and device time per batch and per frame: the figures that showed
+    on an H200 how a run's batches grew past what the processing budget holds."""
+    if not isinstance(start, dict) or not isinstance(end, dict):
+        return []
+    before = {d["name"]: d for d in start.get("devices") or []}
+    rows = []
+    for device in end.get("devices") or []:
+        first = before.get(device["name"])
+        if first is None:
+            continue
+        batches = device.get("batches", 0) - first.get("batches", 0)
+        frames = device.get("frames", 0) - first.get("frames", 0)
+        busy = device.get("busy_seconds", 0.0) - first.get("busy_seconds", 0.0)
+        rows.append({
+            "name": device["name"], "batches": batches, "frames": frames,
+            "skipped_frames": device.get("skipped_frames", 0) - first.get("skipped_frames", 0),
+            "busy_seconds": round(busy, 3),
+            "mean_batch": round(frames / batches, 2) if batches else None,
+            "ms_per_batch": round(1000 * busy / batches, 2) if batches else None,
+            "ms_per_frame": round(1000 * busy / frames, 3) if frames else None,
+        })
+    return rows
+
+
+def window_lines(rows: list[dict[str, Any]], seconds: float) -> list[str]:
+    return [
+        f"device {r['name']} in the window: {r['batches']} batches of {fmt(r['mean_batch'])} frames on average, "
+        f"{fmt(r['ms_per_batch'])} ms each ({fmt(r['ms_per_frame'])} ms per frame), busy "
+        f"{fmt(100 * r['busy_seconds'] / seconds if seconds else None, '%')}; {r['skipped_frames']} frames skipped"
+        for r in rows if r["batches"]
+    ]
 
 
 def stage_lines(devices_at_end: dict[str, Any]) -> list[str]:
@@ -1722,6 +1760,7 @@ def run_scenario(args: argparse.Namespace, run: dict[str, Any], url: str, server
     messages = ctx.Queue()
     interrupted = False
     t_talk = t_end = None
+    devices_at_start: Any = None
     devices_at_end: Any = None
     n = run["sessions"]
     cpu = CpuSampler(server_pid)
@@ -1761,6 +1800,7 @@ def run_scenario(args: argparse.Namespace, run: dict[str, Any], url: str, server
                 t_end = t_talk + run["duration"]
                 talk_at.value = t_talk
                 final_deadline = t_end + TAIL_SECONDS + 45
+                devices_at_start = fetch_devices(url, headers)  # the window's device figures are differences
                 print(f"{len(ready)}/{n} sessions ready; talking for {run['duration']:g} s ...", flush=True)
             if final_deadline is not None and now > final_deadline:
                 print("warning: some client processes did not finish in time; stopping them")
@@ -1844,6 +1884,7 @@ def run_scenario(args: argparse.Namespace, run: dict[str, Any], url: str, server
         },
         "server": info,
         "server_devices_at_end": devices_at_end,
+        "server_devices_window": device_window(devices_at_start, devices_at_end),
         "timeline": {"t_talk": t_talk, "t_end": t_end},
         "overall": overall,
         "sessions": sessions,

@@ -48,6 +48,10 @@ def test_load_two_websocket_sessions(avatars_root: Path, tmp_path: Path) -> None
     (device,) = report["server_devices_at_end"]["devices"]
     assert device["stages_ms"]["frames"] > 0 and "batch" in device["stages_ms"]
     assert f"device {device['name']} stages over its last" in done.stdout
+    (window,) = report["server_devices_window"]  # the talking window's batches: differences of the counters
+    assert window["name"] == device["name"] and 0 < window["frames"] <= device["frames"]
+    assert window["mean_batch"] == pytest.approx(window["frames"] / window["batches"], abs=0.01)
+    assert f"device {device['name']} in the window:" in done.stdout
 
 
 def test_skipped_frames_count_as_late_in_the_verdict() -> None:
