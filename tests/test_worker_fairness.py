@@ -483,3 +483,18 @@ def test_stage_times_report_percentiles_per_frame() -> None:
     for _ in range(150):
         stages.add("queue", 0.001)
     assert stages.summary()["queue"]["p95"] == 1.0  # only the last `keep` frames are kept
+
+
+def test_stage_times_ring_wraps_around_in_order_of_arrival() -> None:
+    """Values added in pieces that cross the end of the ring keep exactly the last ``keep``."""
+    from pipeline.live.stage_times import StageTimes
+
+    stages = StageTimes(keep=7)
+    added: list[float] = []
+    for piece in ([1, 2, 3], [4, 5, 6, 7, 8], [9], list(range(10, 25)), [25, 26]):
+        stages.add_each("queue", [v / 1000 for v in piece])
+        added.extend(piece)
+        last = np.array(added[-7:], dtype=float)
+        expected = np.percentile(last, (5, 50, 95))
+        got = stages.summary()["queue"]
+        assert [got["p5"], got["p50"], got["p95"]] == [round(float(v), 1) for v in expected], (piece, got)

@@ -56,8 +56,9 @@ default: one batch). Fewer sheds more of a burst: bench/worker_sim.py, the real 
 modelled H200, put 29 conversational sessions at 19 % late or held frames keeping a batch and
 9 % keeping one frame, 18 all-talking at 36 % and 11 % (docs/benchmarks.md); on an H200 it was
 the other way round (29 conversational 78 % vs 10.5 %): the small batches it leaves cost more
-GPU time per frame, so more frames fall behind. Keeping few would cost a device slower than the processing budget: it would make only that
-many frames per batch (every fresh frame looks doomed) and its talking sessions mostly hold;
+GPU time per frame, so more frames fall behind. Keeping few would cost a device slower than the
+processing budget: it would make only that many frames per batch (every fresh frame looks
+doomed) and its talking sessions mostly hold;
 so when every queued frame is doomed, a pick keeps a whole batch whatever ``skip_keep`` says.
 
 Two stages per batch (:meth:`Engine.compose_staged`): the engine thread runs the device's part
@@ -360,8 +361,7 @@ class EngineWorker:
                 continue
             started = time.perf_counter()
             begun = time.monotonic()
-            for job in batch:
-                self.stages.add("queue", begun - job.submitted)
+            self.stages.add_each("queue", [begun - job.submitted for job in batch])
             try:
                 finish = self._stage_one([job.request for job in batch])
             except Exception as exc:
@@ -397,8 +397,7 @@ class EngineWorker:
             job.future.set_result(frame)
         now = time.monotonic()
         self.stages.add("finish", now - made, len(batch))
-        for job in batch:
-            self.stages.add("slack", job.deadline - now)
+        self.stages.add_each("slack", [job.deadline - now for job in batch])
         delivered = time.perf_counter()
         seconds = delivered - max(started, self._last_delivery)
         self._last_delivery = delivered
