@@ -12,6 +12,10 @@ frame's future needs no loop).
 
 Messages are small tuples (commands, 40 ms of audio, a frame's ring slot): pictures never travel
 through the pipe, they go through :class:`~pipeline.ipc.frame_ring.FrameRing` shared memory.
+Messages queued while the writer was busy go as one batch (a device's batch of 24 pictures
+otherwise meant 24 pickles, writes and reader wake-ups); the reader hands them on one by one,
+so handlers never see a batch. bench/channel_batching.py: in bursts of 24 the sender's CPU per
+message fell from 12.7 to 2.3 us, in bursts of 8 both ends' by about a third.
 """
 
 from __future__ import annotations
@@ -27,6 +31,12 @@ from typing import Any
 log = logging.getLogger("lipstream.peers")
 
 _STOP = object()
+#: Most queued messages the sender writes as one (one pickle, one write, one wake-up of the reader).
+MAX_BATCH = 64
+
+
+class _Batch(list):
+    """Messages that were queued together, sent as one; the receiver hands them on one by one."""
 
 
 class _Deaf(Exception):
@@ -77,15 +87,16 @@ class Channel:
         def receive() -> None:
             while True:
                 try:
-                    message = self.conn.recv()
+                    received = self.conn.recv()
                 except (EOFError, OSError):
                     break
-                try:
-                    handler(message)
-                except _Deaf:
-                    return
-                except Exception:  # a bad message must not stop the channel
-                    log.exception("%s: handling %r failed", self.name, message[:1])
+                for message in received if isinstance(received, _Batch) else (received,):
+                    try:
+                        handler(message)
+                    except _Deaf:
+                        return
+                    except Exception:  # a bad message must not stop the channel
+                        log.exception("%s: handling %r failed", self.name, message[:1])
             self.closed = True
             on_closed()
 
@@ -97,17 +108,38 @@ class Channel:
             self._outbox.put(message)
 
     def _send_loop(self) -> None:
+        """Writes what is queued in order; whatever queued up meanwhile goes as one batch (a
+        device's batch of pictures, a feature pass's frames): one pickle and one write instead
+        of up to ``MAX_BATCH``, and one wake-up of the reader."""
         while True:
-            message = self._outbox.get()
-            if message is _STOP:
+            batch = [self._outbox.get()]
+            while batch[-1] is not _STOP and len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self._outbox.get_nowait())
+                except queue.Empty:
+                    break
+            stop = batch[-1] is _STOP
+            if stop:
+                batch.pop()
+            if batch and not self._write(batch):
                 return
-            try:
-                self.conn.send(message)
-            except Exception as exc:
-                if isinstance(exc, OSError | ValueError):
-                    self.closed = True
-                    return
-                log.exception("%s: cannot send %r", self.name, message[:1])
+            if stop:
+                return
+
+    def _write(self, batch: list[Any]) -> bool:
+        """False once the pipe is gone. A batch that cannot be pickled is sent message by
+        message, so only the bad message is lost (and logged)."""
+        try:
+            self.conn.send(_Batch(batch) if len(batch) > 1 else batch[0])
+            return True
+        except (OSError, ValueError):
+            self.closed = True
+            return False
+        except Exception:
+            if len(batch) == 1:
+                log.exception("%s: cannot send %r", self.name, batch[0][:1])
+                return True
+        return all(self._write([message]) for message in batch)
 
     def close(self) -> None:
         """Stop sending (after what is queued), close the pipe (which ends the receiver)."""

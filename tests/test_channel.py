@@ -1,0 +1,80 @@
+"""The message channel between the server and its worker processes (pipeline/ipc/channel.py).
+
+Both ends live in this process here (a multiprocessing Pipe works within one process), so the
+tests see exactly what crosses the pipe."""
+
+from __future__ import annotations
+
+import threading
+from multiprocessing import Pipe
+
+from pipeline.ipc.channel import Channel
+
+WAIT = 10.0  # liveness bound only
+
+
+def test_a_burst_crosses_as_one_write_and_arrives_message_by_message() -> None:
+    """While the writer is blocked (the reader has not read a large message yet), 50 messages
+    queue up; they then cross in one write (or in the large message's, if they were queued before
+    the writer woke), and a listening channel hands them on one by one, in order."""
+    ours, theirs = Pipe(duplex=True)
+    channel = Channel(ours, "test")
+    big = ("big", b"x" * (1 << 20))  # larger than the pipe holds: the writer blocks on it
+    channel.send(big)
+    burst = [("frame", i, b"y" * 100) for i in range(50)]
+    for message in burst:
+        channel.send(message)
+    writes = [theirs.recv()]  # only now can the writer finish the big one and see the queue
+    while sum(len(w) if isinstance(w, list) else 1 for w in writes) < 51:
+        writes.append(theirs.recv())
+    assert len(writes) <= 2, [type(w) for w in writes]  # not 51 writes
+    assert [m for w in writes for m in (w if isinstance(w, list) else [w])] == [big, *burst]
+
+    # the same burst, read by a channel: handlers never see the batch
+    got: list = []
+    done = threading.Event()
+    reader = Channel(theirs, "reader")
+    reader.listen_in_thread(lambda m: (got.append(m), len(got) == 51 and done.set()), lambda: None)
+    channel.send(big)
+    for message in burst:
+        channel.send(message)
+    assert done.wait(WAIT)
+    assert got == [big, *burst]
+    channel.close()
+    reader.close()
+
+
+def test_a_message_that_cannot_be_pickled_costs_only_itself() -> None:
+    """A batch holding a message that cannot be pickled is resent message by message: the others
+    arrive, in order, and the channel keeps working."""
+    ours, theirs = Pipe(duplex=True)
+    channel = Channel(ours, "test")
+    channel.send(("big", b"x" * (1 << 20)))
+    channel.send(("a", 1))
+    channel.send(("bad", threading.Lock()))  # locks cannot be pickled
+    channel.send(("b", 2))
+    assert theirs.recv()[0] == "big"
+    assert theirs.recv() == ("a", 1)
+    assert theirs.recv() == ("b", 2)
+    channel.send(("c", 3))
+    assert theirs.recv() == ("c", 3)
+    channel.close()
+
+
+def test_close_sends_what_was_queued_first() -> None:
+    ours, theirs = Pipe(duplex=True)
+    channel = Channel(ours, "test")
+    channel.send(("big", b"x" * (1 << 20)))
+    for i in range(5):
+        channel.send(("m", i))
+    closer = threading.Thread(target=channel.close)
+    closer.start()
+    received = [theirs.recv()]
+    while True:
+        try:
+            received.append(theirs.recv())
+        except EOFError:
+            break
+    closer.join(WAIT)
+    flat = [m for r in received for m in (r if isinstance(r, list) else [r])]
+    assert [m[0] for m in flat] == ["big", "m", "m", "m", "m", "m"] and [m[1] for m in flat[1:]] == list(range(5))
