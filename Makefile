@@ -35,9 +35,10 @@ system-test-deps:
 # unpinned torch (or one pulled in by diffusers) would fetch several GB of CUDA packages.
 TORCH_CPU := torch==2.13.0
 
-$(VENV)/.test-installed: $(VENV)/.installed
+# Also after a change of this file (the extras installed here live in it, not in pyproject.toml).
+$(VENV)/.test-installed: $(VENV)/.installed Makefile
 	$(BIN)/pip install --quiet $(TORCH_CPU)
-	$(BIN)/pip install --quiet -e '.[test,gpu]'
+	$(BIN)/pip install --quiet -e '.[test,gpu,bench]'
 	touch $@
 
 test-deps: system-test-deps $(VENV)/.test-installed

@@ -63,8 +63,8 @@ per GPU (``nvidia-smi``, if present), and what the server says of itself (``GET 
 engine, devices, capacity, if it has them), the engine section of a spawned server's config and
 the avatar's resolution.
 
-Writes ``DIR/load-<timestamp>.json`` and ``DIR/load-<timestamp>.png`` (needs matplotlib:
-``pip install matplotlib``; without it only the JSON is written) and prints a summary. Every
+Writes ``DIR/load-<timestamp>.json`` and ``DIR/load-<timestamp>.png`` (needs matplotlib, the
+``bench`` extra: ``pip install -e '.[bench]'``; without it only the JSON is written) and prints a summary. Every
 run is bounded in time, and sessions (``DELETE``), client processes and a spawned server are
 cleaned up on exit and on Ctrl-C.
 
@@ -1177,7 +1177,7 @@ def plot(report: dict[str, Any], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         print("note: matplotlib is not installed, so no PNG was written (the JSON was). "
-              "Install it with `pip install matplotlib` (the lead is asked to add a `bench` extra).")
+              "Install it with `pip install -e '.[bench]'` (make test does).")
         return False
     sessions = report["sessions"]
     cfg = report["config"]

@@ -27,6 +27,8 @@ def test_load_two_websocket_sessions(avatars_root: Path, tmp_path: Path) -> None
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     reports = sorted(out.glob("load-*.json"))
     assert len(reports) == 1, done.stdout
+    plots = sorted(out.glob("load-*.png"))  # matplotlib comes with the bench extra (make test)
+    assert len(plots) == 1 and plots[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", done.stdout
     report = json.loads(reports[0].read_text())
 
     sessions = report["sessions"]
