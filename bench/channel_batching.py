@@ -52,7 +52,7 @@ def trial(n: int, burst: int, payload: int, batching: bool) -> dict[str, Any]:
     cpu, wall = time.process_time(), time.perf_counter()
     for i in range(0, n, burst):
         for j in range(burst):
-            channel.send(("frame", "session", i + j, data, True, 3, 1.0, True))
+            channel.send(("frame", "session", i + j, data, True, 3, 1.0, True, 0.0))
         time.sleep(0.0005)  # bursts apart, as frames are
     done.wait(120)
     row = {

@@ -96,7 +96,8 @@ def test_device_processes_make_the_same_frames_as_threads(avatars_root: Path, sp
     spoken = [i for i, speaking, _, _ in processes if speaking]
     assert len(spoken) >= 10, "the clip should make the avatar talk"
     for where, timed in ((listed_threads, ("queue", "batch", "finish", "slack")), (listed, STAGES)):
-        # in the server process the lite featurizer runs inline (no feature worker to time)
+        # in the server process there is no handoff, and the lite featurizer runs inline (no
+        # feature worker to time)
         stages = where["cpu:0"]["stages_ms"]
         assert stages["frames"] >= len(spoken), (stages, len(spoken))  # every made frame, delivered
         assert set(stages) == {"frames", *timed}, stages

@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -162,7 +163,8 @@ class DeviceLink:
             pending.fail(DeviceFailed(self._failure_message()) if self.failed else RuntimeError("stream is closed"))
             return pending
         window = np.ascontiguousarray(frame.window, dtype=np.float32).tobytes()
-        self.channel.send(("frame", key, frame.index, window, frame.speech, avatar_index, deadline, compose))
+        sent = time.monotonic()  # the device's stage times start its handoff here
+        self.channel.send(("frame", key, frame.index, window, frame.speech, avatar_index, deadline, compose, sent))
         return pending
 
     def _drop(self, key: str, command: str, forget: bool) -> None:

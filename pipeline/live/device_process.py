@@ -21,7 +21,7 @@ Commands (tuples, first item the kind):
 
 - server -> process: ``start(request, avatar, calibrate)``, ``load(request, avatar)``,
   ``ring(name, shape, slots)``, ``open(key, avatar)``, ``frame(key, index, window, speech,
-  avatar_index, deadline, compose)``, ``reset(key)``, ``close(key)``, ``stop()``;
+  avatar_index, deadline, compose, sent)``, ``reset(key)``, ``close(key)``, ``stop()``;
 - process -> server: ``reply(request, error, value)``, ``features(key, index, active,
   composing)``, ``picture(key, index, ring, slot, number)``, ``skipped(key, index)`` (the frame
   could not be on time), ``failed(key, index, error)``,
@@ -218,13 +218,23 @@ class DeviceProcess:
     # -- one frame's chain -------------------------------------------------------------------------
 
     def _frame(
-        self, key: str, index: int, window: bytes, speech: bool, avatar_index: int, deadline: float, compose: bool
+        self,
+        key: str,
+        index: int,
+        window: bytes,
+        speech: bool,
+        avatar_index: int,
+        deadline: float,
+        compose: bool,
+        sent: float,
     ) -> None:
         stream = self.streams.get(key)
         if stream is None or self.features is None:
             self.channel.send(("failed", key, index, RuntimeError("no such stream on this device")))
             return
         arrived = time.monotonic()
+        if self.worker is not None:
+            self.worker.stages.add("handoff", arrived - sent)
         frame = AudioFrame(index, np.frombuffer(window, dtype=np.float32), speech)
         try:
             pending = self.features.submit(stream.featurizer, [frame], key)

@@ -7,6 +7,9 @@ budget ran out: the Whisper features, the wait for a batch, the batch itself or 
 hand-over after it. Each device's :class:`~pipeline.live.worker.EngineWorker` records every made
 frame's stages here, and ``GET /v1/devices`` shows their percentiles (``stages_ms``):
 
+- ``handoff``: from the server sending a frame's audio to a device process to its arrival there
+  (the pipe and both ends' threads: where a busy server process shows; absent for devices in
+  the server process);
 - ``features``: from the frame's audio reaching the device to its features (where known);
 - ``queue``: from its features to the start of the batch it ran in;
 - ``batch``: that batch's device part (UNet + VAE + blend, with any feature passes that ran on
@@ -24,7 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-STAGES = ("features", "queue", "batch", "finish", "slack")
+STAGES = ("handoff", "features", "queue", "batch", "finish", "slack")
 #: Frames kept per stage: about 25 s of 16 talking sessions, a load test's window.
 KEEP_FRAMES = 10_000
 
