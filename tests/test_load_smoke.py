@@ -55,6 +55,16 @@ def test_load_two_websocket_sessions(avatars_root: Path, tmp_path: Path) -> None
     assert window["mean_batch"] == pytest.approx(window["frames"] / window["batches"], abs=0.01)
     assert f"device {device['name']} in the window:" in done.stdout
 
+    # several reports: one line each, with the device's mean batch and stage figures
+    again = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "load.py"), "--report", str(reports[0]), str(reports[0])],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    overview = again.stdout[again.stdout.index("scenarios:"):].splitlines()
+    assert "batch feat95 slack5" in overview[1]
+    assert len(overview) == 4 and f" {window['mean_batch']:.1f} " in overview[2], overview
+
 
 def test_skipped_frames_count_as_late_in_the_verdict() -> None:
     """A frame the device skipped (the mouth held) is a degraded frame: the session's late share
