@@ -8,14 +8,6 @@
 # and run.log in $OUT. Write the docs/benchmarks.md section here afterwards with
 # `python -m bench.gpu_costs --report <files_at>/gpu_costs.json`.
 set -uo pipefail
-OUT=${OUT:-$PWD/bench-results/gpu-costs-$(date +%Y%m%d-%H%M%S)}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/run.log") 2>&1
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-PY=${PY:-python3}
-if [ -d .whl ]; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source bench/device/common.sh
+bench_kit gpu-costs
 $PY -m bench.gpu_costs --device cuda:0 --models /tmp/mt --work /tmp/mtw --out "$OUT" "$@"

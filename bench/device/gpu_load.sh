@@ -57,6 +57,7 @@ exec > >(tee -a "$OUT/run.log") 2>&1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=${PY:-python3}
+source bench/device/common.sh
 step() { echo "[gpu_load +$((SECONDS - START))s] $*"; }
 
 if [ "$DRY" = 1 ]; then
@@ -65,14 +66,10 @@ if [ "$DRY" = 1 ]; then
     export OMP_NUM_THREADS=1  # as tests/test_musetalk_live.py: two torch threads on few cores stall
 else
     EXTRA=()
-    if [ -d .whl ]; then
-        step "installing $(ls .whl/*.whl | wc -l) wheels into /tmp/site"
-        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-            || { step "wheel install failed"; exit 3; }
-        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-    else
-        step "no .whl folder: using the installed packages"
-    fi
+    step "installing the carried wheels (.whl) into /tmp/site"
+    no_wheels=0
+    install_wheels || { step "wheel install failed"; exit 3; }
+    [ "$no_wheels" = 1 ] && step "no .whl folder: using the installed packages"
 fi
 
 step "checking imports"
