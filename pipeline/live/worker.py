@@ -58,8 +58,8 @@ modelled H200, put 29 conversational sessions at 19 % late or held frames keepin
 the other way round (29 conversational 78 % vs 10.5 %): the small batches it leaves cost more
 GPU time per frame, so more frames fall behind. Keeping few would cost a device slower than the
 processing budget: it would make only that many frames per batch (every fresh frame looks
-doomed) and its talking sessions mostly hold;
-so when every queued frame is doomed, a pick keeps a whole batch whatever ``skip_keep`` says.
+doomed) and its talking sessions mostly hold; so when every queued frame is doomed, a pick
+keeps a whole batch whatever ``skip_keep`` says.
 
 Two stages per batch (:meth:`Engine.compose_staged`): the engine thread runs the device's part
 (for MuseTalk: UNet, VAE, blend, the face boxes back to the CPU) and hands the CPU end (pasting
@@ -359,19 +359,19 @@ class EngineWorker:
                 if self._closed or self.failed is not None:
                     return
                 continue
-            started = time.perf_counter()
-            begun = time.monotonic()
-            self.stages.add_each("queue", [begun - job.submitted for job in batch])
+            started = time.monotonic()  # one clock for stages, deadlines and the batch time
+            self.stages.add_each("queue", [started - job.submitted for job in batch])
             try:
                 finish = self._stage_one([job.request for job in batch])
             except Exception as exc:
                 if self._failed_batch(batch, exc):
                     return
                 continue
-            elapsed = time.perf_counter() - started
+            made = time.monotonic()
+            elapsed = made - started
             self.stats.record(len(batch), elapsed)
             self.stages.add("batch", elapsed, len(batch))
-            self._finisher.submit(self._finish, batch, finish, started, time.monotonic())
+            self._finisher.submit(self._finish, batch, finish, started, made)
             if self._on_batch is not None:
                 self._on_batch(len(batch), elapsed)
 
@@ -384,8 +384,8 @@ class EngineWorker:
 
     def _finish(self, batch: list[_Job], finish: Callable[[], list[Any]], started: float, made: float) -> None:
         """On the finisher thread, batches in order: the CPU part, then every frame delivered.
-        ``started``: the batch's start (perf_counter); ``made``: the end of its device part
-        (monotonic, as deadlines)."""
+        ``started`` / ``made``: the start and end of the batch's device part (``time.monotonic()``,
+        as deadlines)."""
         try:
             frames = finish()
             if len(frames) != len(batch):
@@ -395,10 +395,9 @@ class EngineWorker:
             return
         for job, frame in zip(batch, frames, strict=True):
             job.future.set_result(frame)
-        now = time.monotonic()
-        self.stages.add("finish", now - made, len(batch))
-        self.stages.add_each("slack", [job.deadline - now for job in batch])
-        delivered = time.perf_counter()
+        delivered = time.monotonic()
+        self.stages.add("finish", delivered - made, len(batch))
+        self.stages.add_each("slack", [job.deadline - delivered for job in batch])
         seconds = delivered - max(started, self._last_delivery)
         self._last_delivery = delivered
         previous = self.batch_seconds
