@@ -113,13 +113,13 @@ def top_kernels(decode, z, device, count: int = 14) -> list[dict[str, Any]]:
 def parent(args: argparse.Namespace) -> int:
     from bench.musetalk_engine import ensure_synthetic_models, log
 
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:  # before anything is written
+        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ensure_synthetic_models(Path(args.models), tiny=args.tiny)
-    variants = args.variants.split(",")
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
     import torch
 
     res: dict[str, Any] = {
@@ -128,32 +128,29 @@ def parent(args: argparse.Namespace) -> int:
         "runs": [],
     }
     start = time.monotonic()
-    for index in range(args.runs):
-        for variant in variants:  # interleaved: a run cut short by the budget still compares variants
-            left = args.budget - (time.monotonic() - start)
-            if left < 30:
-                log(f"budget spent: stopping before {variant} #{index}")
+    # interleaved (run 0 of every variant, then run 1, ...): a run cut short by the budget still compares variants
+    for index, variant in ((i, v) for i in range(args.runs) for v in variants):
+        left = args.budget - (time.monotonic() - start)
+        if left < 30:
+            log(f"budget spent: stopping before {variant} #{index}")
+            break
+        with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
+            cmd = [sys.executable, "-m", "bench.vae_compile", "--child", variant, "--index", str(index),
+                   "--device", args.device, "--dtype", args.dtype, "--models", args.models, "--batches", args.batches]
+            try:
+                proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=left)
+            except subprocess.TimeoutExpired:
+                log(f"{variant} #{index}: out of time")
                 break
-            with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
-                env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
-                cmd = [sys.executable, "-m", "bench.vae_compile", "--child", variant, "--index", str(index),
-                       "--device", args.device, "--dtype", args.dtype, "--models", args.models, "--batches", args.batches]
-                try:
-                    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=left)
-                except subprocess.TimeoutExpired:
-                    log(f"{variant} #{index}: out of time")
-                    break
-            if proc.returncode != 0:
-                log(f"{variant} #{index} failed (rc {proc.returncode}): {proc.stderr.strip()[-2000:]}")
-                res["runs"].append({"variant": variant, "index": index, "error": proc.stderr.strip()[-500:]})
-                continue
-            run = json.loads(proc.stdout.strip().splitlines()[-1])
-            res["runs"].append(run)
-            log(f"{variant} #{index}: compile {run['compile_s']} s; ms per batch {run['ms']}")
-            (out / "vae_compile.json").write_text(json.dumps(res, indent=1))
-        else:
+        if proc.returncode != 0:
+            log(f"{variant} #{index} failed (rc {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+            res["runs"].append({"variant": variant, "index": index, "error": proc.stderr.strip()[-500:]})
             continue
-        break
+        run = json.loads(proc.stdout.strip().splitlines()[-1])
+        res["runs"].append(run)
+        log(f"{variant} #{index}: compile {run['compile_s']} s; ms per batch {run['ms']}")
+        (out / "vae_compile.json").write_text(json.dumps(res, indent=1))
     (out / "vae_compile.json").write_text(json.dumps(res, indent=1))
     for line in summary_lines(res):
         print(line)

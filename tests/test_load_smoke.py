@@ -123,3 +123,13 @@ def test_worker_sim_rejects_bad_scenarios_and_policies(argv: list[str], message:
     with pytest.raises(SystemExit) as exit_info:
         worker_sim.main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_vae_compile_names_an_unknown_variant_before_writing_anything(tmp_path: Path) -> None:
+    from bench import vae_compile
+
+    models, out = tmp_path / "models", tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        vae_compile.main(["--variants", "default,fastest", "--models", str(models), "--out", str(out), "--tiny"])
+    assert "unknown variant(s) fastest: choose from default, eager, pointwise, coordinate" in str(exit_info.value.code)
+    assert not models.exists() and not out.exists()  # no weights written, no output folder
