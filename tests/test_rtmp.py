@@ -414,7 +414,7 @@ def test_stream_pull_and_server_restart(server: str, nginx: Nginx, mouth_roi, tm
     assert abs(len(pts) - sent) <= 1, (len(pts), sent)
     assert np.allclose(np.diff(pts), FRAME, atol=0.0015), np.unique(np.round(np.diff(pts), 3))
     duration = pts[-1] - pts[0] + FRAME
-    assert abs(duration - sent * FRAME) <= FRAME
+    assert abs(round(duration / FRAME) - sent) <= 1, (duration, sent)  # in whole frames: 168 vs 169 came out as 0.04 + 4e-17 s
     assert abs(duration - (r["removed_at"] - r["added_at"])) < 1.0  # about the time it was live
     # A/V: both tracks start together and last as long.
     audio_start, audio_duration = a["audio_pts"][0], len(a["audio"]) / 48000
