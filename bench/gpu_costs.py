@@ -14,6 +14,11 @@ The load test found one GPU holding 14 all-talking sessions, not 16 (docs/benchm
   engine    UNet alone, VAE decode alone and the whole compose (compiled, CUDA graphs) per frame
             at batches 8-24, with cuDNN's heuristic algorithm choice and with
             ``torch.backends.cudnn.benchmark`` (it times every algorithm once per shape)
+  contention  wall ms of one feature pass as the server runs it (WhisperBatcher on its
+            high-priority stream, waited for; N windows holding 1-29 s of audio) alone and
+            while another thread runs the engine's batches back to back at batch B, and those
+            batches' ms alone and beside the passes: whether a pass beside the engine's work
+            costs what it costs alone (the load test's ``feature_pass`` stage, in the server)
   upsample  VAE decode with diffusers' upsampling layers vs the engine's folded ones
             (pipeline/engines/musetalk/upsample.py): GPU ms per batch and how many 8-bit pixel
             levels the two decodes differ by in fp16
@@ -54,7 +59,7 @@ from bench.musetalk_engine import (
 )
 
 SECTION = "Where the GPU time goes (H200, per talking session)"
-SECTION_KEYS = ("whisper", "sessions", "engine", "upsample")
+SECTION_KEYS = ("whisper", "contention", "sessions", "engine", "upsample")
 CONCATENATED = ("engine", "upsample")  # their tables keep the rows of every run given to --report
 
 
@@ -117,6 +122,125 @@ def section_whisper(engine, res: dict[str, Any], batches: list[int], positions: 
             log(f"whisper batch {n} positions {p}: {ms:.2f} ms ({ms / n:.3f} ms/window)")
     whisper.max_batch = max_batch
     res["whisper"] = rows
+
+
+def section_contention(
+    engine, avatar, res: dict[str, Any], batches: list[int], windows: int, reps: int, variants: list[str]
+) -> None:
+    """Feature passes alone and beside back-to-back engine batches (module docstring), for each
+    way of running the encoder in ``variants``: ``graphs`` (the server's: CUDA graphs captured on
+    a normal-priority stream, replayed on the batcher's high-priority one), ``graphs-high``
+    (captured on a high-priority stream), ``eager`` (no encoder graphs). ``profile``: the busiest
+    calls of a few passes beside the largest batch, from torch.profiler."""
+    import threading
+
+    whisper = engine.whisper
+    rng = np.random.default_rng(7)
+    audio = [rng.standard_normal(int(s * 16000)).astype(np.float32) * 0.1 for s in rng.uniform(1, 29, windows)]
+    stream = whisper._stream
+    cuda = stream is not None
+
+    def one_pass() -> tuple[float, float | None]:
+        """Wall seconds of one pass and the ms its stream spent from its first to its last op."""
+        started = time.perf_counter()
+        if not cuda:  # a CPU check of the program
+            whisper.encode_audio(audio)
+            return time.perf_counter() - started, None
+        with torch.cuda.device(whisper.device):  # as WhisperBatcher.features: its own stream, waited for
+            stream.wait_stream(torch.cuda.current_stream(whisper.device))
+            with torch.cuda.stream(stream):
+                first, last = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                first.record()
+                whisper.encode_audio(audio)
+                last.record()
+            stream.synchronize()
+        return time.perf_counter() - started, first.elapsed_time(last)
+
+    def engine_loop(reqs, stop: threading.Event, times: list[float]) -> None:
+        while not stop.is_set():
+            started = time.perf_counter()
+            engine.compose_staged(reqs)  # the engine thread's part: UNet, VAE, blend, boxes to the CPU
+            times.append(time.perf_counter() - started)
+
+    def ms(values: list[float], q: float, scale: float = 1000) -> float | None:
+        return float(np.percentile(values, q)) * scale if values else None
+
+    def beside(batch: int, work: Any) -> tuple[Any, list[float], list[float]]:
+        """``work()`` while the engine runs batches of ``batch`` back to back (none: alone)."""
+        alone: list[float] = []
+        engine_ms: list[float] = []
+        if not batch:
+            return work(), alone, engine_ms
+        reqs = requests_for(avatar, batch, engine.device, engine.dtype)
+        for _ in range(3):
+            engine.compose_staged(reqs)
+        t = time.perf_counter()
+        while time.perf_counter() - t < 1.0:
+            s0 = time.perf_counter()
+            engine.compose_staged(reqs)
+            alone.append(time.perf_counter() - s0)
+        stop = threading.Event()
+        thread = threading.Thread(target=engine_loop, args=(reqs, stop, engine_ms), daemon=True)
+        thread.start()
+        time.sleep(0.2)
+        try:
+            out = work()
+        finally:
+            stop.set()
+            thread.join()
+        return out, alone, engine_ms
+
+    def passes() -> list[tuple[float, float | None]]:
+        out = []
+        for _ in range(reps):
+            out.append(one_pass())
+            time.sleep(0.01)
+        return out
+
+    rows = res.setdefault("contention", [])
+    graphs, priority = whisper.cuda_graphs, whisper.capture_priority
+    for variant in variants:
+        if variant == "profile":
+            continue
+        whisper.cuda_graphs = graphs and variant != "eager"
+        whisper.capture_priority = -1 if variant == "graphs-high" else 0
+        whisper._graphs.clear()  # captured again on this variant's stream
+        for _ in range(3):
+            one_pass()
+        for batch in [0, *batches]:
+            timed, alone, engine_ms = beside(batch, passes)
+            wall = [w for w, _ in timed]
+            span = [g for _, g in timed if g is not None]
+            row = {
+                "variant": variant, "engine_batch": batch, "windows": windows, "trim": whisper.trim,
+                "pass_p50_ms": ms(wall, 50), "pass_p95_ms": ms(wall, 95), "stream_p50_ms": ms(span, 50, 1),
+                "engine_alone_ms": ms(alone, 50), "engine_beside_ms": ms(engine_ms, 50),
+            }
+            rows.append(row)
+            log(
+                f"contention [{variant}]: {windows} windows beside engine batch {batch or '-'}: pass p50 {_f(row['pass_p50_ms'])} "
+                f"p95 {_f(row['pass_p95_ms'])} ms (its stream {_f(row['stream_p50_ms'])}); engine batch alone "
+                f"{_f(row['engine_alone_ms'])}, beside the passes {_f(row['engine_beside_ms'])} ms"
+            )
+    whisper.cuda_graphs, whisper.capture_priority = graphs, priority
+    whisper._graphs.clear()
+    if "profile" in variants and batches:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+
+        def profiled() -> Any:
+            for _ in range(3):
+                one_pass()
+            with profile(activities=activities) as prof:
+                for _ in range(5):
+                    one_pass()
+            return prof
+
+        prof, _, _ = beside(max(batches), profiled)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60)
+        log("contention profile, 5 passes beside engine batch", max(batches), "\n" + table)
+        res["contention_profile"] = table
 
 
 def section_sessions(
@@ -222,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sessions", default="14,16,18,20")
     p.add_argument("--session-batches", default="24", help="EngineWorker batch sizes (configs/gpu.yaml: 24)")
     p.add_argument("--windows", default="padded,trimmed", help="Whisper windows of the sessions section")
+    p.add_argument("--contention-batches", default="8,16,24", help="engine batches the contention section runs beside the passes")
+    p.add_argument("--contention-windows", type=int, default=16, help="windows per feature pass (one per talking session)")
+    p.add_argument("--contention-reps", type=int, default=60)
+    p.add_argument("--contention-variants", default="graphs,graphs-high,eager,profile", help="see section_contention")
     p.add_argument("--budget", type=float, default=0.11, help="seconds from complete audio to picture")
     p.add_argument("--skip-warmup", action="store_true", help="capture only the batch sizes the sections use (a quick look: compiles on first use)")
     p.add_argument("--report", type=Path, nargs="+", help="write the docs/benchmarks.md section from gpu_costs.json files (sections of later files replace earlier ones)")
@@ -257,6 +385,12 @@ def main(argv: list[str] | None = None) -> int:
         save()
     if "whisper" in sections:
         section_whisper(engine, res, ints(args.whisper_batches), ints(args.positions))
+        save()
+    if "contention" in sections:
+        section_contention(
+            engine, avatar, res, ints(args.contention_batches), args.contention_windows, args.contention_reps,
+            args.contention_variants.split(","),
+        )
         save()
     if "sessions" in sections:
         section_sessions(
@@ -313,6 +447,22 @@ def report(paths: list[Path], doc: Path, command: str) -> int:
         for b in batches:
             cells = {x["positions"]: x["ms_per_window"] for x in r["whisper"] if x["batch"] == b}
             lines.append(f"| {b} | " + " | ".join(f"{cells[p]:.3f}" if p in cells else "-" for p in positions) + " |")
+        lines.append("")
+    if r.get("contention"):
+        lines += [
+            "A feature pass as the server runs it (the Whisper windows of all talking sessions, one per session, "
+            "on the batcher's high-priority stream, waited for) alone and while another thread runs the engine's "
+            "batches back to back; wall ms:",
+            "",
+            "| encoder | windows | trimmed | engine batch beside | pass p50 | pass p95 | its stream, first to last op, p50 | engine batch alone | engine batch beside the passes |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for x in r["contention"]:
+            lines.append(
+                f"| {x.get('variant', 'graphs')} | {x['windows']} | {'yes' if x['trim'] else 'no'} | {x['engine_batch'] or 'none'} | "
+                f"{_f(x['pass_p50_ms'])} | {_f(x['pass_p95_ms'])} | {_f(x.get('stream_p50_ms'))} | {_f(x['engine_alone_ms'])} | "
+                f"{_f(x['engine_beside_ms'])} |"
+            )
         lines.append("")
     if r.get("sessions"):
         lines += [

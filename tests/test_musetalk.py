@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -765,16 +766,23 @@ def test_feature_worker_without_batcher_and_errors() -> None:
             if any(f.index < 0 for f in frames):
                 raise ValueError("bad frame")
             self.calls.append([f.index for f in frames])
+            time.sleep(0.02)
             return [FrameFeatures(active=True, data=f.index) for f in frames]
 
     window = np.zeros(3200, np.float32)
-    worker = FeatureWorker("test")
+    passes: list[tuple[int, float, bool]] = []  # (frames, seconds, any future resolved yet)
+    futures: list = []
+    worker = FeatureWorker(
+        "test", on_pass=lambda frames, seconds: passes.append((frames, seconds, any(f.done() for f in futures)))
+    )
     try:
         feat = Counting()
         with worker._cv:
-            futures = [worker.submit(feat, [AudioFrame(i, window, True)], 1) for i in range(4)]
+            futures += [worker.submit(feat, [AudioFrame(i, window, True)], 1) for i in range(4)]
         assert [f.result(timeout=10)[0].data for f in futures] == [0, 1, 2, 3]
         assert feat.calls == [[0, 1, 2, 3]]  # the backlog went as one call
+        # one pass of four frames, timed with the featurizer's call, reported before any resolved
+        assert len(passes) == 1 and passes[0][0] == 4 and passes[0][1] >= 0.02 and not passes[0][2], passes
         bad = worker.submit(feat, [AudioFrame(-1, window, True)], 1)
         with pytest.raises(ValueError, match="bad frame"):
             bad.result(timeout=10)

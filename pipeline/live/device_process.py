@@ -167,7 +167,12 @@ class DeviceProcess:
             skip_late=spec.skip_late,
             skip_keep=spec.skip_keep,
         )
-        self.features = FeatureWorker(spec.name, on_fault=self._feature_fault)
+        stages = self.worker.stages
+        self.features = FeatureWorker(
+            spec.name,
+            on_fault=self._feature_fault,
+            on_pass=lambda frames, seconds: stages.add("feature_pass", seconds, frames),
+        )
         return calibration
 
     def _load(self, avatar_id: str) -> Avatar:

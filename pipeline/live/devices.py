@@ -249,8 +249,11 @@ class DevicePool:
                 skip_late=self.skip_late,
                 skip_keep=self.skip_keep,
             )
+            stages = device.worker.stages
             device.feature_worker = FeatureWorker(
-                name, on_fault=lambda exc, name=name: self.fail(name, describe_fault(exc))
+                name,
+                on_fault=lambda exc, name=name: self.fail(name, describe_fault(exc)),
+                on_pass=lambda frames, seconds, stages=stages: stages.add("feature_pass", seconds, frames),
             )
             device.state = READY
         return errors

@@ -53,10 +53,17 @@ class FeatureWorker:
     """Computes features for queued jobs of many sessions, batched, on one thread."""
 
     def __init__(
-        self, name: str = "cpu", max_frames: int = 512, on_fault: Callable[[BaseException], None] | None = None
+        self,
+        name: str = "cpu",
+        max_frames: int = 512,
+        on_fault: Callable[[BaseException], None] | None = None,
+        on_pass: Callable[[int, float], None] | None = None,
     ) -> None:
         self.name = name
         self._on_fault = on_fault
+        # (frames, seconds) of every pass, before its futures resolve: the device's stage times
+        # tell a slow pass (a GPU shared with the engine's batches) from a long wait for one
+        self._on_pass = on_pass
         self.max_frames = max_frames  # most frames taken in one pass (bounds one pass's latency)
         self._queue: collections.deque[_Job] = collections.deque()
         self._cv = threading.Condition()
@@ -174,6 +181,9 @@ class FeatureWorker:
             out = self._call(lambda b=batcher, w=work: b.features(w))
             for k, f in enumerate(members):
                 results[id(f)] = out if isinstance(out, BaseException) else out[k]
+        computed = time.perf_counter() - started
+        if self._on_pass is not None:
+            self._on_pass(sum(len(job.frames) for job in jobs), computed)
         # resolve in submission order
         cursor = {key: 0 for key in merged}
         for job in jobs:

@@ -11,6 +11,8 @@ frame's stages here, and ``GET /v1/devices`` shows their percentiles (``stages_m
   (the pipe and both ends' threads: where a busy server process shows; absent for devices in
   the server process);
 - ``features``: from the frame's audio reaching the device to its features (where known);
+- ``feature_pass``: the feature pass that served the frame, alone (the rest of ``features`` is
+  the wait for the pass before it and for its own turn);
 - ``queue``: from its features to the start of the batch it ran in;
 - ``batch``: that batch's device part (UNet + VAE + blend, with any feature passes that ran on
   the same GPU meanwhile);
@@ -27,7 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-STAGES = ("handoff", "features", "queue", "batch", "finish", "slack")
+STAGES = ("handoff", "features", "feature_pass", "queue", "batch", "finish", "slack")
 #: Frames kept per stage: about 25 s of 16 talking sessions, a load test's window.
 KEEP_FRAMES = 10_000
 

@@ -197,6 +197,7 @@ class WhisperBatcher:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._graph_pool: Any = None
+        self.capture_priority = 0  # the priority of the stream graphs are captured on
         self._d_model = int(encoder.config.d_model)
         # transformers 4.x encoder layers take a positional layer_head_mask, 5.x do not
         self._layer_kwargs = (
@@ -320,7 +321,7 @@ class WhisperBatcher:
 
     def _capture(self, mel: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         static_in = mel.clone()
-        stream = torch.cuda.Stream(self.device)
+        stream = torch.cuda.Stream(self.device, priority=self.capture_priority)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # outside the graph: cuDNN plans, lazy inits
