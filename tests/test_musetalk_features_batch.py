@@ -602,3 +602,25 @@ def test_trimmed_encode_audio_sorts_windows_into_passes_of_one_length(whisper, m
         want = ref_trimmed_hidden(trim, w)[: trim.positions_for(len(w))]
         assert g.shape == want.shape
         torch.testing.assert_close(g, want, atol=2e-2 if trim.dtype == torch.float16 else 1e-5, rtol=1e-3)
+
+
+def test_a_pass_does_not_wait_for_the_engines_stream(whisper) -> None:
+    """On a GPU a feature pass runs on its own stream without waiting for the current one (on the
+    feature thread that is the engine's, busy with a UNet/VAE batch), and its tokens are complete
+    when it returns; they equal the tokens of a pass made while that stream is idle."""
+    if whisper.device.type != "cuda":
+        pytest.skip("the CUDA stream path")
+    stream = Stream(whisper, seed=9, seconds=1.0, first_index=0, speech=lambda i, rng: True, options={})
+    twin = Stream(whisper, seed=9, seconds=1.0, first_index=0, speech=lambda i, rng: True, options={})
+    frames = stream.take(10)
+    want = whisper.features([(twin.new, twin.take(10))])
+    with torch.cuda.device(whisper.device):
+        busy = torch.cuda.current_stream(whisper.device)
+        torch.cuda._sleep(int(5e9))  # seconds of GPU clock cycles on the current stream
+        got = whisper.features([(stream.new, frames)])
+        still_busy = not busy.query()  # read before anything else waits for it
+        tokens = [f.data.float().cpu() for f in got[0] if f.active]  # complete: no further wait needed
+        busy.synchronize()
+    assert still_busy, "the pass waited for the current stream"
+    assert_same(got, want, whisper)
+    assert len(tokens) == 10

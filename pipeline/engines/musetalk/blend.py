@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from pipeline.avatar.model import CROP_SIZE, Avatar
+from pipeline.engines.musetalk.transfer import index_tensor, to_host
 
 
 def resize_matrix(src: int, dst: int, mode: str) -> np.ndarray:
@@ -172,7 +173,7 @@ class AvatarBlendCache:
     def blend(self, frame_indices: list[int], faces: torch.Tensor) -> np.ndarray:
         """uint8 [B, Rh, Rw, 3] finished blend regions (on the CPU) for RGB faces in [0, 1]
         ``faces`` [B, 3, 256, 256] (any float dtype, on the device)."""
-        idx = torch.tensor(frame_indices, dtype=torch.long).to(self.region.device, non_blocking=True)
+        idx = index_tensor(frame_indices, self.region.device)
         with torch.inference_mode():
             # the CPU path rounds the decoded face to uint8 first; so do we (exact in float32)
             q = (faces.float() * 255.0).round().flip(1)  # RGB -> BGR, [B, 3, 256, 256]
@@ -184,7 +185,7 @@ class AvatarBlendCache:
             alpha = torch.floor((m * 256 + 127) / 255)[..., None]  # 0..256
             orig = self.region[idx].float()
             out = torch.floor((gen * alpha + orig * (256 - alpha) + 128) / 256)
-            return out.to(torch.uint8).cpu().numpy()
+            return to_host(out.to(torch.uint8))
 
     def paste(self, frame_index: int, region: np.ndarray) -> np.ndarray:
         """A copy of the avatar frame with ``region`` (from :meth:`blend`) pasted in."""

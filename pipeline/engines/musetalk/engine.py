@@ -51,6 +51,7 @@ from pipeline.engines.musetalk.features import (
     positional_encoding,
 )
 from pipeline.engines.musetalk.loader import DTYPES, load_models, resolve_device
+from pipeline.engines.musetalk.transfer import index_tensor, to_host
 from pipeline.engines.musetalk.upsample import fold_upsamplers
 from pipeline.engines.musetalk.vae_cache import SCALING_FACTOR, load_or_compute_latents
 from pipeline.errors import ConfigError
@@ -217,7 +218,7 @@ class MuseTalkEngine(Engine):
                 groups.setdefault(id(cache), []).append(k)
             for key, members in groups.items():
                 cache = caches[key]
-                picked = faces if len(members) == len(chunk) else faces[torch.tensor(members, device=faces.device)]
+                picked = faces if len(members) == len(chunk) else faces[index_tensor(members, faces.device)]
                 blended = cache.blend([chunk[k].frame_index for k in members], picked)
                 for row, k in enumerate(members):
                     regions[k] = blended[row]
@@ -290,7 +291,7 @@ class MuseTalkEngine(Engine):
         out: list[np.ndarray] = []
         for lo in range(0, len(requests), self.batch_size):
             images = self.generate_float(requests[lo : lo + self.batch_size])  # [B, 3, 256, 256] in [0, 1]
-            pixels = (images * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).flip(-1).cpu().numpy()
+            pixels = to_host((images * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).flip(-1))
             out.extend(np.ascontiguousarray(p) for p in pixels)
         return out
 
@@ -409,6 +410,11 @@ class MuseTalkEngine(Engine):
         t = torch.as_tensor(features)
         if tuple(t.shape) != (N_TOKENS, D_MODEL):
             raise ValueError(f"musetalk features must be [{N_TOKENS}, {D_MODEL}], got {list(t.shape)}")
+        if t.is_cuda:
+            # made on the Whisper batcher's stream, read here on this one: without the mark the
+            # allocator could give their memory to the next feature pass (which does not wait
+            # for this stream) before this stream has read them
+            t.record_stream(torch.cuda.current_stream(t.device))
         return t.to(device=self.device, dtype=self.dtype)
 
     def _avatar_blend(self, avatar: Avatar) -> AvatarBlendCache:

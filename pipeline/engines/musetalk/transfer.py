@@ -1,0 +1,40 @@
+"""Host <-> GPU copies of a batch's small inputs and finished outputs that do not stall other threads.
+
+Why: the engine thread's batch ended with ``out.cpu()`` (a copy into pageable memory) and began
+with ``torch.tensor(indices).to(device, non_blocking=True)`` (pageable too, so not asynchronous
+at all). A pageable copy waits in the CUDA driver for everything queued before it on the stream,
+i.e. the whole UNet + VAE batch. On an H200 a feature pass that takes 8 ms alone took 187 ms
+(about four batches) beside back-to-back batches of 24, and 17 ms eager passes 663 ms: the more
+host calls a pass makes, the longer it waits, so it waits per call, not on the GPU
+(bench/gpu_costs.py ``contention``; docs/benchmarks.md). Here both copies go through pinned
+memory, and the engine thread waits for its batch on a blocking-sync event, asleep, instead of
+inside a driver copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+def index_tensor(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """int64 ``values`` on ``device``; from a GPU's view an asynchronous copy out of pinned memory."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def to_host(tensor: torch.Tensor) -> np.ndarray:
+    """``tensor`` (finished on the current stream) as a numpy array, waited for on a blocking
+    event. The array keeps its pinned buffer alive (the host allocator reuses it once freed)."""
+    if tensor.device.type != "cuda":
+        return tensor.numpy()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    done = torch.cuda.Event(blocking=True)
+    done.record()
+    done.synchronize()
+    return host.numpy()
