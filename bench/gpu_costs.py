@@ -60,7 +60,7 @@ from bench.musetalk_engine import (
 
 SECTION = "Where the GPU time goes (H200, per talking session)"
 SECTION_KEYS = ("whisper", "contention", "sessions", "engine", "upsample")
-CONCATENATED = ("engine", "upsample")  # their tables keep the rows of every run given to --report
+CONCATENATED = ("engine", "upsample", "contention")  # their tables keep the rows of every run given to --report
 
 
 def gpu_ms(fn, reps: int = 20, warmup: int = 3) -> float:
@@ -125,13 +125,22 @@ def section_whisper(engine, res: dict[str, Any], batches: list[int], positions: 
 
 
 def section_contention(
-    engine, avatar, res: dict[str, Any], batches: list[int], windows: int, reps: int, variants: list[str]
+    engine,
+    avatar,
+    res: dict[str, Any],
+    batches: list[int],
+    windows: int,
+    reps: int,
+    variants: list[str],
+    engine_modes: list[str],
 ) -> None:
     """Feature passes alone and beside back-to-back engine batches (module docstring), for each
     way of running the encoder in ``variants``: ``graphs`` (the server's: CUDA graphs captured on
-    a normal-priority stream, replayed on the batcher's high-priority one), ``graphs-high``
+    a normal-priority stream, replayed on the batcher's high-priority one), ``graphs-wait`` (the
+    same, the pass first waiting for the engine's stream, as WhisperBatcher.features did), ``graphs-high``
     (captured on a high-priority stream), ``eager`` (no encoder graphs). ``profile``: the busiest
-    calls of a few passes beside the largest batch, from torch.profiler."""
+    calls of a few passes beside the largest batch, from torch.profiler, and which threads hold
+    the GIL meanwhile (py-spy). ``engine_modes``: how the engine thread's batch ends (engine_batch)."""
     import threading
 
     whisper = engine.whisper
@@ -140,6 +149,8 @@ def section_contention(
     stream = whisper._stream
     cuda = stream is not None
 
+    wait_current = False
+
     def one_pass() -> tuple[float, float | None]:
         """Wall seconds of one pass and the ms its stream spent from its first to its last op."""
         started = time.perf_counter()
@@ -147,7 +158,8 @@ def section_contention(
             whisper.encode_audio(audio)
             return time.perf_counter() - started, None
         with torch.cuda.device(whisper.device):  # as WhisperBatcher.features: its own stream, waited for
-            stream.wait_stream(torch.cuda.current_stream(whisper.device))
+            if wait_current:  # what features() did before: wait for the current stream (the engine's)
+                stream.wait_stream(torch.cuda.current_stream(whisper.device))
             with torch.cuda.stream(stream):
                 first, last = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 first.record()
@@ -156,16 +168,32 @@ def section_contention(
             stream.synchronize()
         return time.perf_counter() - started, first.elapsed_time(last)
 
-    def engine_loop(reqs, stop: threading.Event, times: list[float]) -> None:
+    def engine_batch(reqs, mode: str) -> None:
+        """One batch of the engine thread: ``compose`` its part in the server (UNet, VAE, blend,
+        the boxes to the CPU through pinned memory: pipeline/engines/musetalk/transfer.py);
+        ``pageable`` UNet + VAE ending in a pageable ``.cpu()`` copy, as the blend did before;
+        ``gpu`` UNet + VAE waited for on a blocking event, nothing copied."""
+        if mode == "compose":
+            engine.compose_staged(reqs)
+            return
+        faces = engine.generate_float(reqs)
+        if mode == "pageable":
+            faces.to(torch.uint8).cpu()
+        elif cuda:
+            done = torch.cuda.Event(blocking=True)
+            done.record()
+            done.synchronize()
+
+    def engine_loop(reqs, mode: str, stop: threading.Event, times: list[float]) -> None:
         while not stop.is_set():
             started = time.perf_counter()
-            engine.compose_staged(reqs)  # the engine thread's part: UNet, VAE, blend, boxes to the CPU
+            engine_batch(reqs, mode)
             times.append(time.perf_counter() - started)
 
     def ms(values: list[float], q: float, scale: float = 1000) -> float | None:
         return float(np.percentile(values, q)) * scale if values else None
 
-    def beside(batch: int, work: Any) -> tuple[Any, list[float], list[float]]:
+    def beside(batch: int, work: Any, mode: str = "compose") -> tuple[Any, list[float], list[float]]:
         """``work()`` while the engine runs batches of ``batch`` back to back (none: alone)."""
         alone: list[float] = []
         engine_ms: list[float] = []
@@ -173,14 +201,14 @@ def section_contention(
             return work(), alone, engine_ms
         reqs = requests_for(avatar, batch, engine.device, engine.dtype)
         for _ in range(3):
-            engine.compose_staged(reqs)
+            engine_batch(reqs, mode)
         t = time.perf_counter()
         while time.perf_counter() - t < 1.0:
             s0 = time.perf_counter()
-            engine.compose_staged(reqs)
+            engine_batch(reqs, mode)
             alone.append(time.perf_counter() - s0)
         stop = threading.Event()
-        thread = threading.Thread(target=engine_loop, args=(reqs, stop, engine_ms), daemon=True)
+        thread = threading.Thread(target=engine_loop, args=(reqs, mode, stop, engine_ms), daemon=True)
         thread.start()
         time.sleep(0.2)
         try:
@@ -202,28 +230,33 @@ def section_contention(
     for variant in variants:
         if variant == "profile":
             continue
+        wait_current = variant == "graphs-wait"
         whisper.cuda_graphs = graphs and variant != "eager"
         whisper.capture_priority = -1 if variant == "graphs-high" else 0
         whisper._graphs.clear()  # captured again on this variant's stream
         for _ in range(3):
             one_pass()
-        for batch in [0, *batches]:
-            timed, alone, engine_ms = beside(batch, passes)
+        cells = [(0, "-")] + [(batch, mode) for mode in engine_modes for batch in batches]
+        for batch, mode in cells:
+            timed, alone, engine_ms = beside(batch, passes, mode)
             wall = [w for w, _ in timed]
             span = [g for _, g in timed if g is not None]
             row = {
-                "variant": variant, "engine_batch": batch, "windows": windows, "trim": whisper.trim,
+                "variant": variant, "engine_mode": mode, "engine_batch": batch, "windows": windows, "trim": whisper.trim,
                 "pass_p50_ms": ms(wall, 50), "pass_p95_ms": ms(wall, 95), "stream_p50_ms": ms(span, 50, 1),
                 "engine_alone_ms": ms(alone, 50), "engine_beside_ms": ms(engine_ms, 50),
             }
             rows.append(row)
             log(
-                f"contention [{variant}]: {windows} windows beside engine batch {batch or '-'}: pass p50 {_f(row['pass_p50_ms'])} "
+                f"contention [{variant}]: {windows} windows beside engine batch {batch or '-'} ({mode}): pass p50 {_f(row['pass_p50_ms'])} "
                 f"p95 {_f(row['pass_p95_ms'])} ms (its stream {_f(row['stream_p50_ms'])}); engine batch alone "
                 f"{_f(row['engine_alone_ms'])}, beside the passes {_f(row['engine_beside_ms'])} ms"
             )
     whisper.cuda_graphs, whisper.capture_priority = graphs, priority
+    wait_current = False
     whisper._graphs.clear()
+    for _ in range(3):  # captured again alone: a capture beside the engine's launches fails
+        one_pass()
     if "profile" in variants and batches:
         from torch.profiler import ProfilerActivity, profile
 
@@ -241,6 +274,44 @@ def section_contention(
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60)
         log("contention profile, 5 passes beside engine batch", max(batches), "\n" + table)
         res["contention_profile"] = table
+        holders = gil_holders(lambda: beside(max(batches), passes))
+        if holders:
+            log("contention: who holds the GIL beside engine batch", max(batches), "(thread | innermost frames: samples)")
+            for line in holders:
+                log("  " + line)
+            res["contention_gil"] = holders
+
+
+def gil_holders(work: Any, seconds: int = 4, top: int = 20) -> list[str]:
+    """py-spy's samples of this process's GIL-holding threads while ``work()`` runs, as the most
+    frequent (thread, innermost three frames): a thread blocked in a CUDA call while holding the
+    GIL would stall every other thread's launches. [] when py-spy is missing or cannot attach."""
+    import collections
+    import shutil
+    import subprocess
+    import tempfile
+
+    near = (Path(sys.executable).parent / "py-spy", Path("/tmp/site/bin/py-spy"))  # a venv's, the device kit's
+    spy = shutil.which("py-spy") or next((str(p) for p in near if p.exists()), None)
+    if spy is None:
+        return []
+    raw = Path(tempfile.mkdtemp()) / "gil.raw"
+    cmd = [spy, "record", "-p", str(os.getpid()), "-d", str(seconds), "-r", "200", "--gil", "--threads",
+           "--nonblocking", "--format", "raw", "-o", str(raw)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # attached
+    work()
+    _, err = proc.communicate(timeout=60)
+    if not raw.exists():
+        log("py-spy failed:", err.strip()[-300:])
+        return []
+    counts: collections.Counter[str] = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        frames = stack.split(";")
+        counts[frames[0] + " | " + " < ".join(f.split(" (")[0] for f in reversed(frames[-3:]))] += int(n)
+    total = sum(counts.values()) or 1
+    return [f"{key}: {n} ({100 * n / total:.0f} %)" for key, n in counts.most_common(top)]
 
 
 def section_sessions(
@@ -349,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contention-batches", default="8,16,24", help="engine batches the contention section runs beside the passes")
     p.add_argument("--contention-windows", type=int, default=16, help="windows per feature pass (one per talking session)")
     p.add_argument("--contention-reps", type=int, default=60)
-    p.add_argument("--contention-variants", default="graphs,graphs-high,eager,profile", help="see section_contention")
+    p.add_argument("--contention-variants", default="graphs,graphs-wait,profile", help="graphs, graphs-wait, graphs-high, eager, profile: see section_contention")
+    p.add_argument("--contention-engine", default="compose,pageable,gpu", help="how the engine's batches end: compose, pageable, gpu (section_contention)")
     p.add_argument("--budget", type=float, default=0.11, help="seconds from complete audio to picture")
     p.add_argument("--skip-warmup", action="store_true", help="capture only the batch sizes the sections use (a quick look: compiles on first use)")
     p.add_argument("--report", type=Path, nargs="+", help="write the docs/benchmarks.md section from gpu_costs.json files (sections of later files replace earlier ones)")
@@ -389,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     if "contention" in sections:
         section_contention(
             engine, avatar, res, ints(args.contention_batches), args.contention_windows, args.contention_reps,
-            args.contention_variants.split(","),
+            args.contention_variants.split(","), args.contention_engine.split(","),
         )
         save()
     if "sessions" in sections:
@@ -451,15 +523,18 @@ def report(paths: list[Path], doc: Path, command: str) -> int:
     if r.get("contention"):
         lines += [
             "A feature pass as the server runs it (the Whisper windows of all talking sessions, one per session, "
-            "on the batcher's high-priority stream, waited for) alone and while another thread runs the engine's "
-            "batches back to back; wall ms:",
+            "holding 1-29 s of audio, on the batcher's high-priority stream, waited for) alone and while another "
+            "thread runs the engine's batches back to back; wall ms. Encoder: `graphs` CUDA graphs, `eager` none, "
+            "`waiting` the pass first waits for the current stream (the engine's, as WhisperBatcher.features did "
+            "when these ran). Its end: how each engine batch ends on the engine thread (`compose`: the server's "
+            "engine part):",
             "",
-            "| encoder | windows | trimmed | engine batch beside | pass p50 | pass p95 | its stream, first to last op, p50 | engine batch alone | engine batch beside the passes |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| run | encoder | windows | trimmed | engine batch beside | its end | pass p50 | pass p95 | its stream, first to last op, p50 | engine batch alone | engine batch beside the passes |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for x in r["contention"]:
             lines.append(
-                f"| {x.get('variant', 'graphs')} | {x['windows']} | {'yes' if x['trim'] else 'no'} | {x['engine_batch'] or 'none'} | "
+                f"| {x['run']} | {x.get('variant', 'graphs')} | {x['windows']} | {'yes' if x['trim'] else 'no'} | {x['engine_batch'] or 'none'} | {x.get('engine_mode', 'pageable')} | "
                 f"{_f(x['pass_p50_ms'])} | {_f(x['pass_p95_ms'])} | {_f(x.get('stream_p50_ms'))} | {_f(x['engine_alone_ms'])} | "
                 f"{_f(x['engine_beside_ms'])} |"
             )
