@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.engines.musetalk.transfer import index_tensor, to_host
+from pipeline.engines.musetalk.transfer import index_tensor, to_host, wait_asleep
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -31,3 +31,16 @@ def test_index_tensor_and_to_host_round_trip(device: str) -> None:
 def test_index_tensor_rejects_what_is_not_an_index() -> None:
     with pytest.raises((TypeError, RuntimeError, ValueError)):
         index_tensor([1.5, "a"], torch.device("cpu"))  # type: ignore[list-item]
+
+
+@pytest.mark.gpu
+def test_wait_asleep_returns_when_the_streams_work_is_done() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(int(2e8))  # ~0.1 s of GPU clock cycles
+        x = torch.ones(1000, device="cuda") * 3
+    assert not stream.query()
+    wait_asleep(stream)
+    assert stream.query() and float(x.sum()) == 3000.0

@@ -53,6 +53,7 @@ import torch
 
 from pipeline.audio.windows import AudioFrame
 from pipeline.engines.base import Featurizer, FrameFeatures
+from pipeline.engines.musetalk.transfer import wait_asleep
 
 SAMPLE_RATE = 16000
 FPS = 25
@@ -436,7 +437,7 @@ class WhisperBatcher:
         with torch.cuda.device(self.device):
             with torch.cuda.stream(self._stream):
                 results = self._run_plans(plans)
-            self._stream.synchronize()
+            wait_asleep(self._stream)
         return results
 
     def _run_plans(self, plans: list[_Plan]) -> list[list[FrameFeatures]]:

@@ -8,7 +8,7 @@ i.e. the whole UNet + VAE batch. On an H200 a feature pass that takes 8 ms alone
 host calls a pass makes, the longer it waits, so it waits per call, not on the GPU
 (bench/gpu_costs.py ``contention``; docs/benchmarks.md). Here both copies go through pinned
 memory, and the engine thread waits for its batch on a blocking-sync event, asleep, instead of
-inside a driver copy.
+inside a driver copy (so does the feature thread for its pass).
 """
 
 from __future__ import annotations
@@ -34,7 +34,14 @@ def to_host(tensor: torch.Tensor) -> np.ndarray:
         return tensor.numpy()
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     host.copy_(tensor, non_blocking=True)
-    done = torch.cuda.Event(blocking=True)
-    done.record()
-    done.synchronize()
+    wait_asleep(torch.cuda.current_stream(tensor.device))
     return host.numpy()
+
+
+def wait_asleep(stream: torch.cuda.Stream) -> None:
+    """Wait for the work queued on ``stream`` so far, asleep: ``stream.synchronize()`` spins a
+    core for the whole wait (one GPU context on a many-core host), and a device process has two
+    threads waiting on its GPU most of the time."""
+    done = torch.cuda.Event(blocking=True)
+    done.record(stream)
+    done.synchronize()
