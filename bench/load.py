@@ -1937,11 +1937,12 @@ def print_overview(reports: list[dict[str, Any]]) -> None:
     print("\nscenarios:")
     print(f"{'sessions':>8} {'mode':>6} {'talk':>14} {'passed':>7} {'ok':>6} {'fps min':>7} {'p50':>6} "
           f"{'p95':>6} {'p99':>6} {'late%':>6} {'cl.late%':>8} {'srvCPU/s':>8} {'GPU%':>10} {'batch':>6} "
-          f"{'feat95':>6} {'slack5':>6} {'verdict':>8}")
+          f"{'feat95':>6} {'pass95':>6} {'slack5':>6} {'verdict':>8}")
     for report in reports:
         cfg, o = report["config"], report["overall"]
         gpu = "/".join(fmt(v) for v in o.get("gpu_util_percent_mean_per_gpu") or []) or "-"
-        # the first device's mean batch in the window and its stage figures (ms): what filled the budget
+        # the first device's mean batch in the window and its stage figures (ms): what filled the
+        # budget (feat95: audio at the device to features; pass95: the feature pass alone)
         window = (report.get("server_devices_window") or [{}])[0]
         devices = (report.get("server_devices_at_end") or {}).get("devices") or [{}]
         stages = devices[0].get("stages_ms") or {}
@@ -1955,6 +1956,7 @@ def print_overview(reports: list[dict[str, Any]]) -> None:
               f"{fmt(o.get('onset_latency_ms_p99')):>6} {fmt(o.get('server_late_or_dropped_percent')):>6} "
               f"{fmt(o.get('client_late_percent')):>8} {fmt(o['server_cpu_percent_per_session']):>8} "
               f"{gpu:>10} {fmt(window.get('mean_batch')):>6} {fmt((stages.get('features') or {}).get('p95')):>6} "
+              f"{fmt((stages.get('feature_pass') or {}).get('p95')):>6} "
               f"{fmt((stages.get('slack') or {}).get('p5')):>6} {verdict:>8}")
 
 

@@ -62,7 +62,7 @@ def test_load_two_websocket_sessions(avatars_root: Path, tmp_path: Path) -> None
     )
     assert again.returncode == 0, again.stderr[-2000:]
     overview = again.stdout[again.stdout.index("scenarios:"):].splitlines()
-    assert "batch feat95 slack5" in overview[1]
+    assert "batch feat95 pass95 slack5" in overview[1]
     assert len(overview) == 4 and f" {window['mean_batch']:.1f} " in overview[2], overview
 
 
