@@ -1,0 +1,47 @@
+"""bench/gpu_costs.py's contention section, on tiny weights on the CPU: a check of the program.
+
+Why: it runs on the lent GPU machine, whose minutes are few; a crash there (one capture of the
+encoder's graphs beside the engine's launches did, in its profile step) costs a whole call. The
+figures of a CPU run mean nothing and are not checked.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_contention_section_runs_and_reports(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [
+            sys.executable, "-m", "bench.gpu_costs", "--device", "cpu", "--tiny", "--skip-warmup",
+            "--models", str(tmp_path / "models"), "--work", str(tmp_path / "work"), "--out", str(out),
+            "--sections", "contention", "--contention-batches", "2", "--contention-windows", "2",
+            "--contention-reps", "1", "--contention-variants", "graphs,graphs-wait,profile",
+            "--contention-engine", "compose,gpu",
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.loads((out / "gpu_costs.json").read_text())
+    cells = {(r["variant"], r["engine_batch"], r["engine_mode"]) for r in res["contention"]}
+    assert cells == {(v, b, m) for v in ("graphs", "graphs-wait") for b, m in ((0, "-"), (2, "compose"), (2, "gpu"))}
+    for row in res["contention"]:
+        assert row["pass_p50_ms"] > 0 and row["windows"] == 2
+        assert (row["engine_alone_ms"] is None) == (row["engine_batch"] == 0)
+    assert "Self CPU" in res["contention_profile"]  # torch.profiler's table
+
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n")
+    report = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_costs", "--report", str(out / "gpu_costs.json"), "--doc", str(doc)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    text = doc.read_text()
+    assert "| run | encoder | windows |" in text and "| 1 | graphs-wait | 2 | yes | 2 | gpu |" in text
