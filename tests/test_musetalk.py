@@ -767,7 +767,7 @@ def test_feature_worker_without_batcher_and_errors() -> None:
                 raise ValueError("bad frame")
             self.calls.append([f.index for f in frames])
             time.sleep(0.02)
-            return [FrameFeatures(active=True, data=f.index) for f in frames]
+            return [FrameFeatures(active=f.speech, data=f.index) for f in frames]
 
     window = np.zeros(3200, np.float32)
     passes: list[tuple[int, float, bool]] = []  # (frames, seconds, any future resolved yet)
@@ -787,10 +787,13 @@ def test_feature_worker_without_batcher_and_errors() -> None:
         with pytest.raises(ValueError, match="bad frame"):
             bad.result(timeout=10)
         assert worker.submit(feat, [AudioFrame(5, window, True)], 1).result(timeout=10)[0].data == 5
+        assert not worker.submit(feat, [AudioFrame(6, window, False)], 1).result(timeout=10)[0].active
+        # reported: the backlog's pass and frame 5's; not the failed pass, nor the silent one
+        assert [frames for frames, _, _ in passes] == [4, 1], passes
     finally:
         worker.close()
     with pytest.raises(RuntimeError, match="closed"):
-        worker.submit(feat, [AudioFrame(6, window, True)], 1)
+        worker.submit(feat, [AudioFrame(7, window, True)], 1)
 
 
 def test_engine_speed_options_and_gpu_config(tiny_dir: Path) -> None:

@@ -61,8 +61,9 @@ class FeatureWorker:
     ) -> None:
         self.name = name
         self._on_fault = on_fault
-        # (frames, seconds) of every pass, before its futures resolve: the device's stage times
-        # tell a slow pass (a GPU shared with the engine's batches) from a long wait for one
+        # (active frames, seconds) of every pass that had any, before its futures resolve: the
+        # device's stage times tell a slow pass (a GPU shared with the engine's batches) from a
+        # long wait for one
         self._on_pass = on_pass
         self.max_frames = max_frames  # most frames taken in one pass (bounds one pass's latency)
         self._queue: collections.deque[_Job] = collections.deque()
@@ -183,7 +184,13 @@ class FeatureWorker:
                 results[id(f)] = out if isinstance(out, BaseException) else out[k]
         computed = time.perf_counter() - started
         if self._on_pass is not None:
-            self._on_pass(sum(len(job.frames) for job in jobs), computed)
+            # the frames that go on to a picture: a silent frame's pass does no encoder work and
+            # would only dilute the figure
+            active = sum(
+                sum(1 for f in result if f.active) for result in results.values() if not isinstance(result, BaseException)
+            )
+            if active:
+                self._on_pass(active, computed)
         # resolve in submission order
         cursor = {key: 0 for key in merged}
         for job in jobs:

@@ -12,7 +12,8 @@ frame's stages here, and ``GET /v1/devices`` shows their percentiles (``stages_m
   the server process);
 - ``features``: from the frame's audio reaching the device to its features (where known);
 - ``feature_pass``: the feature pass that served the frame, alone (the rest of ``features`` is
-  the wait for the pass before it and for its own turn);
+  the wait for the pass before it and for its own turn); counted for frames with speech, as
+  ``features``;
 - ``queue``: from its features to the start of the batch it ran in;
 - ``batch``: that batch's device part (UNet + VAE + blend, with any feature passes that ran on
   the same GPU meanwhile);
