@@ -143,6 +143,8 @@ def section_contention(
     the GIL meanwhile (py-spy). ``engine_modes``: how the engine thread's batch ends (engine_batch)."""
     import threading
 
+    from pipeline.engines.musetalk.transfer import wait_asleep
+
     whisper = engine.whisper
     rng = np.random.default_rng(7)
     audio = [rng.standard_normal(int(s * 16000)).astype(np.float32) * 0.1 for s in rng.uniform(1, 29, windows)]
@@ -165,7 +167,7 @@ def section_contention(
                 first.record()
                 whisper.encode_audio(audio)
                 last.record()
-            stream.synchronize()
+            wait_asleep(stream)
         return time.perf_counter() - started, first.elapsed_time(last)
 
     def engine_batch(reqs, mode: str) -> None:
@@ -180,9 +182,7 @@ def section_contention(
         if mode == "pageable":
             faces.to(torch.uint8).cpu()
         elif cuda:
-            done = torch.cuda.Event(blocking=True)
-            done.record()
-            done.synchronize()
+            wait_asleep(torch.cuda.current_stream(engine.device))
 
     def engine_loop(reqs, mode: str, stop: threading.Event, times: list[float]) -> None:
         while not stop.is_set():
