@@ -167,12 +167,7 @@ class DeviceProcess:
             skip_late=spec.skip_late,
             skip_keep=spec.skip_keep,
         )
-        stages = self.worker.stages
-        self.features = FeatureWorker(
-            spec.name,
-            on_fault=self._feature_fault,
-            on_pass=lambda frames, seconds: stages.add("feature_pass", seconds, frames),
-        )
+        self.features = FeatureWorker(spec.name, on_fault=self._feature_fault, on_pass=self.worker.stages.add_pass)
         return calibration
 
     def _load(self, avatar_id: str) -> Avatar:

@@ -249,11 +249,10 @@ class DevicePool:
                 skip_late=self.skip_late,
                 skip_keep=self.skip_keep,
             )
-            stages = device.worker.stages
             device.feature_worker = FeatureWorker(
                 name,
                 on_fault=lambda exc, name=name: self.fail(name, describe_fault(exc)),
-                on_pass=lambda frames, seconds, stages=stages: stages.add("feature_pass", seconds, frames),
+                on_pass=device.worker.stages.add_pass,
             )
             device.state = READY
         return errors

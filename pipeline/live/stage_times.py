@@ -69,6 +69,10 @@ class StageTimes:
         """``frames`` frames spent ``seconds`` in ``stage`` (a batch's stages count once per frame)."""
         self.add_each(stage, np.full(frames, seconds))
 
+    def add_pass(self, frames: int, seconds: float) -> None:
+        """A feature pass of ``seconds`` served ``frames`` frames (a FeatureWorker's ``on_pass``)."""
+        self.add("feature_pass", seconds, frames)
+
     def add_each(self, stage: str, seconds: Sequence[float] | np.ndarray) -> None:
         """One value per frame (e.g. every frame of a batch its own wait)."""
         values = np.asarray(seconds, dtype=np.float64)
