@@ -60,7 +60,10 @@ from bench.musetalk_engine import (
 
 SECTION = "Where the GPU time goes (H200, per talking session)"
 SECTION_KEYS = ("whisper", "contention", "sessions", "engine", "upsample")
-CONCATENATED = ("engine", "upsample", "contention")  # their tables keep the rows of every run given to --report
+CONCATENATED = ("engine", "upsample", "contention")
+#: How section_contention runs the encoder, and how the engine's batches end beside it.
+CONTENTION_VARIANTS = ("graphs", "graphs-wait", "graphs-high", "eager", "profile")
+CONTENTION_ENGINE = ("compose", "pageable", "gpu")  # their tables keep the rows of every run given to --report
 
 
 def gpu_ms(fn, reps: int = 20, warmup: int = 3) -> float:
@@ -420,8 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contention-batches", default="8,16,24", help="engine batches the contention section runs beside the passes")
     p.add_argument("--contention-windows", type=int, default=16, help="windows per feature pass (one per talking session)")
     p.add_argument("--contention-reps", type=int, default=60)
-    p.add_argument("--contention-variants", default="graphs,graphs-wait,profile", help="graphs, graphs-wait, graphs-high, eager, profile: see section_contention")
-    p.add_argument("--contention-engine", default="compose,pageable,gpu", help="how the engine's batches end: compose, pageable, gpu (section_contention)")
+    p.add_argument("--contention-variants", default="graphs,graphs-wait,profile", help=f"{', '.join(CONTENTION_VARIANTS)}: see section_contention")
+    p.add_argument("--contention-engine", default="compose,pageable,gpu", help=f"how the engine's batches end: {', '.join(CONTENTION_ENGINE)} (section_contention)")
     p.add_argument("--budget", type=float, default=0.11, help="seconds from complete audio to picture")
     p.add_argument("--skip-warmup", action="store_true", help="capture only the batch sizes the sections use (a quick look: compiles on first use)")
     p.add_argument("--report", type=Path, nargs="+", help="write the docs/benchmarks.md section from gpu_costs.json files (sections of later files replace earlier ones)")
@@ -430,6 +433,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.report:
         return report(args.report, args.doc, args.command)
+    for option, given, known in (
+        ("--contention-variants", args.contention_variants, CONTENTION_VARIANTS),
+        ("--contention-engine", args.contention_engine, CONTENTION_ENGINE),
+    ):
+        unknown = [name for name in given.split(",") if name not in known]
+        if unknown:  # refused before any weights or output are written
+            p.error(f"{option}: unknown {', '.join(unknown)} (known: {', '.join(known)})")
     ints = lambda v: [int(x) for x in v.split(",") if x]  # noqa: E731
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -45,3 +45,15 @@ def test_contention_section_runs_and_reports(tmp_path: Path) -> None:
     assert report.returncode == 0, report.stderr[-3000:]
     text = doc.read_text()
     assert "| run | encoder | windows |" in text and "| 1 | graphs-wait | 2 | yes | 2 | gpu |" in text
+
+
+def test_unknown_contention_names_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    for option, value in (("--contention-variants", "graphs,fast"), ("--contention-engine", "compose,turbo")):
+        run = subprocess.run(
+            [sys.executable, "-m", "bench.gpu_costs", "--device", "cpu", "--tiny", "--models", str(tmp_path / "m"),
+             "--out", str(tmp_path / "out"), "--sections", "contention", option, value],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )
+        assert run.returncode == 2, run.stderr[-2000:]
+        assert f"{option}: unknown {value.split(',')[1]}" in run.stderr
+        assert not (tmp_path / "m").exists() and not (tmp_path / "out").exists()
