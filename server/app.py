@@ -90,6 +90,7 @@ async def _start(state: AppState) -> None:
                     log_level=settings.server.log_level,
                     skip_late=engine.skip_late_frames,
                     skip_keep=engine.skip_keep_frames,
+                    switch_interval_ms=engine.device_switch_interval_ms,
                 )
             )
 

@@ -80,6 +80,11 @@ class EngineConfig(Section):
     # compete with the API, clocks and outputs); "thread" = threads of the server process;
     # "auto" = process for cuda devices, thread for cpu ones (no gain on few cores)
     device_workers: Literal["auto", "process", "thread"] = "auto"
+    # How long a device process's thread may hold the GIL while another waits for it (Python's
+    # sys.setswitchinterval; its default is 5 ms). A device process's engine and feature threads
+    # mostly wait on the GPU, and each wake-up needs the GIL back from the paste, finisher and
+    # channel threads: with 5 ms, every wake-up can cost up to 5 ms of a 90 ms frame budget.
+    device_switch_interval_ms: float = Field(5.0, gt=0, le=100)
 
     def workers_in_processes(self) -> bool:
         if self.device_workers == "auto":

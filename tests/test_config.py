@@ -50,6 +50,7 @@ def test_yaml_then_environment_override(tmp_path: Path, monkeypatch: pytest.Monk
         ("engine:\n  skip_late_frames: sometimes\n", "engine.skip_late_frames"),
         ("engine:\n  vae_upsample: bilinear\n", "engine.vae_upsample"),
         ("engine:\n  skip_keep_frames: -1\n", "engine.skip_keep_frames"),
+        ("engine:\n  device_switch_interval_ms: 0\n", "engine.device_switch_interval_ms"),
         ("bogus: 1\n", "bogus"),
     ],
 )

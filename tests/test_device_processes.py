@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,8 @@ def test_device_processes_make_the_same_frames_as_threads(avatars_root: Path, sp
     async def frames_of(workers: str) -> tuple[list, dict]:
         # the process run calibrates its devices (there, in each device process)
         engine = {**TWO_CPU_PROCESSES, "device_workers": workers, "capacity_sessions": 2 if workers == "thread" else 0}
+        if workers == "process":
+            engine["device_switch_interval_ms"] = 0.5  # the device processes' own, not the server's
         async with server(avatars_root, engine=engine) as (state, http):
             created = await create(http)
             frames = await _pictures(state, created["id"], planar, speech.sample_rate)
@@ -117,6 +120,8 @@ def test_device_processes_make_the_same_frames_as_threads(avatars_root: Path, sp
     assert [row["batch_size"] for row in device["calibration"]["table"]] == [1, 2, 4, 8, 16]
     assert device["process"]["alive"] and device["process"]["pid"] != os.getpid()
     assert device["process"]["result_rings"] == 1
+    assert device["process"]["switch_interval_ms"] == pytest.approx(0.5)
+    assert sys.getswitchinterval() == pytest.approx(0.005)  # the server process keeps Python's
     assert device["frames"] >= len(spoken) and device["batches"] > 0  # batches seen from the server
     assert listed["cpu:1"]["sessions"] == 0 and listed["cpu:1"]["process"]["alive"]
 

@@ -73,6 +73,7 @@ class DeviceLink:
         from pipeline.live import device_process
 
         self.spec = spec
+        self.switch_interval_ms: float | None = None  # the process's GIL switch interval, once started
         self.name = spec.name
         self.on_batch: BatchObserver | None = None
         self.on_fault: FaultObserver | None = None
@@ -104,7 +105,8 @@ class DeviceLink:
     def start(self, avatar_id: str, calibrate: bool) -> Any:
         """Build the engine, load ``avatar_id``, calibrate if asked, start the workers; returns the
         :class:`~pipeline.live.calibration.Calibration` or None. Raises what the process raised."""
-        return self._request("start", avatar_id, calibrate, timeout=START_TIMEOUT)
+        calibration, self.switch_interval_ms = self._request("start", avatar_id, calibrate, timeout=START_TIMEOUT)
+        return calibration
 
     def load_avatar(self, avatar_id: str) -> None:
         self._request("load", avatar_id, timeout=LOAD_TIMEOUT)
@@ -277,7 +279,12 @@ class DeviceLink:
                 future.set_result((error, None))
 
     def describe_process(self) -> dict[str, Any]:
-        return {"pid": self.process.pid, "alive": self.process.is_alive(), "result_rings": len(self._rings)}
+        return {
+            "pid": self.process.pid,
+            "alive": self.process.is_alive(),
+            "result_rings": len(self._rings),
+            "switch_interval_ms": self.switch_interval_ms,  # as the process applied it
+        }
 
     def close(self) -> None:
         """Stop the process (what is queued is dropped), then unlink the rings."""

@@ -22,7 +22,8 @@ Commands (tuples, first item the kind):
 - server -> process: ``start(request, avatar, calibrate)``, ``load(request, avatar)``,
   ``ring(name, shape, slots)``, ``open(key, avatar)``, ``frame(key, index, window, speech,
   avatar_index, deadline, compose, sent)``, ``reset(key)``, ``close(key)``, ``stop()``;
-- process -> server: ``reply(request, error, value)``, ``features(key, index, active,
+- process -> server: ``reply(request, error, value)`` (``start``'s value: the calibration and the
+  GIL switch interval the process runs with, ms), ``features(key, index, active,
   composing)``, ``picture(key, index, ring, slot, number)``, ``skipped(key, index)`` (the frame
   could not be on time), ``failed(key, index, error)``,
   ``batch(size, seconds, queued)``, ``stages(summary)`` (every second:
@@ -37,6 +38,7 @@ import concurrent.futures
 import logging
 import pickle
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -75,6 +77,7 @@ class DeviceSpec:
     log_level: str = "warning"
     skip_late: bool = False  # EngineWorker(skip_late): frames that cannot be on time are skipped
     skip_keep: int = 0  # EngineWorker(skip_keep): frames always left queued when skipping (0: a batch)
+    switch_interval_ms: float = 5.0  # the process's sys.setswitchinterval (Python's default: 5 ms)
 
 
 @dataclass
@@ -168,7 +171,7 @@ class DeviceProcess:
             skip_keep=spec.skip_keep,
         )
         self.features = FeatureWorker(spec.name, on_fault=self._feature_fault, on_pass=self.worker.stages.add_pass)
-        return calibration
+        return calibration, sys.getswitchinterval() * 1000
 
     def _load(self, avatar_id: str) -> Avatar:
         from pipeline.avatar.store import AvatarStore
@@ -328,6 +331,7 @@ def run(conn: Connection, spec: DeviceSpec) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server stops us (Ctrl-C reaches the whole group)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the server asks when we stop answering
     logging.basicConfig(level=spec.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.setswitchinterval(spec.switch_interval_ms / 1000)
     channel = Channel(conn, f"device-{spec.name}")
     process = DeviceProcess(spec, channel)
     channel.listen_in_thread(process.handle, on_closed=lambda: process.control.put(("stop",)))
