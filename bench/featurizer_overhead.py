@@ -99,7 +99,7 @@ def stub_encoder(batcher, max_windows: int) -> None:  # max_windows: one pass (b
         (max_windows, 1500, batcher.n_layers + 1, int(batcher.encoder.config.d_model)), device=batcher.device
     ).to(batcher.dtype)
 
-    def log_mel(audio):
+    def log_mel(audio, positions=None):  # (positions: trimmed windows' encoder length, since 2026-12-03)
         return audio.to(device=batcher.device, dtype=torch.float32)
 
     def encode(mel, *, out=None):
