@@ -77,7 +77,7 @@ class DeviceSpec:
     log_level: str = "warning"
     skip_late: bool = False  # EngineWorker(skip_late): frames that cannot be on time are skipped
     skip_keep: int = 0  # EngineWorker(skip_keep): frames always left queued when skipping (0: a batch)
-    switch_interval_ms: float = 5.0  # the process's sys.setswitchinterval (Python's default: 5 ms)
+    switch_interval_ms: float = 0.5  # the process's sys.setswitchinterval (engine.device_switch_interval_ms)
 
 
 @dataclass
