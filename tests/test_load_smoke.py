@@ -91,6 +91,19 @@ def test_skipped_frames_count_as_late_in_the_verdict() -> None:
     assert skipping["late_percent"] == 2.4 and not skipping["ok"]  # (2 late + 10 skipped) / 500
 
 
+def test_warm_up_talks_like_the_largest_scenario() -> None:
+    """The warm-up takes the largest scenario's sessions and talk mode: a conversational scenario's
+    sessions all talking at once would overload the device with what the scenario never asks."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import load
+
+    scenarios = load.parse_scenarios("16:all,26:conversational,20:all", "ws", 20.0)
+    assert load.warmup_scenario(scenarios, 8.0) == {"sessions": 26, "talk": "conversational", "mode": "ws", "duration": 8.0}
+    assert load.warmup_scenario(scenarios, 8.0, sessions=4)["sessions"] == 4
+    only_all = load.parse_scenarios("14:all,16:all", "webrtc", 20.0)
+    assert load.warmup_scenario(only_all, 5.0) == {"sessions": 16, "talk": "all", "mode": "webrtc", "duration": 5.0}
+
+
 def test_worker_sim_counts_late_and_skipped_frames(tmp_path: Path) -> None:
     """bench/worker_sim.py (the real EngineWorker before a modelled GPU): an idle device makes
     every frame on time; one far too slow (50 ms per frame for 4 sessions) makes them late

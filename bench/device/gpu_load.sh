@@ -10,8 +10,8 @@
 #   --duration S      seconds every scenario talks (default 30)
 #   --mode M          ws | webrtc | mixed (default ws)
 #   --ramp S          seconds over which a scenario's sessions connect (default 5)
-#   --warmup S        before the first scenario, as many sessions as the largest scenario's talk S
-#                     seconds, unmeasured (default 10; on an H200 the first speech after the start
+#   --warmup S        before the first scenario, as many sessions as the largest scenario talk S
+#                     seconds as it does, unmeasured (default 10; on an H200 the first speech after the start
 #                     stalled every session ~2 s, and more sessions stalled them once more)
 #   --set K=V         server config override, repeatable (e.g. --set sessions.processing_seconds=0.3)
 #   --budget S        seconds this script may take in all (default 570: the run tool's limit is 600)
