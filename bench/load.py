@@ -1308,7 +1308,8 @@ def stage_lines(devices_at_end: dict[str, Any]) -> list[str]:
         if not stages.get("frames"):
             continue
         parts = [f"{stage} {fmt(stages[stage]['p50'])}/{fmt(stages[stage]['p95'])}"
-                 for stage in ("handoff", "features", "feature_pass", "queue", "batch", "finish") if stage in stages]
+                 for stage in ("handoff", "features", "feature_pass", "queue", "batch", "batch_host", "finish")
+                 if stage in stages]
         slack = stages.get("slack")
         if slack:
             parts.append(f"slack (deadline - delivery) p5 {fmt(slack['p5'])}, p50 {fmt(slack['p50'])}")

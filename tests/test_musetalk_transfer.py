@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.engines.musetalk.transfer import index_tensor, to_host, wait_asleep
+from pipeline.engines.musetalk.transfer import index_tensor, take_asleep, to_host, wait_asleep
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -42,5 +42,8 @@ def test_wait_asleep_returns_when_the_streams_work_is_done() -> None:
         torch.cuda._sleep(int(2e8))  # ~0.1 s of GPU clock cycles
         x = torch.ones(1000, device="cuda") * 3
     assert not stream.query()
+    take_asleep()
     wait_asleep(stream)
     assert stream.query() and float(x.sum()) == 3000.0
+    slept = take_asleep()  # this thread's sleep in it, for the engine's batch_host stage; then reset
+    assert 0.0 < slept < 10.0 and take_asleep() == 0.0

@@ -303,6 +303,35 @@ def test_batch_time_estimate_excludes_waiting_for_the_batch_in_flight() -> None:
         worker.close()
 
 
+def test_batch_host_is_the_batch_minus_the_engines_sleep_on_its_device() -> None:
+    """An engine that reports how long its batch slept on the device (MuseTalk on cuda) gets the
+    rest of the batch recorded as ``batch_host``; one that reports nothing gets no such stage."""
+
+    class SleepyEngine(StagedGatedEngine):
+        def compose_staged(self, requests):
+            time.sleep(0.2)  # 0.2 s of "device" time, reported as slept
+            self.last_batch_asleep = 0.2
+            return super().compose_staged(requests)
+
+    for engine, reported in ((SleepyEngine(), True), (StagedGatedEngine(), False)):
+        worker = EngineWorker(engine, batch_size=BATCH, name="test")
+        try:
+            made = worker.submit(request("x"), time.monotonic() + 1000, "A")
+            assert engine.next_batch() == ["x"]
+            engine.gate.release()
+            made.result(timeout=WAIT)
+            stages = worker.stages.summary()
+            if reported:
+                assert stages["batch"]["p50"] >= 200.0
+                # the batch's 0.2 s of sleep is not host time; what is left is (a loaded runner may
+                # add to it, never take from it)
+                assert 0.0 <= stages["batch_host"]["p50"] < stages["batch"]["p50"] - 150.0, stages
+            else:
+                assert "batch_host" not in stages
+        finally:
+            worker.close()
+
+
 def test_without_a_backlog_late_frames_are_made_not_skipped() -> None:
     """A device merely slower than the budget (a short queue) makes its frames late, as before:
     skipping them all would show no speech at all and never measure the device again."""

@@ -17,6 +17,9 @@ frame's stages here, and ``GET /v1/devices`` shows their percentiles (``stages_m
 - ``queue``: from its features to the start of the batch it ran in;
 - ``batch``: that batch's device part (UNet + VAE + blend, with any feature passes that ran on
   the same GPU meanwhile);
+- ``batch_host``: the part of ``batch`` its thread was not asleep waiting for the GPU: inputs,
+  launches, GIL waits (only engines that report ``last_batch_asleep``: MuseTalk on cuda). On an
+  H200 at 16 sessions a batch took ~0.6 ms per frame more than its GPU work, unexplained;
 - ``finish``: from the end of that part to the frame's delivery (pasting, and waiting for the
   previous batch's pasting: batches are delivered in order);
 - ``slack``: the frame's deadline minus its delivery (negative: late). Its low percentiles are
@@ -30,7 +33,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-STAGES = ("handoff", "features", "feature_pass", "queue", "batch", "finish", "slack")
+STAGES = ("handoff", "features", "feature_pass", "queue", "batch", "batch_host", "finish", "slack")
+#: Stages only some engines report (absent from ``summary`` otherwise).
+ENGINE_STAGES = ("batch_host",)
 #: Frames kept per stage: about 25 s of 16 talking sessions, a load test's window.
 KEEP_FRAMES = 10_000
 

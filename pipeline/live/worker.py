@@ -371,6 +371,9 @@ class EngineWorker:
             elapsed = made - started
             self.stats.record(len(batch), elapsed)
             self.stages.add("batch", elapsed, len(batch))
+            asleep = getattr(self.engine, "last_batch_asleep", None)
+            if asleep is not None:  # an engine that waits for its device asleep tells how long
+                self.stages.add("batch_host", max(0.0, elapsed - asleep), len(batch))
             self._finisher.submit(self._finish, batch, finish, started, made)
             if self._on_batch is not None:
                 self._on_batch(len(batch), elapsed)

@@ -51,7 +51,7 @@ from pipeline.engines.musetalk.features import (
     positional_encoding,
 )
 from pipeline.engines.musetalk.loader import DTYPES, load_models, resolve_device
-from pipeline.engines.musetalk.transfer import index_tensor, to_host
+from pipeline.engines.musetalk.transfer import index_tensor, take_asleep, to_host
 from pipeline.engines.musetalk.upsample import fold_upsamplers
 from pipeline.engines.musetalk.vae_cache import SCALING_FACTOR, load_or_compute_latents
 from pipeline.errors import ConfigError
@@ -137,6 +137,8 @@ class MuseTalkEngine(Engine):
         self.device = dev
         self.dtype = DTYPES[dtype]
         self.gpu_blend = bool(gpu_blend)
+        # seconds the last compose_staged slept on the GPU (cuda only; the worker's batch_host stage)
+        self.last_batch_asleep: float | None = None
         self.channels_last = bool(channels_last)
         self.cuda_graphs = bool(cuda_graphs)
         self.compile_mode = compile
@@ -205,6 +207,7 @@ class MuseTalkEngine(Engine):
         Stage two (returned): paste each box into a copy of its avatar frame."""
         if not self.gpu_blend:
             return super().compose_staged(requests)
+        take_asleep()  # from here on: this batch's sleep on the GPU (last_batch_asleep)
         pastes: list[tuple[AvatarBlendCache, int, np.ndarray]] = []
         for lo in range(0, len(requests), self.batch_size):
             chunk = requests[lo : lo + self.batch_size]
@@ -226,6 +229,8 @@ class MuseTalkEngine(Engine):
                 (self._avatar_blend(r.avatar), r.frame_index, region)  # type: ignore[misc]
                 for r, region in zip(chunk, regions, strict=True)
             )
+
+        self.last_batch_asleep = take_asleep() if self.device.type == "cuda" else None
 
         def finish() -> list[np.ndarray]:
             # full-frame copies are memory-bound numpy copies (the GIL is released): a few threads

@@ -13,10 +13,14 @@ inside a driver copy (so does the feature thread for its pass).
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+_asleep = threading.local()  # per thread: seconds spent in wait_asleep since the last take_asleep()
 
 
 def index_tensor(values: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -44,4 +48,15 @@ def wait_asleep(stream: torch.cuda.Stream) -> None:
     threads waiting on its GPU most of the time."""
     done = torch.cuda.Event(blocking=True)
     done.record(stream)
+    started = time.perf_counter()
     done.synchronize()
+    _asleep.seconds = getattr(_asleep, "seconds", 0.0) + time.perf_counter() - started
+
+
+def take_asleep() -> float:
+    """Seconds this thread spent asleep in :func:`wait_asleep` since the last call (and resets).
+    The engine thread's batch minus this is its host side: inputs, launches and GIL waits, with
+    the GPU idle before the first launch (``batch_host`` in the device's stage times)."""
+    seconds = getattr(_asleep, "seconds", 0.0)
+    _asleep.seconds = 0.0
+    return seconds
