@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Profile the server process during one load scenario on the lent GPU machine: runs
 # bench/device/gpu_load.sh in the background and, once the clients talk, records the server's
-# main process with py-spy (carried as a wheel in .whl): 10 s of samples of the threads holding
+# main process with py-spy (carried as a wheel in .whl): 10 s of samples of the thread holding
 # the GIL (--gil), then 10 s of all threads; then the same for the first device process, and 5 s
-# of a peer process. Raw flame-graph files land in $OUT (profile.tgz).
+# of a peer process. Raw flame-graph files land in $OUT (profile.tgz); their per-thread summary
+# (bench/pyspy_summary.py) in $OUT/profile-summary.txt, and printed last.
 #
 #   bash bench/device/profile_load.sh [gpu_load.sh options] SCENARIOS   (the first one is profiled)
 set -uo pipefail
@@ -22,7 +23,7 @@ SPY=/tmp/site/bin/py-spy
 echo "server pid $SERVER; children: $(pgrep -P "$SERVER" | tr '\n' ' ')"
 ps -o pid,pcpu,nlwp,cmd --ppid "$SERVER" -p "$SERVER" | cut -c1-120
 top -b -n 1 -H -p "$SERVER" | head -40 > "$OUT/top-main-threads.txt"
-$SPY record -p "$SERVER" -d 10 -r 100 --gil --format raw -o "$OUT/server-gil.raw" --nonblocking
+$SPY record -p "$SERVER" -d 10 -r 100 --gil --threads --format raw -o "$OUT/server-gil.raw" --nonblocking
 $SPY record -p "$SERVER" -d 10 -r 100 --threads --format raw -o "$OUT/server-threads.raw" --nonblocking
 # children: device processes have torch's CUDA libraries mapped, peer processes do not
 for CHILD in $(pgrep -P "$SERVER" -f "spawn_main"); do
@@ -30,10 +31,13 @@ for CHILD in $(pgrep -P "$SERVER" -f "spawn_main"); do
 done
 if [ -n "${DEVICE:-}" ]; then
     top -b -n 1 -H -p "$DEVICE" | head -40 > "$OUT/top-device-threads.txt"
-    $SPY record -p "$DEVICE" -d 10 -r 100 --gil --format raw -o "$OUT/device-gil.raw" --nonblocking
+    $SPY record -p "$DEVICE" -d 10 -r 100 --gil --threads --format raw -o "$OUT/device-gil.raw" --nonblocking
     $SPY record -p "$DEVICE" -d 10 -r 100 --threads --format raw -o "$OUT/device-threads.raw" --nonblocking
 fi
 [ -n "${PEER:-}" ] && $SPY record -p "$PEER" -d 5 -r 100 --threads --format raw -o "$OUT/peer-threads.raw" --nonblocking
 (cd "$OUT" && tar czf profile.tgz ./*.raw top-*.txt && rm -f ./*.raw top-*.txt)  # the run tool returns few files
+${PY:-python3} bench/pyspy_summary.py "$OUT/profile.tgz" --top 8 > "$OUT/profile-summary.txt" 2>&1
 wait $LOAD
-tail -40 "$OUT/gpu_load.out"
+tail -25 "$OUT/gpu_load.out"
+echo "--- where the profiled processes' samples went (bench/pyspy_summary.py; all of it in profile-summary.txt)"
+head -c 7000 "$OUT/profile-summary.txt"
