@@ -380,8 +380,8 @@ def session_trial(
     from pipeline.live.feature_worker import FeatureWorker
     from pipeline.live.worker import EngineWorker
 
-    fw = FeatureWorker(str(engine.device))
     ew = EngineWorker(engine, batch_size=batch, name=str(engine.device))
+    fw = FeatureWorker(str(engine.device), burst=ew.burst)  # as a device process wires them
     featurizers = [engine.new_featurizer() for _ in range(n)]
     clip = speechy(seconds + 2, seed=3)
     windows = [f.window for f in FrameWindower().push(clip)]

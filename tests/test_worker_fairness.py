@@ -332,6 +332,92 @@ def test_batch_host_is_the_batch_minus_the_engines_sleep_on_its_device() -> None
             worker.close()
 
 
+def test_an_idle_worker_waits_for_a_burst_to_end_then_batches_it_whole() -> None:
+    """A feature pass hands its frames over inside worker.burst(): the idle worker must not start
+    a batch with the first of them, but one with all of them; a full batch starts at once."""
+    engine = GatedEngine()
+    worker = EngineWorker(engine, batch_size=BATCH, name="test")
+    try:
+        with worker.burst():
+            made = [worker.submit(request(f"f{i}"), time.monotonic() + 1000, f"s{i}") for i in range(3)]
+            time.sleep(0.3)  # an idle worker that did not wait would have started by now
+            assert engine.started.empty()
+        assert sorted(engine.next_batch()) == ["f0", "f1", "f2"]
+        engine.gate.release()
+        for future in made:
+            future.result(timeout=WAIT)
+        with worker.burst():
+            full = [worker.submit(request(f"g{i}"), time.monotonic() + 1000, f"s{i}") for i in range(BATCH + 2)]
+            assert len(engine.next_batch()) == BATCH  # a whole batch does not wait for the burst's end
+        engine.gate.release()
+        assert sorted(engine.next_batch()) == ["g8", "g9"]
+        engine.gate.release()
+        for future in full:
+            future.result(timeout=WAIT)
+    finally:
+        for _ in range(10):
+            engine.gate.release()
+        worker.close()
+
+
+def test_a_feature_pass_resolves_its_frames_inside_one_burst() -> None:
+    """FeatureWorker(burst=...) wraps the resolving of a pass's futures, so every frame's callback
+    (which hands it to the engine worker in a device process) runs inside the same burst."""
+    from pipeline.audio.windows import AudioFrame
+    from pipeline.engines.base import Featurizer, FrameFeatures
+    from pipeline.live.feature_worker import FeatureWorker
+
+    entered, release = threading.Event(), threading.Event()
+
+    class Waiting(Featurizer):
+        def features(self, frames):
+            entered.set()
+            assert release.wait(WAIT)  # the first pass waits, so the next jobs queue up together
+            return [FrameFeatures(True, f.index) for f in frames]
+
+    inside: list[bool] = []
+    bursts: list[str] = []
+
+    @contextmanager
+    def burst():
+        bursts.append("open")
+        yield
+        bursts.append("closed")
+
+    worker = FeatureWorker("test", burst=burst)
+    try:
+        window = np.zeros(3200, np.float32)
+        first = worker.submit(Waiting(), [AudioFrame(0, window, True)], "a")
+        assert entered.wait(WAIT)  # the thread is in the first pass now
+        rest = [worker.submit(Waiting(), [AudioFrame(i, window, True)], f"s{i}") for i in range(1, 5)]
+        for future in rest:
+            future.add_done_callback(lambda _f: inside.append(bursts[-1] == "open"))
+        release.set()
+        first.result(timeout=WAIT)
+        for future in rest:
+            future.result(timeout=WAIT)
+    finally:
+        worker.close()
+    assert inside == [True] * 4
+    assert bursts == ["open", "closed", "open", "closed"]  # one burst per pass: the first, then the rest
+
+
+def test_a_batch_that_outlasts_close_fails_its_frames_instead_of_the_thread() -> None:
+    """close() waits close_wait for the batch in flight, then shuts the finisher; the batch ending
+    later must fail its frames cleanly (it raised from the engine thread before)."""
+    engine = GatedEngine()
+    worker = EngineWorker(engine, batch_size=BATCH, name="test")
+    worker.close_wait = 0.1
+    made = worker.submit(request("slow"), time.monotonic() + 1000, "A")
+    assert engine.next_batch() == ["slow"]
+    worker.close()  # returns while the batch still runs
+    engine.gate.release()
+    with pytest.raises(RuntimeError, match="closed during the batch"):
+        made.result(timeout=WAIT)
+    worker._thread.join(timeout=WAIT)
+    assert not worker._thread.is_alive()
+
+
 def test_without_a_backlog_late_frames_are_made_not_skipped() -> None:
     """A device merely slower than the budget (a short queue) makes its frames late, as before:
     skipping them all would show no speech at all and never measure the device again."""

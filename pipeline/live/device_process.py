@@ -170,7 +170,9 @@ class DeviceProcess:
             skip_late=spec.skip_late,
             skip_keep=spec.skip_keep,
         )
-        self.features = FeatureWorker(spec.name, on_fault=self._feature_fault, on_pass=self.worker.stages.add_pass)
+        self.features = FeatureWorker(
+            spec.name, on_fault=self._feature_fault, on_pass=self.worker.stages.add_pass, burst=self.worker.burst
+        )
         return calibration, sys.getswitchinterval() * 1000
 
     def _load(self, avatar_id: str) -> Avatar:

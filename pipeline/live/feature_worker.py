@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -58,9 +59,13 @@ class FeatureWorker:
         max_frames: int = 512,
         on_fault: Callable[[BaseException], None] | None = None,
         on_pass: Callable[[int, float], None] | None = None,
+        burst: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
     ) -> None:
         self.name = name
         self._on_fault = on_fault
+        # wraps the resolving of a pass's futures (their callbacks hand the frames on): the
+        # engine worker's burst(), so the frames of one pass start one batch, not several
+        self._burst = burst
         # (active frames, seconds) of every pass that had any, before its futures resolve: the
         # device's stage times tell a slow pass (a GPU shared with the engine's batches) from a
         # long wait for one
@@ -191,17 +196,8 @@ class FeatureWorker:
             )
             if active:
                 self._on_pass(active, computed)
-        # resolve in submission order
-        cursor = {key: 0 for key in merged}
-        for job in jobs:
-            key = id(job.featurizer)
-            result = results[key]
-            if isinstance(result, BaseException):
-                job.future.set_exception(result)
-                continue
-            lo = cursor[key]
-            cursor[key] = lo + len(job.frames)
-            job.future.set_result(result[lo : lo + len(job.frames)])
+        with self._burst() if self._burst is not None else contextlib.nullcontext():
+            _resolve(jobs, results)
         self.passes += 1
         self.jobs += len(jobs)
         self.busy_seconds += time.perf_counter() - started
@@ -214,6 +210,20 @@ class FeatureWorker:
             if self._on_fault is not None and is_device_fault(exc):
                 self._on_fault(exc)
             return exc
+
+
+def _resolve(jobs: list[_Job], results: dict[int, list[FrameFeatures] | BaseException]) -> None:
+    """Each job's future, in submission order (a featurizer's jobs share its result in order)."""
+    cursor = {id(job.featurizer): 0 for job in jobs}
+    for job in jobs:
+        key = id(job.featurizer)
+        result = results[key]
+        if isinstance(result, BaseException):
+            job.future.set_exception(result)
+            continue
+        lo = cursor[key]
+        cursor[key] = lo + len(job.frames)
+        job.future.set_result(result[lo : lo + len(job.frames)])
 
 
 def _frames(jobs: list[_Job]) -> list[AudioFrame]:
