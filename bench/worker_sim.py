@@ -18,6 +18,14 @@ conversational: 1-4 s sentences and equal silences, each session at a random poi
 cycle), plus a 0.2 s VAD hangover.
 
     python -m bench.worker_sim --scenarios 16:all,18:all,29:conversational --policies none,batch,one
+    python -m bench.worker_sim --scenarios 14:all,26:conversational --policies batch --handovers passes,bursts
+
+Hand-overs (``--handovers``): ``frame`` (each frame ``feature_ms`` after its audio, on its own:
+the model above), ``passes`` (a feature thread runs passes as the server's does: each takes every
+frame whose audio is complete, lasts ``pass_ms + pass_window_ms`` per frame, then hands its
+frames over one by one, each costing ``callback_us`` of Python with the GIL held, with the device
+process's 0.5 ms switch interval), ``bursts`` (the same inside ``EngineWorker.burst()``, as the
+server does since 2026-12-03: an idle worker waits for the whole pass).
 
 Policies: ``none`` (never skip), ``batch`` (the server's default: skip doomed frames, earliest
 first, while more than a batch is queued), ``one`` (down to a single queued frame:
@@ -28,6 +36,7 @@ Figures go to stdout and, with --doc, to docs/benchmarks.md ("Late-frame policie
 from __future__ import annotations
 
 import argparse
+import contextlib
 import heapq
 import json
 import random
@@ -51,6 +60,7 @@ FRAME = 0.04
 #: espeak-ng's lengths of bench/load.py's SENTENCES (the load test's speech), seconds
 SENTENCE_SECONDS = [0.79, 0.73, 1.57, 2.06, 1.62, 3.42, 3.18, 3.72, 2.54, 2.67]
 POLICIES = ("none", "batch", "one")
+HANDOVERS = ("frame", "passes", "bursts")
 SECTION = "Late-frame policies, simulated (the server's EngineWorker, a modelled H200)"
 
 
@@ -90,6 +100,13 @@ def _sleep(seconds: float) -> None:
         time.sleep(left - 0.0005 if left > 0.001 else 0)
 
 
+def _spin(seconds: float) -> None:
+    """Busy for ``seconds`` with the GIL held, as a callback's Python is."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
 @dataclass
 class Frame:
     session: int
@@ -104,6 +121,7 @@ class Trial:
     sessions: int
     talk: str
     policy: str
+    handover: str = "frame"
     frames: list[Frame] = field(default_factory=list)
 
 
@@ -117,7 +135,9 @@ def talking(talk: str, seconds: float, seed: int, hangover: float = 0.2) -> np.n
     return active
 
 
-def run_trial(args: argparse.Namespace, sessions: int, talk: str, seconds: float, policy: str, seed: int) -> dict[str, Any]:
+def run_trial(
+    args: argparse.Namespace, sessions: int, talk: str, seconds: float, policy: str, seed: int, handover: str = "frame"
+) -> dict[str, Any]:
     rng = random.Random(seed)
     gpu = SimulatedGPU(args.base_ms, args.per_frame_ms + args.whisper_ms, args.paste_ms)
     worker = EngineWorker(gpu, batch_size=args.batch, name="sim", skip_late=policy != "none", skip_keep=1 if policy == "one" else 0)
@@ -129,9 +149,10 @@ def run_trial(args: argparse.Namespace, sessions: int, talk: str, seconds: float
             if active:
                 complete = start + offset + k * FRAME
                 frame = Frame(s, k, complete + args.budget)
-                events.append((complete + args.feature_ms / 1000, len(events), frame))
+                ready = complete + (args.feature_ms / 1000 if handover == "frame" else 0.0)
+                events.append((ready, len(events), frame))
     heapq.heapify(events)
-    trial = Trial(sessions, talk, policy)
+    trial = Trial(sessions, talk, policy, handover)
     lock = threading.Lock()
 
     def finished(frame: Frame, future) -> None:
@@ -139,20 +160,37 @@ def run_trial(args: argparse.Namespace, sessions: int, talk: str, seconds: float
             frame.done = time.monotonic()
             frame.skipped = future.result() is SKIPPED
 
-    while events:
-        at, _, frame = heapq.heappop(events)
-        if (wait := at - time.monotonic()) > 0:
-            time.sleep(wait)
+    def submit(frame: Frame) -> None:
         trial.frames.append(frame)
         worker.submit(FrameRequest(None, frame.index, None), frame.release, frame.session).add_done_callback(  # type: ignore[arg-type]
             lambda fut, f=frame: finished(f, fut)
         )
+
+    while events:
+        at = events[0][0]
+        if (wait := at - time.monotonic()) > 0:
+            time.sleep(wait)
+        if handover == "frame":
+            submit(heapq.heappop(events)[2])
+            continue
+        # a feature pass: every frame whose audio is complete now, handed over when it ends
+        now = time.monotonic()
+        taken = []
+        while events and events[0][0] <= now:
+            taken.append(heapq.heappop(events)[2])
+        _sleep((args.pass_ms + args.pass_window_ms * len(taken)) / 1000)
+        with worker.burst() if handover == "bursts" else contextlib.nullcontext():
+            for frame in taken:
+                _spin(args.callback_us / 1e6)
+                submit(frame)
     deadline = time.monotonic() + 10
     while any(f.done is None for f in trial.frames) and time.monotonic() < deadline:
         time.sleep(0.05)
     busy = gpu.busy / seconds
     worker.close()
-    return summarise(trial, busy, args.warmup)
+    summary = summarise(trial, busy, args.warmup)
+    summary["mean_batch"] = worker.stats.frames / max(worker.stats.batches, 1)
+    return summary
 
 
 def summarise(trial: Trial, busy: float, warmup: float) -> dict[str, Any]:
@@ -180,7 +218,7 @@ def summarise(trial: Trial, busy: float, warmup: float) -> dict[str, Any]:
         skipped_total += skipped
         shares.append(100 * (late + skipped) / max(n, 1))
     return {
-        "sessions": trial.sessions, "talk": trial.talk, "policy": trial.policy,
+        "sessions": trial.sessions, "talk": trial.talk, "policy": trial.policy, "handover": trial.handover,
         "late_pct": 100 * late_total / max(counted, 1), "skipped_pct": 100 * skipped_total / max(counted, 1),
         "degraded_pct": 100 * (late_total + skipped_total) / max(counted, 1),
         "worst_session_pct": max(shares) if shares else 0.0, "gpu_busy": busy,
@@ -195,16 +233,17 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, argv: list[str]
         f"and are due {args.budget * 1000:.0f} ms after it; batch {args.batch}; {args.seconds:.0f} s per trial (unless a scenario says), the first "
         f"{args.warmup:.0f} s not counted; degraded = late + skipped frames, mean of {args.repeats} trials.",
         "",
-        "| sessions | talk | policy | late % | skipped % | degraded % | worst session % | GPU busy |",
-        "|---|---|---|---|---|---|---|---|",
+        "| sessions | talk | policy | hand-over | late % | skipped % | degraded % | worst session % | GPU busy | mean batch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     caveat = (
         "Checked on an H200 (docs: \"16 all-talking did not repeat; keeping one frame is worse on the GPU\", run `071645`): `one` was worse there, not better (16 all-talking 13.3 % degraded, 29 conversational 78 %): its small batches cost more GPU time per frame and the model lacks how frames bunch (sessions' clocks, batched Whisper passes) and the server's CPU contention. Use it to compare rules, not to predict a GPU."
     )
     for r in rows:
         lines.append(
-            f"| {r['sessions']} | {r['talk']} | {r['policy']} | {r['late_pct']:.1f} | {r['skipped_pct']:.1f} | "
-            f"{r['degraded_pct']:.1f} | {r['worst_session_pct']:.1f} | {r['gpu_busy']:.2f} |"
+            f"| {r['sessions']} | {r['talk']} | {r['policy']} | {r.get('handover', 'frame')} | {r['late_pct']:.1f} | "
+            f"{r['skipped_pct']:.1f} | {r['degraded_pct']:.1f} | {r['worst_session_pct']:.1f} | {r['gpu_busy']:.2f} | "
+            f"{r.get('mean_batch', float('nan')):.1f} |"
         )
     return "\n".join([*lines, "", caveat])
 
@@ -223,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paste-ms", type=float, default=4.0, help="the CPU end of a batch (finisher thread)")
     p.add_argument("--feature-ms", type=float, default=20.0)
     p.add_argument("--budget", type=float, default=0.11, help="seconds from complete audio to release")
+    p.add_argument("--handovers", default="frame", help=f"comma-separated: {', '.join(HANDOVERS)} (module docstring)")
+    p.add_argument("--pass-ms", type=float, default=3.0, help="a feature pass's fixed time (passes, bursts)")
+    p.add_argument("--pass-window-ms", type=float, default=0.4, help="a feature pass's time per frame (passes, bursts)")
+    p.add_argument("--callback-us", type=float, default=60.0, help="Python per handed-over frame, GIL held (passes, bursts)")
+    p.add_argument("--switch-interval-ms", type=float, default=0.5, help="this process's GIL switch interval (a device process's)")
     p.add_argument("--json", type=Path)
     p.add_argument("--doc", action="store_true", help="write the docs/benchmarks.md section")
     args = p.parse_args(argv)
@@ -233,14 +277,15 @@ def main(argv: list[str] | None = None) -> int:
     policies = args.policies.split(",")
     if unknown := [x for x in policies if x not in POLICIES]:
         p.error(f"unknown policies {unknown}: choose from {', '.join(POLICIES)}")
-    rows = []
-    for scenario in scenarios:
-        n, talk, seconds = scenario["sessions"], scenario["talk"], scenario["duration"]
-        for policy in policies:
-            trials = [run_trial(args, n, talk, seconds, policy, seed) for seed in range(args.repeats)]
-            row = {k: (float(np.mean([t[k] for t in trials])) if isinstance(v, float) else v) for k, v in trials[0].items()}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    handovers = args.handovers.split(",")
+    if unknown := [x for x in handovers if x not in HANDOVERS]:
+        p.error(f"unknown hand-overs {unknown}: choose from {', '.join(HANDOVERS)}")
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(args.switch_interval_ms / 1000)
+    try:
+        rows = simulate(args, scenarios, policies, handovers)
+    finally:
+        sys.setswitchinterval(previous)  # (main() also runs inside the test process)
     text = report(rows, args, argv if argv is not None else sys.argv[1:])
     print(text)
     if args.json:
@@ -250,6 +295,21 @@ def main(argv: list[str] | None = None) -> int:
 
         _report.write_section(SECTION, text)
     return 0
+
+
+def simulate(
+    args: argparse.Namespace, scenarios: list[dict[str, Any]], policies: list[str], handovers: list[str]
+) -> list[dict[str, Any]]:
+    rows = []
+    for scenario in scenarios:
+        n, talk, seconds = scenario["sessions"], scenario["talk"], scenario["duration"]
+        for policy in policies:
+            for handover in handovers:
+                trials = [run_trial(args, n, talk, seconds, policy, seed, handover) for seed in range(args.repeats)]
+                row = {k: (float(np.mean([t[k] for t in trials])) if isinstance(v, float) else v) for k, v in trials[0].items()}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -126,9 +126,31 @@ def test_worker_sim_counts_late_and_skipped_frames(tmp_path: Path) -> None:
     assert batch["skipped_pct"] > 10, batch
 
 
+def test_worker_sim_hands_frames_over_in_feature_passes(tmp_path: Path) -> None:
+    """--handovers passes / bursts: frames reach the worker in feature passes (one by one, or as
+    one burst); every frame is still made and counted, and the process's GIL switch interval is
+    left as it was."""
+    from bench import worker_sim
+
+    out = tmp_path / "sim.json"
+    before = sys.getswitchinterval()
+    worker_sim.main(
+        ["--scenarios", "4:all", "--policies", "batch", "--handovers", "passes,bursts", "--seconds", "3",
+         "--warmup", "1", "--base-ms", "0", "--per-frame-ms", "0.1", "--json", str(out)]
+    )
+    rows = json.loads(out.read_text())
+    assert [r["handover"] for r in rows] == ["passes", "bursts"]
+    assert all(r["degraded_pct"] == 0.0 and r["mean_batch"] >= 1.0 for r in rows), rows
+    assert sys.getswitchinterval() == before
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
-    [(["--scenarios", "16:chatty"], "talk must be"), (["--policies", "never"], "unknown policies")],
+    [
+        (["--scenarios", "16:chatty"], "talk must be"),
+        (["--policies", "never"], "unknown policies"),
+        (["--handovers", "carrier-pigeon"], "unknown hand-overs"),
+    ],
 )
 def test_worker_sim_rejects_bad_scenarios_and_policies(argv: list[str], message: str, capsys) -> None:
     from bench import worker_sim
