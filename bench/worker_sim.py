@@ -140,7 +140,10 @@ def run_trial(
 ) -> dict[str, Any]:
     rng = random.Random(seed)
     gpu = SimulatedGPU(args.base_ms, args.per_frame_ms + args.whisper_ms, args.paste_ms)
-    worker = EngineWorker(gpu, batch_size=args.batch, name="sim", skip_late=policy != "none", skip_keep=1 if policy == "one" else 0)
+    worker = EngineWorker(
+        gpu, batch_size=args.batch, name="sim", skip_late=policy != "none", skip_keep=1 if policy == "one" else 0,
+        gather_seconds=args.gather_ms / 1000,
+    )
     start = time.monotonic() + 0.2
     events: list[tuple[float, int, Frame]] = []
     for s in range(sessions):
@@ -262,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paste-ms", type=float, default=4.0, help="the CPU end of a batch (finisher thread)")
     p.add_argument("--feature-ms", type=float, default=20.0)
     p.add_argument("--budget", type=float, default=0.11, help="seconds from complete audio to release")
+    p.add_argument("--gather-ms", type=float, default=0.0, help="EngineWorker(gather_seconds): most an idle worker waits for a fuller batch")
     p.add_argument("--handovers", default="frame", help=f"comma-separated: {', '.join(HANDOVERS)} (module docstring)")
     p.add_argument("--pass-ms", type=float, default=3.0, help="a feature pass's fixed time (passes, bursts)")
     p.add_argument("--pass-window-ms", type=float, default=0.4, help="a feature pass's time per frame (passes, bursts)")

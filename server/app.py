@@ -90,6 +90,7 @@ async def _start(state: AppState) -> None:
                     log_level=settings.server.log_level,
                     skip_late=engine.skip_late_frames,
                     skip_keep=engine.skip_keep_frames,
+                    gather_seconds=engine.batch_gather_ms / 1000,
                     switch_interval_ms=engine.device_switch_interval_ms,
                 )
             )
@@ -106,6 +107,7 @@ async def _start(state: AppState) -> None:
             on_batch=state.metrics.on_batch,
             skip_late=engine.skip_late_frames,
             skip_keep=engine.skip_keep_frames,
+            gather_seconds=engine.batch_gather_ms / 1000,
         )
         state.metrics.set_device_source(state.pool.describe)
         # Off the loop: a GPU engine compiles and captures CUDA graphs at start (minutes, cold),

@@ -73,6 +73,11 @@ class EngineConfig(Section):
     # worse than 0 (docs/benchmarks.md, run 071645); when every queued frame is late anyway
     # (a device slower than the processing budget) a whole batch is still made.
     skip_keep_frames: int = Field(0, ge=0, le=256)
+    # Most an idle device waits for a fuller batch (ms) while the earliest queued frame's
+    # deadline allows it; 0: a batch starts on whatever is queued. Simulated (bench/worker_sim.py)
+    # it cut the GPU time of 16 all-talking sessions by a sixth at the same late frames; not yet
+    # measured on a GPU, so off by default.
+    batch_gather_ms: float = Field(0.0, ge=0, le=200)
     # musetalk: most Whisper windows (talking sessions' frames) per encoder pass
     whisper_batch: int = Field(8, ge=1, le=64)
     # where each device's engine, feature and batching workers run: "process" = a spawned

@@ -51,6 +51,7 @@ def test_yaml_then_environment_override(tmp_path: Path, monkeypatch: pytest.Monk
         ("engine:\n  vae_upsample: bilinear\n", "engine.vae_upsample"),
         ("engine:\n  skip_keep_frames: -1\n", "engine.skip_keep_frames"),
         ("engine:\n  device_switch_interval_ms: 0\n", "engine.device_switch_interval_ms"),
+        ("engine:\n  batch_gather_ms: -1\n", "engine.batch_gather_ms"),
         ("bogus: 1\n", "bogus"),
     ],
 )

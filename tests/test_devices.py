@@ -117,7 +117,8 @@ def test_devices_endpoint_reports_a_calibrated_device(avatars_root: Path) -> Non
 
 def test_sessions_go_to_the_least_loaded_device(avatars_root: Path) -> None:
     async def scenario() -> None:
-        async with server(avatars_root, engine={**TWO_CPUS, "capacity_sessions": 3}) as (state, http):
+        engine = {**TWO_CPUS, "capacity_sessions": 3, "batch_gather_ms": 7.0}
+        async with server(avatars_root, engine=engine) as (state, http):
             placed = [(await create(http))["device"] for _ in range(4)]
             assert placed == ["cpu:0", "cpu:1", "cpu:0", "cpu:1"]
             listed = await devices(http)
@@ -126,6 +127,7 @@ def test_sessions_go_to_the_least_loaded_device(avatars_root: Path) -> None:
             # a session bound to a device is served by that device's worker
             sessions = state.manager.sessions.values()
             assert all(s.live.worker is state.pool.devices[s.device].worker for s in sessions)
+            assert {d.worker.gather_seconds for d in state.pool.devices.values()} == {0.007}  # engine.batch_gather_ms
 
     run(scenario())
 

@@ -418,6 +418,44 @@ def test_a_batch_that_outlasts_close_fails_its_frames_instead_of_the_thread() ->
     assert not worker._thread.is_alive()
 
 
+def test_a_gathering_worker_waits_for_a_fuller_batch_only_while_deadlines_allow() -> None:
+    """gather_seconds: an idle worker with a batch time known waits for more frames before a
+    batch that is not full, but starts by the earliest deadline minus the batch's time, and at
+    once when the batch is full or it does not gather."""
+    engine = GatedEngine()
+    worker = EngineWorker(engine, batch_size=BATCH, name="test", gather_seconds=0.5)
+    try:
+        worker.submit(request("first"), time.monotonic() + 1000, "A")  # no batch time yet: at once
+        assert engine.next_batch() == ["first"]
+        engine.gate.release()
+        worker.batch_seconds = 0.1  # now it knows a batch's time
+        # far deadlines: the worker waits, and frames arriving meanwhile join the batch
+        worker.submit(request("a1"), time.monotonic() + 1000, "A")
+        time.sleep(0.1)
+        worker.submit(request("b1"), time.monotonic() + 1000, "B")
+        assert sorted(engine.next_batch()) == ["a1", "b1"]
+        engine.gate.release()
+        worker.batch_seconds = 0.1
+        # a near deadline: latest start = deadline - 1.5 x 0.1 s - 5 ms, so it waits only ~45 ms
+        started = time.monotonic()
+        worker.submit(request("soon"), started + 0.2, "A")
+        assert engine.next_batch() == ["soon"]
+        assert time.monotonic() - started < 0.4  # not the whole 0.5 s gather
+        engine.gate.release()
+        worker.batch_seconds = 0.1
+        # a full batch does not wait
+        started = time.monotonic()
+        for i in range(BATCH):
+            worker.submit(request(f"f{i}"), started + 1000, f"s{i}")
+        assert len(engine.next_batch()) == BATCH
+        assert time.monotonic() - started < 0.4
+        engine.gate.release()
+    finally:
+        for _ in range(10):
+            engine.gate.release()
+        worker.close()
+
+
 def test_without_a_backlog_late_frames_are_made_not_skipped() -> None:
     """A device merely slower than the budget (a short queue) makes its frames late, as before:
     skipping them all would show no speech at all and never measure the device again."""

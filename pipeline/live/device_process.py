@@ -77,6 +77,7 @@ class DeviceSpec:
     log_level: str = "warning"
     skip_late: bool = False  # EngineWorker(skip_late): frames that cannot be on time are skipped
     skip_keep: int = 0  # EngineWorker(skip_keep): frames always left queued when skipping (0: a batch)
+    gather_seconds: float = 0.0  # EngineWorker(gather_seconds): most an idle worker waits for a fuller batch
     switch_interval_ms: float = 0.5  # the process's sys.setswitchinterval (engine.device_switch_interval_ms)
 
 
@@ -169,6 +170,7 @@ class DeviceProcess:
             on_fault=lambda reason: self.channel.send(("fault", reason)),
             skip_late=spec.skip_late,
             skip_keep=spec.skip_keep,
+            gather_seconds=spec.gather_seconds,
         )
         self.features = FeatureWorker(
             spec.name, on_fault=self._feature_fault, on_pass=self.worker.stages.add_pass, burst=self.worker.burst

@@ -149,6 +149,7 @@ class DevicePool:
         make_link: Callable[[str], DeviceLink] | None = None,
         skip_late: bool = False,
         skip_keep: int = 0,
+        gather_seconds: float = 0.0,
     ) -> None:
         """``make_link``: run each device in a process of its own (``make_engine`` then unused)."""
         if not names:
@@ -162,6 +163,7 @@ class DevicePool:
         self.headroom = headroom
         self.skip_late = skip_late  # EngineWorker(skip_late, skip_keep) (worker.py docstring)
         self.skip_keep = skip_keep
+        self.gather_seconds = gather_seconds  # EngineWorker(gather_seconds)
         self._on_batch = on_batch
         self._lock = threading.RLock()
         self._listeners: list[FailureListener] = []
@@ -248,6 +250,7 @@ class DevicePool:
                 on_fault=lambda reason, name=name: self.fail(name, reason),
                 skip_late=self.skip_late,
                 skip_keep=self.skip_keep,
+                gather_seconds=self.gather_seconds,
             )
             device.feature_worker = FeatureWorker(
                 name,

@@ -116,6 +116,12 @@ class _Skipped:
 SKIPPED = _Skipped()
 
 
+#: A gathering worker starts a batch by the earliest queued deadline minus the recent batch time
+#: times this, minus GATHER_MARGIN seconds (a batch with more frames takes longer).
+GATHER_SAFETY = 1.5
+GATHER_MARGIN = 0.005
+
+
 class BatchStats:
     """Batches run on a device and how busy they kept it: read by ``GET /v1/devices``, the
     metrics and admission. Thread-safe. Kept by the worker itself, or mirrored in the server
@@ -173,10 +179,14 @@ class EngineWorker:
         on_fault: FaultObserver | None = None,
         skip_late: bool = False,
         skip_keep: int = 0,
+        gather_seconds: float = 0.0,
     ) -> None:
         self.engine = engine
         self.batch_size = batch_size
         self.skip_late = skip_late
+        # most an idle worker waits for more frames before a batch that is not full, while the
+        # earliest queued deadline allows it (_gather_locked); 0: start at once
+        self.gather_seconds = gather_seconds
         # frames never skipped at a pick: the latest-due ones run (0: one batch's worth)
         self.skip_keep = skip_keep if skip_keep > 0 else batch_size
         # a batch's own time: from its start, or from the previous batch's delivery if that came
@@ -311,6 +321,10 @@ class EngineWorker:
                 self._cv.wait()
             if self._closed or self.failed is not None:
                 return []
+            if self.gather_seconds > 0 and self.batch_seconds is not None:
+                self._gather_locked()
+                if self._closed or self.failed is not None or not self._queued:
+                    return []
             if self.skip_late and self.batch_seconds is not None and self._queued > self.skip_keep:
                 skipped = self._skip_late_locked(time.monotonic() + self.batch_seconds)
             else:
@@ -319,6 +333,28 @@ class EngineWorker:
         for job in skipped:
             job.future.set_result(SKIPPED)
         return batch
+
+    def _gather_locked(self) -> None:
+        """Wait up to ``gather_seconds`` for a fuller batch, but only while the earliest queued
+        frame could still start later and be on time: its deadline minus a batch's recent time
+        (x GATHER_SAFETY, + GATHER_MARGIN) is the latest start.
+
+        Why: a batch's fixed cost (about 5 ms of an H200 batch, plus its host side) is paid per
+        batch, so an idle worker that starts on the first frames it sees makes small, costly
+        batches (8.4 frames, 2.9 ms per frame at 14 all-talking sessions; 2.6 ms at 15.5). A
+        frame is released at its release time whenever it is made in time, so waiting within
+        the deadlines costs it nothing."""
+        assert self.batch_seconds is not None
+        until = time.monotonic() + self.gather_seconds
+        while self._queued < self.batch_size and not self._closed and self.failed is None:
+            heads = [queue[0].deadline for queue in self._queues.values() if queue]
+            if not heads:
+                return
+            latest_start = min(heads) - self.batch_seconds * GATHER_SAFETY - GATHER_MARGIN
+            left = min(until, latest_start) - time.monotonic()
+            if left <= 0:
+                return
+            self._cv.wait(left)
 
     def _skip_late_locked(self, done_by: float) -> list[_Job]:
         """Take queued jobs due before ``done_by`` out of the queues, earliest first, while more
