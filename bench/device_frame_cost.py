@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--avatar", default="demo")
     parser.add_argument("--switch-interval-ms", type=float, default=0.5, help="the device process's GIL switch interval")
     args = parser.parse_args(argv)
+    if min(args.streams) < 1 or args.seconds <= 0 or args.switch_interval_ms <= 0:
+        parser.error("--streams must be >= 1, --seconds and --switch-interval-ms > 0")
     if not (args.avatars_dir / args.avatar).is_dir():
         parser.error(f"no avatar {args.avatar!r} under {args.avatars_dir} (make run prepares the demo)")
     from pipeline.engines.musetalk.synthetic import write_synthetic_checkpoints

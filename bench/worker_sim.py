@@ -274,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     p.add_argument("--doc", action="store_true", help="write the docs/benchmarks.md section")
     args = p.parse_args(argv)
+    if args.gather_ms < 0 or args.switch_interval_ms <= 0:
+        p.error("--gather-ms must be >= 0 and --switch-interval-ms > 0")
     try:
         scenarios = parse_scenarios(args.scenarios, "ws", args.seconds)  # the load test's own syntax
     except ValueError as exc:

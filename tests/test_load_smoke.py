@@ -150,6 +150,7 @@ def test_worker_sim_hands_frames_over_in_feature_passes(tmp_path: Path) -> None:
         (["--scenarios", "16:chatty"], "talk must be"),
         (["--policies", "never"], "unknown policies"),
         (["--handovers", "carrier-pigeon"], "unknown hand-overs"),
+        (["--gather-ms", "-1"], "--gather-ms must be >= 0"),
     ],
 )
 def test_worker_sim_rejects_bad_scenarios_and_policies(argv: list[str], message: str, capsys) -> None:
@@ -168,3 +169,14 @@ def test_vae_compile_names_an_unknown_variant_before_writing_anything(tmp_path: 
         vae_compile.main(["--variants", "default,fastest", "--models", str(models), "--out", str(out), "--tiny"])
     assert "unknown variant(s) fastest: choose from default, eager, pointwise, coordinate" in str(exit_info.value.code)
     assert not models.exists() and not out.exists()  # no weights written, no output folder
+
+
+@pytest.mark.parametrize("argv", [["--streams", "0"], ["--seconds", "0"], ["--switch-interval-ms", "0"]])
+def test_device_frame_cost_refuses_empty_runs_before_starting_anything(argv: list[str], capsys) -> None:
+    """bench/device_frame_cost.py: no streams or no time would divide by zero after spawning a
+    device process; it is refused first, with exit 2."""
+    from bench import device_frame_cost
+
+    with pytest.raises(SystemExit) as exit_info:
+        device_frame_cost.main(argv)
+    assert exit_info.value.code == 2 and "--streams must be >= 1" in capsys.readouterr().err

@@ -246,7 +246,8 @@ class EngineWorker:
         idle engine thread, which took a batch of the first one or two before the rest were
         queued; they then waited for that small batch (whose fixed cost is most of it) before
         theirs. On an H200 the mean batch was 8-11 frames at 14 all-talking and 26 conversational
-        sessions, where the passes hand over 14-26 at a time."""
+        sessions (how many frames a pass hands over there is not measured; in bench/worker_sim.py's
+        model passes hold only a few and the burst changes nothing)."""
         with self._cv:
             self._holds += 1
         try:
