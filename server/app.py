@@ -29,6 +29,7 @@ from pipeline.live.device_process import DeviceSpec
 from pipeline.live.devices import DevicePool
 from server.auth import ApiKeyMiddleware, BodyLimitMiddleware, check_auth_config, is_loopback_host
 from server.config import Settings, engine_options
+from server.loop_lag import LoopLag
 from server.metrics import Metrics
 from server.outputs import BootSession, OutputManager, start_boot_session
 from server.routes import audio_ws, devices, outputs, sessions, webrtc
@@ -49,6 +50,7 @@ class AppState:
     settings: Settings
     store: AvatarStore
     metrics: Metrics = field(default_factory=Metrics)
+    loop_lag: LoopLag = field(default_factory=LoopLag)
     pool: DevicePool | None = None  # the engine devices
     manager: SessionManager | None = None
     outputs: OutputManager | None = None  # RTMP outputs and recordings
@@ -138,6 +140,7 @@ async def _stop(state: AppState) -> None:
         await state.outputs.drain()  # recordings finished on disk before the process exits
     if state.pool is not None:
         await asyncio.to_thread(state.pool.close)
+    await state.loop_lag.stop()
 
 
 def create_app(settings: Settings, boot: BootSession | None = None) -> FastAPI:
@@ -148,6 +151,8 @@ def create_app(settings: Settings, boot: BootSession | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.loop_lag.start()
+        state.metrics.set_loop_lag_source(lambda: state.loop_lag.quantile(0.99) or 0.0)
         starting = asyncio.create_task(_start(state))
         yield
         starting.cancel()

@@ -21,6 +21,11 @@ class Metrics:
         self.late_frames = Counter("lipstream_late_frames", "Made frames sent more than a frame late (held frames count as skipped)", registry=r)
         self.dropped_frames = Counter("lipstream_dropped_frames", "Frames not delivered to a slow output", registry=r)
         self.fps = Gauge("lipstream_output_fps", "Mean delivered video fps over outputs", registry=r)
+        self.loop_lag = Gauge(
+            "lipstream_event_loop_lag_seconds",
+            "How late the server's event loop ran what was due (p99 over the last ~10 s)",
+            registry=r,
+        )
         self.latency = Histogram(
             "lipstream_audio_to_frame_seconds",
             "From a frame's last input sample arriving to the frame's release",
@@ -66,6 +71,9 @@ class Metrics:
 
     def set_fps_source(self, source: Callable[[], float]) -> None:
         self.fps.set_function(source)
+
+    def set_loop_lag_source(self, source: Callable[[], float]) -> None:
+        self.loop_lag.set_function(source)
 
     # SessionObserver
     def on_frame(self, active: bool) -> None:

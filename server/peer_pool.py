@@ -33,11 +33,13 @@ from pipeline.live.session import FRAME_SECONDS, LiveSession, OutputFrame, monot
 from server.config import WebRtcConfig
 from pipeline.ipc.frame_ring import FrameRing
 from pipeline.ipc.channel import Channel
-from server.webrtc import BadSdp, output_audio, output_picture
+from server.webrtc import BadSdp, output_audio, picture_pending, ready_picture
 
 log = logging.getLogger("lipstream.peers")
 
 MicHandler = Callable[[np.ndarray, int, str], None]
+#: Frames whose picture lags a feed keeps (10 s at 25 fps).
+LAG_FRAMES = 250
 
 
 class PeerProcessError(LipstreamError):
@@ -85,13 +87,18 @@ class SessionFeed:
         self.sent = 0
         self.late = 0
         self._sent_times: collections.deque[float] = collections.deque(maxlen=50)
+        # Seconds after each frame's release time that its picture was ready / went to the peer
+        # process (the last ~10 s): late frames say *that* a session runs late, these say where.
+        self._ready_lags: collections.deque[float] = collections.deque(maxlen=LAG_FRAMES)
+        self._send_lags: collections.deque[float] = collections.deque(maxlen=LAG_FRAMES)
+        self._pictures: collections.deque[OutputFrame] = collections.deque()  # released, not yet sent
+        self.closed = False
         worker.channel.send(("ring", session_id, *self.ring.describe()))
         self._queue = live.subscribe()
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"feed-{session_id}")
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        pictures: collections.deque[asyncio.Task] = collections.deque()
         try:
             while True:
                 out = await self._queue.get()
@@ -103,28 +110,47 @@ class SessionFeed:
                 release = monotonic_of(out.release)
                 audio = output_audio(self.live, out)
                 self.worker.channel.send(("audio", self.session_id, out.index, audio.tobytes(), release))
-                # The picture may still be composing: send it when ready, in frame order, while
+                # The picture may still be composing: it goes when ready, in frame order, while
                 # the next frames' audio goes out on time.
-                pictures.append(loop.create_task(self._picture(out, pictures[-1] if pictures else None)))
-                while pictures and pictures[0].done():
-                    pictures.popleft()
+                self._pictures.append(out)
+                pending = picture_pending(out)
+                if pending is None:
+                    self._ready_lags.append(loop.time() - out.release)
+                    self._send_ready()
+                else:
+                    pending.add_done_callback(lambda _, out=out: self._picture_done(out))
         finally:
-            for task in pictures:
-                task.cancel()
+            self._pictures.clear()
 
-    async def _picture(self, out: OutputFrame, previous: asyncio.Task | None) -> None:
-        image = await output_picture(self.live, out)
-        if previous is not None:
-            await asyncio.wait([previous])
-        slot = self.ring.write(out.index, np.ascontiguousarray(image))
-        self.worker.channel.send(("frame", self.session_id, out.index, slot))
-        now = asyncio.get_running_loop().time()
-        if now - out.release > FRAME_SECONDS and not out.held:  # a held frame counts as skipped only
-            self.late += 1
-            if self._on_late is not None:
-                self._on_late()
-        self.sent += 1
-        self._sent_times.append(time.monotonic())
+    def _picture_done(self, out: OutputFrame) -> None:
+        if self.closed:
+            return
+        self._ready_lags.append(asyncio.get_running_loop().time() - out.release)
+        self._send_ready()
+
+    def _send_ready(self) -> None:
+        """Sends every released frame whose picture is made, in frame order, up to the first
+        still composing. Called from the pictures' own callbacks: a frame that waited for an
+        earlier one goes in the same loop turn as it. (One task per frame that awaited the one
+        before cost two loop turns per frame; at 26 sessions on an H200 a turn took ~20 ms, so
+        a session could not catch up once behind: its pictures went out ~0.7 s late at 23 fps.)"""
+        loop = asyncio.get_running_loop()
+        while self._pictures and not self.closed and picture_pending(self._pictures[0]) is None:
+            out = self._pictures.popleft()
+            try:
+                slot = self.ring.write(out.index, np.ascontiguousarray(ready_picture(self.live, out)))
+            except ValueError as exc:  # a picture of another shape: the viewers keep the last one
+                log.error("session %s frame %d not sent: %s", self.session_id, out.index, exc)
+                continue
+            self.worker.channel.send(("frame", self.session_id, out.index, slot))
+            now = loop.time()
+            self._send_lags.append(now - out.release)
+            if now - out.release > FRAME_SECONDS and not out.held:  # a held frame counts as skipped only
+                self.late += 1
+                if self._on_late is not None:
+                    self._on_late()
+            self.sent += 1
+            self._sent_times.append(time.monotonic())
 
     @property
     def fps(self) -> float:
@@ -133,10 +159,23 @@ class SessionFeed:
             return 0.0
         return (len(times) - 1) / (times[-1] - times[0])
 
+    def lags_ms(self) -> dict[str, float | None]:
+        """Milliseconds after their release time that the recent frames' pictures were ready
+        (``ready``: the device and the features) and sent (``sent``: after the frames before
+        them, on this process's loop); negative: ahead of time."""
+        out: dict[str, float | None] = {}
+        for name, lags in (("ready", self._ready_lags), ("sent", self._send_lags)):
+            values = np.asarray(lags) * 1000 if lags else None
+            for label, q in (("p50", 0.5), ("p95", 0.95)):
+                out[f"{name}_{label}"] = None if values is None else round(float(np.quantile(values, q)), 1)
+            out[f"{name}_max"] = None if values is None else round(float(values.max()), 1)
+        return out
+
     async def close(self) -> None:
         if self.worker.feeds.get(self.session_id) is not self:
             return  # closed already
         self.worker.feeds.pop(self.session_id, None)
+        self.closed = True  # pictures that finish from now on are not sent: the ring goes away
         self._task.cancel()
         await asyncio.wait([self._task])
         self.live.unsubscribe(self._queue)

@@ -104,6 +104,7 @@ class ServerSession:
                 "padded_seconds": round(stats.padded_seconds, 3),
                 "latency_ms_p50": _round(stats.latency_ms(0.5)),
                 "latency_ms_p95": _round(stats.latency_ms(0.95)),
+                "output_lag_ms": next((t.lags_ms() for t in videos if hasattr(t, "lags_ms")), None),
             },
         }
 

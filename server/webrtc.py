@@ -127,20 +127,35 @@ async def answer(peer: RTCPeerConnection) -> str:
 
 # ---------------------------------------------------------------------------------- output
 async def output_picture(session: LiveSession, out: OutputFrame) -> np.ndarray:
-    """Frame ``out``'s picture as every output shows it at its release time: the composed frame,
-    or the idle frame if generating it failed or was cancelled, or if an interrupt (a newer
-    epoch) superseded it. Shared by the WebRTC tracks and the RTMP/recording outputs."""
+    """Frame ``out``'s picture as every output shows it at its release time (see
+    :func:`ready_picture`), once it is made. Shared by the WebRTC feeds and the RTMP/recording
+    outputs."""
+    image = out.image
+    if isinstance(image, asyncio.Future) and not image.done():
+        # wait() never raises for the awaited future, so a cancelled frame (interrupt) cannot be
+        # mistaken for the caller being cancelled. Only when not done: wait() costs a loop turn.
+        await asyncio.wait([image])
+    return ready_picture(session, out)
+
+
+def ready_picture(session: LiveSession, out: OutputFrame) -> np.ndarray:
+    """Frame ``out``'s picture, which must be made (not a pending future): the composed frame, or
+    the idle frame if generating it failed or was cancelled, or if an interrupt (a newer epoch)
+    superseded it."""
     image = out.image
     if isinstance(image, asyncio.Future):
-        # wait() never raises for the awaited future, so a cancelled frame (interrupt)
-        # cannot be mistaken for the caller being cancelled.
-        await asyncio.wait([image])
         if image.cancelled() or image.exception() is not None:
             return session.idle_image(out)
         image = image.result()
     if out.epoch != session.epoch:
         return session.idle_image(out)
     return image
+
+
+def picture_pending(out: OutputFrame) -> asyncio.Future | None:
+    """Frame ``out``'s picture future while it is still being made, else None."""
+    image = out.image
+    return image if isinstance(image, asyncio.Future) and not image.done() else None
 
 
 def output_audio(session: LiveSession, out: OutputFrame) -> np.ndarray:

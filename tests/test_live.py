@@ -269,4 +269,7 @@ def test_whip_ingest_then_delete(server: str, speech48: np.ndarray) -> None:
     assert info["stats"]["active_frames"] == 0  # nobody watches: no engine work is spent
     assert "lipstream_sessions" in metrics and "lipstream_audio_to_frame_seconds_bucket" in metrics
     assert 'lipstream_frames_total{kind="idle"}' in metrics
+    lag = [line for line in metrics.splitlines() if line.startswith("lipstream_event_loop_lag_seconds ")]
+    assert lag and 0.0 <= float(lag[0].split()[1]) < 1.0, lag  # sampled from the start, in seconds
+    assert info["stats"]["output_lag_ms"] is None  # nobody watches: no pictures sent
     assert deleted == 200 and gone == 404

@@ -7,12 +7,15 @@ import os
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
 import pytest
 
 from pipeline.ipc.frame_ring import FrameRing
+from pipeline.live.session import OutputFrame
+from server.peer_pool import SessionFeed
 from tests.live_server import running_server
 from tests.rtc_client import RATE, Client, SpeechTrack
 
@@ -31,6 +34,67 @@ def test_frame_ring_round_trip_and_unlink() -> None:
     assert Path("/dev/shm", ring.name).exists()  # a reader closing never removes the segment
     ring.close()
     assert not Path("/dev/shm", ring.name).exists()
+
+
+class _Live:
+    """What a SessionFeed reads of a live session: its avatar's frame shape, epoch, frames."""
+
+    def __init__(self) -> None:
+        self.avatar = SimpleNamespace(frames=[np.zeros((4, 6, 3), np.uint8)])
+        self.epoch = 0
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def subscribe(self) -> asyncio.Queue:
+        return self.queue
+
+    def unsubscribe(self, queue: asyncio.Queue) -> None:
+        pass
+
+    def idle_image(self, out: OutputFrame) -> np.ndarray:
+        return self.avatar.frames[0]
+
+
+class _Worker:
+    def __init__(self) -> None:
+        self.sent: list[tuple] = []
+        self.channel = SimpleNamespace(send=self.sent.append)
+        self.feeds: dict = {}
+
+
+def test_feed_sends_waiting_pictures_in_order_in_the_turn_they_are_ready() -> None:
+    """Frames whose pictures were made while an earlier one was still composing go out with it,
+    in frame order, in the same loop turn (a loop turn per frame could not keep 25 fps once
+    turns took 20 ms: docs/benchmarks.md, 2026-12-03 evening)."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        live, worker = _Live(), _Worker()
+        feed = SessionFeed("s", live, worker, None)  # type: ignore[arg-type]
+        worker.feeds["s"] = feed
+        pictures = [loop.create_future() for _ in range(6)]
+        silence = np.zeros(1920, np.int16)
+        for index, picture in enumerate(pictures):  # all released already: one late device
+            live.queue.put_nowait(OutputFrame(index, 0, loop.time() - 0.5, 0, picture, silence, False))
+        await asyncio.sleep(0.01)
+
+        def frames() -> list[int]:
+            return [m[2] for m in worker.sent if m[0] == "frame"]
+
+        assert [m[2] for m in worker.sent if m[0] == "audio"] == list(range(6))  # audio never waits
+        for index in range(5, 0, -1):  # later pictures first: they wait for frame 0
+            pictures[index].set_result(np.full((4, 6, 3), index, np.uint8))
+        await asyncio.sleep(0)
+        assert frames() == []
+        pictures[0].set_result(np.zeros((4, 6, 3), np.uint8))
+        await asyncio.sleep(0)  # one loop turn
+        assert frames() == [0, 1, 2, 3, 4, 5]
+        assert feed.sent == 6 and feed.late == 6  # all went out ~0.5 s after their release
+        lags = feed.lags_ms()
+        assert 450 < lags["ready_p50"] <= lags["sent_p50"] < 2000, lags
+        await feed.close()
+        assert worker.sent[-1] == ("drop", "s")
+
+    asyncio.run(scenario())
 
 
 async def _frames(client: Client, count: int, timeout: float = 15.0) -> None:

@@ -70,5 +70,6 @@ async def server_info(state=Depends(app_state)) -> dict[str, Any]:
         "subscribers": sum(s.live.subscribers for s in manager.sessions.values()),
         "peer_processes": manager.peers.describe(),
         "frame_rings": manager.peers.frame_rings,
+        "event_loop_lag": state.loop_lag.describe(),
     }
 

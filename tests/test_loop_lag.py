@@ -1,0 +1,41 @@
+"""The event-loop lag sampler: a loop blocked by a long call shows it; an idle one does not."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from server.loop_lag import LoopLag
+
+
+def test_a_blocked_loop_shows_in_the_lag() -> None:
+    async def scenario() -> dict:
+        lag = LoopLag(period=0.01)
+        lag.start()
+        await asyncio.sleep(0.15)
+        quiet = lag.describe()
+        time.sleep(0.2)  # a blocking call on the loop: whatever was due waits for it
+        await asyncio.sleep(0.05)
+        await lag.stop()
+        return {"quiet": quiet, "after": lag.describe()}
+
+    seen = asyncio.run(scenario())
+    assert seen["quiet"]["samples"] >= 5 and seen["quiet"]["max_ms"] < 100, seen
+    assert seen["after"]["max_ms"] >= 150, seen
+    assert seen["after"]["p50_ms"] < 100, seen  # one stall, not a slow loop
+
+
+def test_no_samples_no_figures() -> None:
+    lag = LoopLag()
+    assert lag.describe() == {"samples": 0, "period_ms": 25.0, "p50_ms": None, "p99_ms": None, "max_ms": None}
+    lag.add(0.004)
+    lag.add(-1.0)  # an early wake-up counts as on time
+    assert lag.describe()["max_ms"] == 4.0 and lag.quantile(0.0) == 0.0
+
+
+@pytest.mark.parametrize("args", [{"period": 0}, {"keep": 0}])
+def test_bad_settings_are_refused(args: dict) -> None:
+    with pytest.raises(ValueError):
+        LoopLag(**args)
