@@ -459,6 +459,13 @@ def analyse(client, plan, durations, sent_onsets, t_talk, t_end) -> dict[str, An
     out["sender_max_gap_ms"] = round(float(sender_gaps.max()) * 1000, 1)
     # Send time minus arrival: how far behind the RTP schedule frames arrived (decode + jitter buffer).
     out["arrival_delay_ms_p50"] = _pct((arrivals[inside] - times[inside]) * 1000, 50)
+    # ... split at the frame's first RTP packet: the server and the network before it, this
+    # client's jitter buffer and decoder after it
+    clock = rec.video_clock
+    first = np.array([clock.first_arrival.get(clock.unwrap(clock.rtp(p)), np.nan) for p in rec.video_pts])
+    out["packet_delay_ms_p50"] = _pct((first[inside] - times[inside]) * 1000, 50)
+    out["decode_delay_ms_p50"] = _pct((arrivals[inside] - first[inside]) * 1000, 50)
+    out["decode_delay_ms_p95"] = _pct((arrivals[inside] - first[inside]) * 1000, 95)
 
     # Mouth motion, against the resting mouth in stretches with no speech near them.
     onset_list = [(k, sent_onsets[k]) for k in sorted(sent_onsets)]
@@ -988,6 +995,16 @@ def summarise(results: list[dict[str, Any]], cpu: CpuSampler, gpu: GpuSampler, t
                                 if measured and window_s else None),
         "late_percent_max_session": max((r["late_percent"] for r in measured
                                          if r.get("late_percent") is not None), default=None),
+        # where a frame's delivery waits (medians over sessions; reports before 2026-12-03 have none)
+        "output_ready_ms_p50_median": _pct([(s.get("output_lag_ms") or {}).get("ready_p50") for s in servers], 50),
+        "output_ready_ms_p95_median": _pct([(s.get("output_lag_ms") or {}).get("ready_p95") for s in servers], 50),
+        "output_sent_ms_p95_median": _pct([(s.get("output_lag_ms") or {}).get("sent_p95") for s in servers], 50),
+        "output_sent_ms_max": max((v for s in servers if (v := (s.get("output_lag_ms") or {}).get("sent_max"))
+                                   is not None), default=None),
+        "packet_delay_ms_p50_median": _pct([r.get("packet_delay_ms_p50") for r in measured], 50),
+        "decode_delay_ms_p50_median": _pct([r.get("decode_delay_ms_p50") for r in measured], 50),
+        "decode_delay_ms_p95_max": max((r["decode_delay_ms_p95"] for r in measured
+                                        if r.get("decode_delay_ms_p95") is not None), default=None),
     }
 
     def window(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -1131,6 +1148,15 @@ def print_summary(report: dict[str, Any]) -> None:
           f"({fmt(o['dropped_percent'], '%')}), skipped {o.get('skipped_frames', 0)} "
           f"({fmt(o.get('skipped_percent'), '%')}) "
           f"of {o['server_frames']} frames" + (" in the window" if o.get("server_frames_windowed") else ""))
+    if o.get("output_sent_ms_p95_median") is not None or o.get("decode_delay_ms_p50_median") is not None:
+        lag = (report.get("server_process_at_end") or {}).get("event_loop_lag") or {}
+        print(f"delivery, ms after release (median of sessions): picture ready p50/p95 "
+              f"{fmt(o.get('output_ready_ms_p50_median'))}/{fmt(o.get('output_ready_ms_p95_median'))}, sent p95 "
+              f"{fmt(o.get('output_sent_ms_p95_median'))} (max {fmt(o.get('output_sent_ms_max'))}); server event loop "
+              f"late p50/p99/max {fmt(lag.get('p50_ms'))}/{fmt(lag.get('p99_ms'))}/{fmt(lag.get('max_ms'))}; "
+              f"clients: first packet p50 {fmt(o.get('packet_delay_ms_p50_median'))} after the sender clock, "
+              f"decoded p50 {fmt(o.get('decode_delay_ms_p50_median'))} (p95 max "
+              f"{fmt(o.get('decode_delay_ms_p95_max'))}) after it")
     if "client_late_frames" in o:
         print(f"clients: {o['client_late_frames']} frames late by arrival "
               f"({fmt(o['client_late_percent'], '%')}); worst session late "
@@ -1608,10 +1634,15 @@ def server_info(url: str, headers: dict[str, str], server: SpawnedServer | None,
 
 def fetch_devices(url: str, headers: dict[str, str]) -> Any:
     """``GET /v1/devices`` as JSON, or what went wrong (an older server has none)."""
+    return fetch_json(url, "/v1/devices", headers)
+
+
+def fetch_json(url: str, path: str, headers: dict[str, str]) -> Any:
+    """``GET path`` as JSON, or what went wrong."""
     import httpx
 
     try:
-        response = httpx.get(f"{url}/v1/devices", headers=headers, timeout=3)
+        response = httpx.get(f"{url}{path}", headers=headers, timeout=3)
         return response.json() if response.status_code == 200 else {"status": response.status_code}
     except Exception as exc:  # noqa: BLE001
         return {"error": f"{type(exc).__name__}: {exc}"[:200]}
@@ -1771,6 +1802,7 @@ def run_scenario(args: argparse.Namespace, run: dict[str, Any], url: str, server
     t_talk = t_end = None
     devices_at_start: Any = None
     devices_at_end: Any = None
+    process_at_end: Any = None
     n = run["sessions"]
     cpu = CpuSampler(server_pid)
     gpu = GpuSampler()
@@ -1804,6 +1836,7 @@ def run_scenario(args: argparse.Namespace, run: dict[str, Any], url: str, server
             now = time.monotonic()
             if t_end is not None and devices_at_end is None and now >= t_end - 0.5:
                 devices_at_end = fetch_devices(url, headers)  # its utilisation covers the window's end
+                process_at_end = fetch_json(url, "/v1/server", headers)  # its event-loop lag: the last ~10 s
             if t_talk is None and (len(ready | set(results)) == n or now > setup_deadline):
                 t_talk = time.monotonic() + 0.5
                 t_end = t_talk + run["duration"]
@@ -1893,6 +1926,7 @@ def run_scenario(args: argparse.Namespace, run: dict[str, Any], url: str, server
         },
         "server": info,
         "server_devices_at_end": devices_at_end,
+        "server_process_at_end": process_at_end,
         "server_devices_window": device_window(devices_at_start, devices_at_end),
         "timeline": {"t_talk": t_talk, "t_end": t_end},
         "overall": overall,

@@ -74,6 +74,9 @@ class StreamClock:
     offset: float | None = None
     _origin: int | None = None
     mapper: object | None = None  # the receiver's TimestampMapper: decoded pts = rtp - its origin
+    #: when the first packet of each (unwrapped) RTP timestamp arrived: a frame's network arrival,
+    #: before the jitter buffer and the decoder
+    first_arrival: dict[int, float] = field(default_factory=dict)
 
     def unwrap(self, timestamp: int) -> int:
         if self._origin is None:
@@ -82,7 +85,9 @@ class StreamClock:
         return diff - (1 << 32) if diff > (1 << 31) else diff
 
     def observe(self, timestamp: int, arrival: float) -> None:
-        candidate = arrival - self.unwrap(timestamp) / self.clock_rate
+        unwrapped = self.unwrap(timestamp)
+        self.first_arrival.setdefault(unwrapped, arrival)
+        candidate = arrival - unwrapped / self.clock_rate
         self.offset = candidate if self.offset is None else min(self.offset, candidate)
 
     def wall(self, timestamp: int) -> float:

@@ -54,6 +54,14 @@ def test_load_two_websocket_sessions(avatars_root: Path, tmp_path: Path) -> None
     assert window["name"] == device["name"] and 0 < window["frames"] <= device["frames"]
     assert window["mean_batch"] == pytest.approx(window["frames"] / window["batches"], abs=0.01)
     assert f"device {device['name']} in the window:" in done.stdout
+    # where delivery waits: the server's picture lags, its event loop, the clients' packets and decoder
+    lags = sessions[0]["server"]["stats"]["output_lag_ms"]
+    assert lags["sent_p50"] is not None and lags["sent_max"] >= lags["ready_p50"], lags
+    assert report["server_process_at_end"]["event_loop_lag"]["samples"] > 0
+    assert overall["output_sent_ms_p95_median"] is not None
+    for session in sessions:
+        assert session["packet_delay_ms_p50"] is not None and session["decode_delay_ms_p50"] >= 0, session
+    assert "delivery, ms after release" in done.stdout
 
     # several reports: one line each, with the device's mean batch and stage figures
     again = subprocess.run(

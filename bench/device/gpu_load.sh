@@ -94,6 +94,8 @@ if missing:
 EOF
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=index,name,memory.used,memory.total,utilization.gpu --format=csv
 echo "cores: $(nproc); memory: $(free -g 2>/dev/null | awk '/Mem:/ {print $2 " GiB"}')"
+# whether the cores are hyperthreads decides how much the clients' CPU slows the server's
+lscpu 2>/dev/null | grep -E "^(Thread\(s\) per core|Core\(s\) per socket|Socket\(s\)|NUMA node\(s\)):" | tr -s ' ' | paste -sd ';'
 
 step "preparing weights, avatar and config"
 $PY bench/device/prepare.py --work "$WORK" --devices "$DEVICES" --avatar "$AVATAR" "${SETS[@]}" "${EXTRA[@]}" \

@@ -3,8 +3,9 @@
 # bench/device/gpu_load.sh in the background and, once the clients talk, records the server's
 # main process with py-spy (carried as a wheel in .whl): 10 s of samples of the thread holding
 # the GIL (--gil), then 10 s of all threads; then the same for the first device process, and 5 s
-# of a peer process. Raw flame-graph files land in $OUT (profile.tgz); their per-thread summary
-# (bench/pyspy_summary.py) in $OUT/profile-summary.txt, and printed last.
+# of each for a peer process (so give the scenario --duration 60 or more). Raw flame-graph files
+# land in $OUT (profile.tgz); their per-thread summary (bench/pyspy_summary.py) in
+# $OUT/profile-summary.txt, and printed last.
 #
 #   bash bench/device/profile_load.sh [gpu_load.sh options] SCENARIOS   (the first one is profiled)
 set -uo pipefail
@@ -34,7 +35,11 @@ if [ -n "${DEVICE:-}" ]; then
     $SPY record -p "$DEVICE" -d 10 -r 100 --gil --threads --format raw -o "$OUT/device-gil.raw" --nonblocking
     $SPY record -p "$DEVICE" -d 10 -r 100 --threads --format raw -o "$OUT/device-threads.raw" --nonblocking
 fi
-[ -n "${PEER:-}" ] && $SPY record -p "$PEER" -d 5 -r 100 --threads --format raw -o "$OUT/peer-threads.raw" --nonblocking
+if [ -n "${PEER:-}" ]; then
+    top -b -n 1 -H -p "$PEER" | head -40 > "$OUT/top-peer-threads.txt"
+    $SPY record -p "$PEER" -d 5 -r 100 --gil --threads --format raw -o "$OUT/peer-gil.raw" --nonblocking
+    $SPY record -p "$PEER" -d 5 -r 100 --threads --format raw -o "$OUT/peer-threads.raw" --nonblocking
+fi
 (cd "$OUT" && tar czf profile.tgz ./*.raw top-*.txt && rm -f ./*.raw top-*.txt)  # the run tool returns few files
 ${PY:-python3} bench/pyspy_summary.py "$OUT/profile.tgz" --top 8 > "$OUT/profile-summary.txt" 2>&1
 wait $LOAD
