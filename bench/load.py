@@ -1149,11 +1149,15 @@ def print_summary(report: dict[str, Any]) -> None:
           f"({fmt(o.get('skipped_percent'), '%')}) "
           f"of {o['server_frames']} frames" + (" in the window" if o.get("server_frames_windowed") else ""))
     if o.get("output_sent_ms_p95_median") is not None or o.get("decode_delay_ms_p50_median") is not None:
-        lag = (report.get("server_process_at_end") or {}).get("event_loop_lag") or {}
+        process = report.get("server_process_at_end") or {}
+        lag = process.get("event_loop_lag") or {}
+        collector = process.get("gc") or {}
         print(f"delivery, ms after release (median of sessions): picture ready p50/p95 "
               f"{fmt(o.get('output_ready_ms_p50_median'))}/{fmt(o.get('output_ready_ms_p95_median'))}, sent p95 "
               f"{fmt(o.get('output_sent_ms_p95_median'))} (max {fmt(o.get('output_sent_ms_max'))}); server event loop "
-              f"late p50/p99/max {fmt(lag.get('p50_ms'))}/{fmt(lag.get('p99_ms'))}/{fmt(lag.get('max_ms'))}; "
+              f"late p50/p99/max {fmt(lag.get('p50_ms'))}/{fmt(lag.get('p99_ms'))}/{fmt(lag.get('max_ms'))}"
+              + (f", its longest GC pause {fmt(collector.get('pause_max_ms'))} ({collector['collections'][2]} full "
+                 "collections)" if collector.get("collections") else "") + "; "
               f"clients: first packet p50 {fmt(o.get('packet_delay_ms_p50_median'))} after the sender clock, "
               f"decoded p50 {fmt(o.get('decode_delay_ms_p50_median'))} (p95 max "
               f"{fmt(o.get('decode_delay_ms_p95_max'))}) after it")

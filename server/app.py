@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from pipeline.live.device_process import DeviceSpec
 from pipeline.live.devices import DevicePool
 from server.auth import ApiKeyMiddleware, BodyLimitMiddleware, check_auth_config, is_loopback_host
 from server.config import Settings, engine_options
-from server.loop_lag import LoopLag
+from server.loop_lag import GcPauses, LoopLag
 from server.metrics import Metrics
 from server.outputs import BootSession, OutputManager, start_boot_session
 from server.routes import audio_ws, devices, outputs, sessions, webrtc
@@ -51,6 +52,7 @@ class AppState:
     store: AvatarStore
     metrics: Metrics = field(default_factory=Metrics)
     loop_lag: LoopLag = field(default_factory=LoopLag)
+    gc_pauses: GcPauses = field(default_factory=GcPauses)
     pool: DevicePool | None = None  # the engine devices
     manager: SessionManager | None = None
     outputs: OutputManager | None = None  # RTMP outputs and recordings
@@ -141,6 +143,7 @@ async def _stop(state: AppState) -> None:
     if state.pool is not None:
         await asyncio.to_thread(state.pool.close)
     await state.loop_lag.stop()
+    state.gc_pauses.uninstall()
 
 
 def create_app(settings: Settings, boot: BootSession | None = None) -> FastAPI:
@@ -152,6 +155,7 @@ def create_app(settings: Settings, boot: BootSession | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.loop_lag.start()
+        state.gc_pauses.install()
         state.metrics.set_loop_lag_source(lambda: state.loop_lag.quantile(0.99) or 0.0)
         starting = asyncio.create_task(_start(state))
         yield
@@ -228,6 +232,7 @@ def run_server(settings: Settings, boot: BootSession | None = None) -> None:
     from server.logs import configure_logging
 
     configure_logging(settings.server.log_level, settings.server.log_format)
+    sys.setswitchinterval(settings.server.switch_interval_ms / 1000)
     app = create_app(settings, boot)
 
     class DrainingServer(uvicorn.Server):

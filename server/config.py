@@ -32,6 +32,10 @@ class ServerConfig(Section):
     api_keys: list[str] = Field(default_factory=list)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+    # How long a thread of the server process may hold the GIL while another waits (ms; Python's
+    # default is 5): the event loop gives up the GIL for every copy and system call and must win
+    # it back from the channel threads each time (see engine.device_switch_interval_ms).
+    switch_interval_ms: float = Field(0.5, gt=0, le=100)
 
 
 class AvatarsConfig(Section):
@@ -74,10 +78,10 @@ class EngineConfig(Section):
     # (a device slower than the processing budget) a whole batch is still made.
     skip_keep_frames: int = Field(0, ge=0, le=256)
     # Most an idle device waits for a fuller batch (ms) while the earliest queued frame's
-    # deadline allows it; 0: a batch starts on whatever is queued. Simulated (bench/worker_sim.py)
-    # it cut the GPU time of 16 all-talking sessions by a sixth at the same late frames; not yet
-    # measured on a GPU, so off by default.
-    batch_gather_ms: float = Field(0.0, ge=0, le=200)
+    # deadline allows it; 0: a batch starts on whatever is queued. On an H200 at 16 all-talking
+    # sessions, 15 left 2.1-2.9 % of frames late or held against 4.4-48.7 % without
+    # (docs/benchmarks.md, 2026-12-03 night).
+    batch_gather_ms: float = Field(15.0, ge=0, le=200)
     # musetalk: most Whisper windows (talking sessions' frames) per encoder pass
     whisper_batch: int = Field(8, ge=1, le=64)
     # where each device's engine, feature and batching workers run: "process" = a spawned

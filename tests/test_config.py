@@ -52,6 +52,7 @@ def test_yaml_then_environment_override(tmp_path: Path, monkeypatch: pytest.Monk
         ("engine:\n  skip_keep_frames: -1\n", "engine.skip_keep_frames"),
         ("engine:\n  device_switch_interval_ms: 0\n", "engine.device_switch_interval_ms"),
         ("engine:\n  batch_gather_ms: -1\n", "engine.batch_gather_ms"),
+        ("server:\n  switch_interval_ms: 0\n", "server.switch_interval_ms"),
         ("bogus: 1\n", "bogus"),
     ],
 )

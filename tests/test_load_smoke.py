@@ -58,6 +58,7 @@ def test_load_two_websocket_sessions(avatars_root: Path, tmp_path: Path) -> None
     lags = sessions[0]["server"]["stats"]["output_lag_ms"]
     assert lags["sent_p50"] is not None and lags["sent_max"] >= lags["ready_p50"], lags
     assert report["server_process_at_end"]["event_loop_lag"]["samples"] > 0
+    assert "its longest GC pause" in done.stdout
     assert overall["output_sent_ms_p95_median"] is not None
     for session in sessions:
         assert session["packet_delay_ms_p50"] is not None and session["decode_delay_ms_p50"] >= 0, session

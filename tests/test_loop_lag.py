@@ -1,13 +1,14 @@
-"""The event-loop lag sampler: a loop blocked by a long call shows it; an idle one does not."""
+"""The event-loop lag sampler and the GC pause timer: what stalls a loop shows in their figures."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 
 import pytest
 
-from server.loop_lag import LoopLag
+from server.loop_lag import GcPauses, LoopLag
 
 
 def test_a_blocked_loop_shows_in_the_lag() -> None:
@@ -39,3 +40,21 @@ def test_no_samples_no_figures() -> None:
 def test_bad_settings_are_refused(args: dict) -> None:
     with pytest.raises(ValueError):
         LoopLag(**args)
+
+
+def test_gc_pauses_are_timed_per_generation() -> None:
+    pauses = GcPauses()
+    pauses.install()
+    try:
+        garbage = [[i] for i in range(200_000)]  # something for a full collection to walk
+        before = pauses.describe()["collections"][2]
+        gc.collect()
+        seen = pauses.describe()
+    finally:
+        pauses.uninstall()
+        del garbage
+    assert seen["collections"][2] == before + 1
+    assert seen["recent"] >= 1 and seen["gen2_pause_max_ms"] > 0.0
+    assert seen["pause_max_ms"] >= seen["gen2_pause_max_ms"]
+    gc.collect()  # uninstalled: no longer counted
+    assert pauses.describe()["collections"][2] == before + 1

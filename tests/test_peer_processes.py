@@ -64,7 +64,7 @@ class _Worker:
 def test_feed_sends_waiting_pictures_in_order_in_the_turn_they_are_ready() -> None:
     """Frames whose pictures were made while an earlier one was still composing go out with it,
     in frame order, in the same loop turn (a loop turn per frame could not keep 25 fps once
-    turns took 20 ms: docs/benchmarks.md, 2026-12-03 evening)."""
+    turns took 20 ms: docs/benchmarks.md, 2026-12-03 night)."""
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
@@ -150,10 +150,16 @@ def test_crashed_peer_process_ends_only_its_sessions(avatars_root: Path, tmp_pat
 def test_session_outlives_its_dead_peer_process(avatars_root: Path, tmp_path: Path) -> None:
     """A session fed over its WebSocket keeps running when its viewer's peer process dies: the
     dead viewer and its ring are dropped, and a new viewer is served by a fresh process."""
-    with running_server(avatars_root, tmp_path, {"webrtc": {"peer_processes": 1}}) as url:
+    with running_server(
+        avatars_root, tmp_path, {"webrtc": {"peer_processes": 1}, "server": {"switch_interval_ms": 1.5}}
+    ) as url:
 
         async def scenario() -> None:
             async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+                info = (await http.get("/v1/server")).json()
+                assert info["switch_interval_ms"] == 1.5  # the server process applied its setting
+                assert info["event_loop_lag"]["samples"] > 0
+                assert len(info["gc"]["collections"]) == 3  # the collector's pauses are timed
                 session_id = (await http.post("/v1/sessions", json={})).json()["id"]
                 viewer = Client()
                 await viewer.watch(http, session_id)

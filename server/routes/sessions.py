@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from typing import Any
 
@@ -71,5 +72,7 @@ async def server_info(state=Depends(app_state)) -> dict[str, Any]:
         "peer_processes": manager.peers.describe(),
         "frame_rings": manager.peers.frame_rings,
         "event_loop_lag": state.loop_lag.describe(),
+        "gc": state.gc_pauses.describe(),
+        "switch_interval_ms": round(sys.getswitchinterval() * 1000, 3),
     }
 
