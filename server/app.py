@@ -10,6 +10,7 @@ peers and sockets are closed, the workers stop.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -58,6 +59,7 @@ class AppState:
     outputs: OutputManager | None = None  # RTMP outputs and recordings
     boot: BootSession | None = None  # `serve --rtmp/--session-id`: a session created at start
     ready: bool = False
+    freeze_gc: bool = False  # see create_app
     startup_error: str | None = None
 
     def require_manager(self) -> SessionManager:
@@ -123,6 +125,12 @@ async def _start(state: AppState) -> None:
         if state.boot is not None:
             await start_boot_session(state.manager, state.outputs, state.boot)
         state.metrics.set_fps_source(state.manager.mean_fps)
+        # What start-up built lives as long as the process: out of the collector's sight, a full
+        # collection walks only what sessions allocate. (Start-up leaves ~93k objects; walking
+        # them took 50 ms on a 2-core box, and the GIL stops every thread of the process for it.)
+        if state.freeze_gc:
+            gc.collect()
+            gc.freeze()
         state.ready = True
         log.info(
             "ready: engine=%s avatar=%s devices=%s",
@@ -146,11 +154,13 @@ async def _stop(state: AppState) -> None:
     state.gc_pauses.uninstall()
 
 
-def create_app(settings: Settings, boot: BootSession | None = None) -> FastAPI:
+def create_app(settings: Settings, boot: BootSession | None = None, freeze_gc: bool = False) -> FastAPI:
+    """``freeze_gc``: once ready, move what start-up built out of the garbage collector's walks
+    (for the server's own process; an app built inside a test run would pin the test's objects)."""
     check_auth_config(settings.server.host, settings.server.api_keys)
     if settings.webrtc.host_addresses:
         configure_host_addresses(settings.webrtc.host_addresses)
-    state = AppState(settings=settings, store=AvatarStore(settings.avatars.dir), boot=boot)
+    state = AppState(settings=settings, store=AvatarStore(settings.avatars.dir), boot=boot, freeze_gc=freeze_gc)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -233,7 +243,7 @@ def run_server(settings: Settings, boot: BootSession | None = None) -> None:
 
     configure_logging(settings.server.log_level, settings.server.log_format)
     sys.setswitchinterval(settings.server.switch_interval_ms / 1000)
-    app = create_app(settings, boot)
+    app = create_app(settings, boot, freeze_gc=True)
 
     class DrainingServer(uvicorn.Server):
         """Starts the drain on SIGTERM/SIGINT itself: uvicorn would first wait for open

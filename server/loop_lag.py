@@ -108,4 +108,5 @@ class GcPauses:
             "recent": len(recent),
             "pause_max_ms": round(max((p for _, p in recent), default=0.0) * 1000, 2),
             "gen2_pause_max_ms": round(max((p for g, p in recent if g == 2), default=0.0) * 1000, 2),
+            "frozen_objects": gc.get_freeze_count(),  # start-up's, never walked (server/app.py)
         }

@@ -160,6 +160,7 @@ def test_session_outlives_its_dead_peer_process(avatars_root: Path, tmp_path: Pa
                 assert info["switch_interval_ms"] == 1.5  # the server process applied its setting
                 assert info["event_loop_lag"]["samples"] > 0
                 assert len(info["gc"]["collections"]) == 3  # the collector's pauses are timed
+                assert info["gc"]["frozen_objects"] > 10_000  # start-up's objects are out of its walks
                 session_id = (await http.post("/v1/sessions", json={})).json()["id"]
                 viewer = Client()
                 await viewer.watch(http, session_id)
