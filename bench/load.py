@@ -1343,6 +1343,10 @@ def stage_lines(devices_at_end: dict[str, Any]) -> list[str]:
         slack = stages.get("slack")
         if slack:
             parts.append(f"slack (deadline - delivery) p5 {fmt(slack['p5'])}, p50 {fmt(slack['p50'])}")
+        collector = (device.get("process") or {}).get("gc") or {}
+        if collector.get("collections"):  # a device process: its garbage collections stop all its threads
+            parts.append(f"its process's longest GC pause {fmt(collector.get('pause_max_ms'))} "
+                         f"({collector['collections'][2]} full collections)")
         lines.append(f"device {device['name']} stages over its last {stages['frames']} frames, ms p50/p95: " + "; ".join(parts))
     return lines
 

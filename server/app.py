@@ -29,9 +29,10 @@ from pipeline.errors import LipstreamError
 from pipeline.live.device_link import DeviceLink
 from pipeline.live.device_process import DeviceSpec
 from pipeline.live.devices import DevicePool
+from pipeline.live.gc_pauses import GcPauses
 from server.auth import ApiKeyMiddleware, BodyLimitMiddleware, check_auth_config, is_loopback_host
 from server.config import Settings, engine_options
-from server.loop_lag import GcPauses, LoopLag
+from server.loop_lag import LoopLag
 from server.metrics import Metrics
 from server.outputs import BootSession, OutputManager, start_boot_session
 from server.routes import audio_ws, devices, outputs, sessions, webrtc

@@ -1,13 +1,13 @@
-"""How late the server's event loop runs what is due, and the garbage collector's pauses.
+"""How late the server's event loop runs what is due: the number that says the loop is the limit.
 
 Every session clock, frame release and WebSocket of the process shares one asyncio loop. When
 anything on it runs long (a blocking call, a garbage-collection pause, too much work per frame),
 everything due meanwhile runs late, for every session at once, while the process's CPU can
 still look moderate. The sampler sleeps ``period`` seconds over and over and keeps how much
 later than asked each sleep ended: its percentiles and maximum over the last ``keep`` samples go
-to ``GET /server`` and to the ``lipstream_event_loop_lag_seconds`` gauge. A garbage collection
-stops every thread of the process for its whole run, so :class:`GcPauses` times them: a loop
-that stalls for 100 ms or more at moderate CPU is either that or a blocking call.
+to ``GET /server`` and to the ``lipstream_event_loop_lag_seconds`` gauge. A loop that stalls
+for 100 ms or more at moderate CPU is a blocking call or a garbage collection (which
+:class:`~pipeline.live.gc_pauses.GcPauses` times).
 """
 
 from __future__ import annotations
@@ -15,9 +15,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import gc
-import time
-from typing import Any
 
 import numpy as np
 
@@ -71,42 +68,3 @@ class LoopLag:
             "max_ms": ms(max(self._lags) if self._lags else None),
         }
 
-
-class GcPauses:
-    """Times the garbage collector's runs in this process (``gc.callbacks``), per generation."""
-
-    def __init__(self, keep: int = 200) -> None:
-        self.counts = [0, 0, 0]
-        self._pauses: collections.deque[tuple[int, float]] = collections.deque(maxlen=keep)
-        self._started: float | None = None
-        self._installed = False
-
-    def install(self) -> None:
-        if not self._installed:
-            gc.callbacks.append(self._callback)
-            self._installed = True
-
-    def uninstall(self) -> None:
-        if self._installed:
-            gc.callbacks.remove(self._callback)
-            self._installed = False
-
-    def _callback(self, phase: str, info: dict[str, Any]) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-        elif self._started is not None:
-            generation = int(info.get("generation", 0))
-            self.counts[min(generation, 2)] += 1
-            self._pauses.append((generation, time.perf_counter() - self._started))
-            self._started = None
-
-    def describe(self) -> dict[str, Any]:
-        """Collections per generation since start; the longest of the recent ones (ms)."""
-        recent = list(self._pauses)
-        return {
-            "collections": list(self.counts),
-            "recent": len(recent),
-            "pause_max_ms": round(max((p for _, p in recent), default=0.0) * 1000, 2),
-            "gen2_pause_max_ms": round(max((p for g, p in recent if g == 2), default=0.0) * 1000, 2),
-            "frozen_objects": gc.get_freeze_count(),  # start-up's, never walked (server/app.py)
-        }

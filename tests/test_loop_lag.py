@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from server.loop_lag import GcPauses, LoopLag
+from pipeline.live.gc_pauses import GcPauses
+from server.loop_lag import LoopLag
 
 
 def test_a_blocked_loop_shows_in_the_lag() -> None:

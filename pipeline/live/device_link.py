@@ -74,6 +74,7 @@ class DeviceLink:
 
         self.spec = spec
         self.switch_interval_ms: float | None = None  # the process's GIL switch interval, once started
+        self.gc: dict[str, Any] | None = None  # the process's garbage collections (pipeline/live/gc_pauses.py)
         self.name = spec.name
         self.on_batch: BatchObserver | None = None
         self.on_fault: FaultObserver | None = None
@@ -227,6 +228,7 @@ class DeviceLink:
                 self.on_batch(size, seconds)
         elif kind == "stages":
             self.stage_summary = message[1]
+            self.gc = message[2] if len(message) > 2 else None
         elif kind == "fault":
             self._fault(message[1])
         elif kind == "reply":
@@ -284,6 +286,7 @@ class DeviceLink:
             "alive": self.process.is_alive(),
             "result_rings": len(self._rings),
             "switch_interval_ms": self.switch_interval_ms,  # as the process applied it
+            "gc": self.gc,  # its garbage collections and their longest pauses (once a second)
         }
 
     def close(self) -> None:

@@ -1,0 +1,56 @@
+"""The garbage collector's runs in this process, timed: the pauses no profile of CPU shows.
+
+A collection holds the GIL for its whole run, so every thread of the process stands still: in
+the server process its event loop (every session's clock and frames), in a device process its
+engine, feature and finisher threads. A full collection walks every tracked object; what
+start-up built (the server's imports, a device's torch stack) is most of them, which is why
+both processes freeze it once ready (``gc.freeze()``). ``GET /v1/server`` and ``GET /v1/devices``
+report these figures, so a load test can tell a collection from a slow frame.
+"""
+
+from __future__ import annotations
+
+import collections
+import gc
+import time
+from typing import Any
+
+
+class GcPauses:
+    """Times the garbage collector's runs in this process (``gc.callbacks``), per generation."""
+
+    def __init__(self, keep: int = 200) -> None:
+        self.counts = [0, 0, 0]
+        self._pauses: collections.deque[tuple[int, float]] = collections.deque(maxlen=keep)
+        self._started: float | None = None
+        self._installed = False
+
+    def install(self) -> None:
+        if not self._installed:
+            gc.callbacks.append(self._callback)
+            self._installed = True
+
+    def uninstall(self) -> None:
+        if self._installed:
+            gc.callbacks.remove(self._callback)
+            self._installed = False
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            generation = int(info.get("generation", 0))
+            self.counts[min(generation, 2)] += 1
+            self._pauses.append((generation, time.perf_counter() - self._started))
+            self._started = None
+
+    def describe(self) -> dict[str, Any]:
+        """Collections per generation since start; the longest of the recent ones (ms)."""
+        recent = list(self._pauses)
+        return {
+            "collections": list(self.counts),
+            "recent": len(recent),
+            "pause_max_ms": round(max((p for _, p in recent), default=0.0) * 1000, 2),
+            "gen2_pause_max_ms": round(max((p for g, p in recent if g == 2), default=0.0) * 1000, 2),
+            "frozen_objects": gc.get_freeze_count(),  # start-up's, never walked
+        }
