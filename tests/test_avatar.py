@@ -162,7 +162,8 @@ def test_loads_are_shared_and_refreshed(tmp_path: Path) -> None:
     store = AvatarStore(tmp_path / "avatars")
     first = prepare_avatar(demo_image(), "same", store)
     assert store.load("same") is first, "sessions share one memory-mapped avatar"
-    assert isinstance(first.frames, np.memmap)
+    assert isinstance(first.frames.base, np.memmap) and not first.frames.flags.writeable  # mapped, not read
+    assert type(first.frames[0]) is np.ndarray  # a plain view: no memmap hooks per index
     replaced = prepare_avatar(demo_image()[:, ::-1].copy(), "same", store, overwrite=True)
     assert replaced is not first and store.load("same") is replaced
     assert not np.array_equal(np.asarray(replaced.frames[0]), np.asarray(first.frames[0]))

@@ -41,7 +41,7 @@ class Avatar:
 
     id: str
     root: Path
-    frames: np.ndarray  # uint8 [N, H, W, 3] BGR (often a read-only memmap)
+    frames: np.ndarray  # uint8 [N, H, W, 3] BGR (often a read-only view of a memory-mapped file)
     face_boxes: np.ndarray  # int32 [N, 4]
     crop_boxes: np.ndarray  # int32 [N, 4]
     landmarks: np.ndarray  # float32 [N, 68, 2]
