@@ -201,3 +201,57 @@ def test_a_skipped_frame_crosses_from_the_device_process_as_skipped() -> None:
     link._handle(sent[0])
     assert frame.picture.result(timeout=1) is SKIPPED
     assert link.stats.skipped == 1 and link._frames["session-1"] == {}
+
+
+def test_a_device_verdict_reaches_the_session_in_one_loop_turn(demo_avatar) -> None:
+    """A frame's features and picture, resolved on a device channel's thread, are handled on the
+    loop in the next turn (asyncio.wrap_future took two: its copy of the state, then its
+    callbacks); in frame order; and a silent frame's picture is the idle frame."""
+    import concurrent.futures
+    import threading
+
+    from pipeline.audio.windows import AudioFrame
+    from pipeline.live.session import LiveSession
+
+    class Remote:
+        def __init__(self) -> None:
+            self.submitted: list[tuple[concurrent.futures.Future, concurrent.futures.Future]] = []
+
+        def submit(self, frame: AudioFrame, avatar_index: int, deadline: float, compose: bool):  # noqa: ANN201
+            pair = (concurrent.futures.Future(), concurrent.futures.Future())
+            self.submitted.append(pair)
+            return pair
+
+        def reset(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    async def scenario() -> None:
+        remote = Remote()
+        live = LiveSession(demo_avatar, None, None, remote=remote)
+        live.subscribe()
+        window = np.zeros(3200, np.float32)
+        outs = [live._produce_remote(AudioFrame(i, window, i == 1), 0, 1e9, np.zeros(1920, np.int16))
+                for i in range(2)]
+        composed = np.full_like(demo_avatar.frames[0], 7)
+
+        def device() -> None:  # the channel's thread: both verdicts, then frame 1's picture
+            remote.submitted[0][0].set_result(False)
+            remote.submitted[1][0].set_result(True)
+            remote.submitted[1][1].set_result(composed)
+
+        thread = threading.Thread(target=device)
+        thread.start()
+        thread.join()
+        await asyncio.sleep(0)  # one turn: the two verdicts (in order), then frame 1's picture hand-over
+        assert outs[0].image.done() and outs[0].image.result() is not None  # silent: the idle frame
+        assert np.array_equal(outs[0].image.result(), demo_avatar.frames[0])
+        assert outs[1].speaking and not outs[1].image.done()  # its picture comes one turn later
+        await asyncio.sleep(0)
+        assert outs[1].image.done() and np.array_equal(outs[1].image.result(), composed)
+        assert live.stats.active_frames == 1
+        await live.close()
+
+    asyncio.run(scenario())
