@@ -1309,6 +1309,7 @@ def device_window(start: Any, end: Any) -> list[dict[str, Any]]:
         batches = device.get("batches", 0) - first.get("batches", 0)
         frames = device.get("frames", 0) - first.get("frames", 0)
         busy = device.get("busy_seconds", 0.0) - first.get("busy_seconds", 0.0)
+        waits = [((d.get("process") or {}).get("result_ring_waits") or {}) for d in (first, device)]
         rows.append({
             "name": device["name"], "batches": batches, "frames": frames,
             "skipped_frames": device.get("skipped_frames", 0) - first.get("skipped_frames", 0),
@@ -1316,6 +1317,9 @@ def device_window(start: Any, end: Any) -> list[dict[str, Any]]:
             "mean_batch": round(frames / batches, 2) if batches else None,
             "ms_per_batch": round(1000 * busy / batches, 2) if batches else None,
             "ms_per_frame": round(1000 * busy / frames, 3) if frames else None,
+            # a device process's finisher waiting for the server to read its ring (None: no such process)
+            "ring_waits": (waits[1]["waits"] - waits[0].get("waits", 0)) if waits[1] else None,
+            "ring_wait_seconds": round(waits[1]["seconds"] - waits[0].get("seconds", 0.0), 3) if waits[1] else None,
         })
     return rows
 
@@ -1325,6 +1329,8 @@ def window_lines(rows: list[dict[str, Any]], seconds: float) -> list[str]:
         f"device {r['name']} in the window: {r['batches']} batches of {fmt(r['mean_batch'])} frames on average, "
         f"{fmt(r['ms_per_batch'])} ms each ({fmt(r['ms_per_frame'])} ms per frame), busy "
         f"{fmt(100 * r['busy_seconds'] / seconds if seconds else None, '%')}; {r['skipped_frames']} frames skipped"
+        + (f"; its finisher waited for the server to read {r['ring_waits']} times, {fmt(r['ring_wait_seconds'])} s"
+           if r.get("ring_waits") is not None else "")
         for r in rows if r["batches"]
     ]
 

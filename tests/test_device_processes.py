@@ -36,10 +36,12 @@ def test_result_ring_hands_frames_over_and_waits_for_the_reader() -> None:
     # the ring is full: the third frame waits for slot 0 to be released, then gives up
     third = writer.put(np.full((4, 6, 3), 3, np.uint8), timeout=0.05)
     assert third == (0, 3)
+    assert writer.waits == 1 and writer.wait_seconds >= 0.04  # the wait is counted
     assert ring.take(*first) is None  # frame 1 was overwritten: reported missing, never torn
     np.testing.assert_array_equal(ring.take(*third), np.full((4, 6, 3), 3, np.uint8))
     np.testing.assert_array_equal(ring.take(*second), np.full((4, 6, 3), 2, np.uint8))
     assert writer.put(np.full((4, 6, 3), 4, np.uint8), timeout=5) == (1, 4)  # released: no wait
+    assert writer.waits == 1
     with pytest.raises(ValueError, match="does not fit"):
         writer.put(np.zeros((6, 4, 3), np.uint8))
     writer.close()
@@ -124,6 +126,7 @@ def test_device_processes_make_the_same_frames_as_threads(avatars_root: Path, sp
     assert sys.getswitchinterval() == pytest.approx(0.005)  # this test's own process keeps Python's
     collector = device["process"]["gc"]  # sent with the stage times: collections, pauses, frozen start-up
     assert len(collector["collections"]) == 3 and collector["frozen_objects"] > 10_000, collector
+    assert device["process"]["result_ring_waits"]["waits"] >= 0  # reported with the stage times
     assert device["frames"] >= len(spoken) and device["batches"] > 0  # batches seen from the server
     assert listed["cpu:1"]["sessions"] == 0 and listed["cpu:1"]["process"]["alive"]
 

@@ -106,6 +106,10 @@ class ResultRing:
         self._frames = np.ndarray((slots, *self.shape), dtype=np.uint8, buffer=shm.buf, offset=self.HEADER * slots)
         self._next = 1
         self._lock = threading.Lock()
+        # How often, and how long in all, the writer waited for the reader to release a slot: a
+        # device held up by a slow server process (its reading thread, a garbage collection)
+        self.waits = 0
+        self.wait_seconds = 0.0
 
     @classmethod
     def create(cls, shape: tuple[int, ...], slots: int) -> ResultRing:
@@ -139,9 +143,12 @@ class ResultRing:
             slot = (number - 1) % self.slots
             previous = number - self.slots
             if previous > 0 and self._stamps[1, slot] < previous:
-                deadline = time.monotonic() + timeout
+                started = time.monotonic()
+                deadline = started + timeout
                 while self._stamps[1, slot] < previous and time.monotonic() < deadline:
                     time.sleep(0.0005)
+                self.waits += 1
+                self.wait_seconds += time.monotonic() - started
                 if self._stamps[1, slot] < previous:
                     log.warning("result ring %s: frame %d not read within %.1f s; overwriting it", self.name, previous, timeout)
             self._stamps[0, slot] = 0  # torn while copying

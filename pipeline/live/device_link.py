@@ -75,6 +75,7 @@ class DeviceLink:
         self.spec = spec
         self.switch_interval_ms: float | None = None  # the process's GIL switch interval, once started
         self.gc: dict[str, Any] | None = None  # the process's garbage collections (pipeline/live/gc_pauses.py)
+        self.ring_waits: dict[str, float] | None = None  # its result rings' writer waiting for us
         self.name = spec.name
         self.on_batch: BatchObserver | None = None
         self.on_fault: FaultObserver | None = None
@@ -229,6 +230,7 @@ class DeviceLink:
         elif kind == "stages":
             self.stage_summary = message[1]
             self.gc = message[2] if len(message) > 2 else None
+            self.ring_waits = message[3] if len(message) > 3 else None
         elif kind == "fault":
             self._fault(message[1])
         elif kind == "reply":
@@ -287,6 +289,8 @@ class DeviceLink:
             "result_rings": len(self._rings),
             "switch_interval_ms": self.switch_interval_ms,  # as the process applied it
             "gc": self.gc,  # its garbage collections and their longest pauses (once a second)
+            # its composed frames waited this often / long for the server to read a ring slot
+            "result_ring_waits": self.ring_waits,
         }
 
     def close(self) -> None:

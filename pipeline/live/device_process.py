@@ -137,7 +137,8 @@ class DeviceProcess:
                 message = self.control.get(timeout=STAGES_EVERY)
             except queue.Empty:
                 if self.worker is not None:
-                    self.channel.send(("stages", self.worker.stages.summary(), self.gc_pauses.describe()))
+                    self.channel.send(("stages", self.worker.stages.summary(), self.gc_pauses.describe(),
+                                       self._ring_waits()))
                 continue
             kind = message[0]
             if kind == "stop":
@@ -201,6 +202,11 @@ class DeviceProcess:
             raise
         self.avatars[avatar_id] = avatar
         return avatar
+
+    def _ring_waits(self) -> dict[str, float]:
+        """How often and how long (s) the result rings' writer waited for the server to read."""
+        rings = list(self.rings.values())
+        return {"waits": sum(r.waits for r in rings), "seconds": round(sum(r.wait_seconds for r in rings), 3)}
 
     def _queued(self) -> int:
         return self.worker.queued if self.worker is not None else 0
