@@ -463,9 +463,10 @@ def analyse(client, plan, durations, sent_onsets, t_talk, t_end) -> dict[str, An
     # client's jitter buffer and decoder after it
     clock = rec.video_clock
     first = np.array([clock.first_arrival.get(clock.unwrap(clock.rtp(p)), np.nan) for p in rec.video_pts])
+    decode = (arrivals[inside] - first[inside]) * 1000
     out["packet_delay_ms_p50"] = _pct((first[inside] - times[inside]) * 1000, 50)
-    out["decode_delay_ms_p50"] = _pct((arrivals[inside] - first[inside]) * 1000, 50)
-    out["decode_delay_ms_p95"] = _pct((arrivals[inside] - first[inside]) * 1000, 95)
+    out["decode_delay_ms_p50"] = _pct(decode, 50)
+    out["decode_delay_ms_p95"] = _pct(decode, 95)
 
     # Mouth motion, against the resting mouth in stretches with no speech near them.
     onset_list = [(k, sent_onsets[k]) for k in sorted(sent_onsets)]
@@ -930,6 +931,7 @@ def summarise(results: list[dict[str, Any]], cpu: CpuSampler, gpu: GpuSampler, t
               t_end: float | None, n: int) -> dict[str, Any]:
     measured = [r for r in results if "fps" in r]
     servers = [(r.get("server") or {}).get("stats") or {} for r in results]
+    output_lags = [s.get("output_lag_ms") or {} for s in servers]  # pictures ready / sent after release
     # The server's counts in the talking window (whole-session totals where the start is unknown).
     windows = [r.get("server_window") or {} for r in results]
     frames = sum(w.get("frames", 0) for w in windows)
@@ -996,11 +998,11 @@ def summarise(results: list[dict[str, Any]], cpu: CpuSampler, gpu: GpuSampler, t
         "late_percent_max_session": max((r["late_percent"] for r in measured
                                          if r.get("late_percent") is not None), default=None),
         # where a frame's delivery waits (medians over sessions; reports before 2026-12-03 have none)
-        "output_ready_ms_p50_median": _pct([(s.get("output_lag_ms") or {}).get("ready_p50") for s in servers], 50),
-        "output_ready_ms_p95_median": _pct([(s.get("output_lag_ms") or {}).get("ready_p95") for s in servers], 50),
-        "output_sent_ms_p95_median": _pct([(s.get("output_lag_ms") or {}).get("sent_p95") for s in servers], 50),
-        "output_sent_ms_max": max((v for s in servers if (v := (s.get("output_lag_ms") or {}).get("sent_max"))
-                                   is not None), default=None),
+        "output_ready_ms_p50_median": _pct([lag.get("ready_p50") for lag in output_lags], 50),
+        "output_ready_ms_p95_median": _pct([lag.get("ready_p95") for lag in output_lags], 50),
+        "output_sent_ms_p95_median": _pct([lag.get("sent_p95") for lag in output_lags], 50),
+        "output_sent_ms_max": max((lag["sent_max"] for lag in output_lags if lag.get("sent_max") is not None),
+                                  default=None),
         "packet_delay_ms_p50_median": _pct([r.get("packet_delay_ms_p50") for r in measured], 50),
         "decode_delay_ms_p50_median": _pct([r.get("decode_delay_ms_p50") for r in measured], 50),
         "decode_delay_ms_p95_max": max((r["decode_delay_ms_p95"] for r in measured

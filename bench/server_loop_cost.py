@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import gc
+import heapq
 import json
 import multiprocessing
 import sys
@@ -66,16 +67,12 @@ class StubDevice:
 
 
     def later(self, delay: float, future: concurrent.futures.Future, value: Any) -> None:
-        import heapq
-
         with self._lock:
             self._count += 1
             heapq.heappush(self._due, (time.monotonic() + delay, self._count, future, value))
             self._lock.notify()
 
     def _run(self) -> None:
-        import heapq
-
         while True:
             with self._lock:
                 while not self._stop and (not self._due or self._due[0][0] > time.monotonic()):

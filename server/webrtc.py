@@ -130,11 +130,11 @@ async def output_picture(session: LiveSession, out: OutputFrame) -> np.ndarray:
     """Frame ``out``'s picture as every output shows it at its release time (see
     :func:`ready_picture`), once it is made. Shared by the WebRTC feeds and the RTMP/recording
     outputs."""
-    image = out.image
-    if isinstance(image, asyncio.Future) and not image.done():
+    pending = picture_pending(out)
+    if pending is not None:
         # wait() never raises for the awaited future, so a cancelled frame (interrupt) cannot be
         # mistaken for the caller being cancelled. Only when not done: wait() costs a loop turn.
-        await asyncio.wait([image])
+        await asyncio.wait([pending])
     return ready_picture(session, out)
 
 
