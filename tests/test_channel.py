@@ -78,3 +78,31 @@ def test_close_sends_what_was_queued_first() -> None:
     closer.join(WAIT)
     flat = [m for r in received for m in (r if isinstance(r, list) else [r])]
     assert [m[0] for m in flat] == ["big", "m", "m", "m", "m", "m"] and [m[1] for m in flat[1:]] == list(range(5))
+
+
+def test_a_batch_listener_gets_a_burst_as_lists_in_order() -> None:
+    """``listen_batches_in_thread`` hands the messages that crossed together as one list (a
+    device process queues a burst of frames with one lock and one wake-up of its feature thread)."""
+    ours, theirs = Pipe(duplex=True)
+    channel = Channel(ours, "test")
+    reader = Channel(theirs, "reader")
+    lists: list[list] = []
+    done = threading.Event()
+
+    def handle(messages: list) -> None:
+        lists.append(messages)
+        if sum(len(m) for m in lists) == 51:
+            done.set()
+
+    reader.listen_batches_in_thread(handle, lambda: None)
+    big = ("big", b"x" * (1 << 20))
+    channel.send(big)  # the writer blocks on it while the burst queues up
+    burst = [("frame", i) for i in range(50)]
+    for message in burst:
+        channel.send(message)
+    assert done.wait(WAIT)
+    assert all(isinstance(m, list) for m in lists)
+    assert len(lists) <= 3, [len(m) for m in lists]  # the big one, then the burst in one or two lists
+    assert [m for received in lists for m in received] == [big, *burst]
+    channel.close()
+    reader.close()

@@ -12,6 +12,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -258,3 +259,65 @@ def test_a_device_verdict_reaches_the_session_in_one_loop_turn(demo_avatar) -> N
         await live.close()
 
     asyncio.run(scenario())
+
+
+def test_a_burst_of_frames_reaches_the_feature_thread_as_one_pass() -> None:
+    """Frames that crossed the pipe together are queued for the feature thread in one go and
+    share one pass (queued one by one, the thread woke after the first and fought the receiving
+    thread for the GIL); a bad message in the burst costs only itself, commands keep their place
+    between frames, and both handoff stages are recorded per frame."""
+    import threading
+
+    from pipeline.engines.base import FrameFeatures
+    from pipeline.live.device_process import DeviceProcess, _Stream
+    from pipeline.live.feature_worker import FeatureWorker
+    from pipeline.live.stage_times import StageTimes
+
+    passes: list[int] = []
+    gate = threading.Event()
+
+    class Batcher:
+        def features(self, work):  # one pass: every stream's frames
+            gate.wait(WAIT)
+            passes.append(sum(len(frames) for _, frames in work))
+            return [[FrameFeatures(False, None) for _ in frames] for _, frames in work]
+
+    class Featurizer:
+        batcher = Batcher()
+
+    sent: list[tuple] = []
+    process = DeviceProcess.__new__(DeviceProcess)
+    process.channel = type("Channel", (), {"send": staticmethod(sent.append)})()
+    process.features = FeatureWorker("test")
+    process.worker = type("Worker", (), {"stages": StageTimes()})()
+    process.streams = {f"s{k}": _Stream(Featurizer(), None) for k in range(8)}  # type: ignore[arg-type]
+    resets: list[str] = []
+    process._reset = resets.append  # type: ignore[method-assign]
+    window = np.zeros(640, np.float32).tobytes()
+    now = time.monotonic()
+
+    def frame(key: str, index: int) -> tuple:
+        return ("frame", key, index, window, False, 0, now + 1, True, now)
+
+    try:
+        burst = [frame(f"s{k}", 0) for k in range(8)]
+        burst.insert(3, ("frame", "s1"))  # malformed
+        burst.insert(5, ("frame", "nobody", 0, window, False, 0, now + 1, True, now))
+        burst.append(("reset", "s0"))
+        burst.append(frame("s0", 1))
+        process.handle_batch(burst)
+        assert resets == ["s0"]
+        gate.set()
+        deadline = time.monotonic() + WAIT
+        while sum(1 for m in sent if m[0] == "features") < 9:
+            assert time.monotonic() < deadline, sent
+            time.sleep(0.01)
+        # the eight frames before the reset share the first pass (the frame after it may join)
+        assert passes[0] >= 8 and sum(passes) == 9, passes
+        assert [m[1:3] for m in sent if m[0] == "failed"] == [("nobody", 0)]
+        stages = process.worker.stages.summary()
+        assert "handoff" in stages and "handoff_pipe" in stages
+        assert stages["handoff"]["p50"] >= stages["handoff_pipe"]["p50"]
+    finally:
+        gate.set()
+        process.features.close()

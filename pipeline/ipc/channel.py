@@ -84,19 +84,36 @@ class Channel:
         """Call ``handler`` for every message on the receiving thread itself, in order; for ends
         without an event loop, or whose handling is quick and thread-safe (resolving futures)."""
 
+        def each(messages: list[Any]) -> None:
+            for message in messages:
+                try:
+                    handler(message)
+                except _Deaf:
+                    raise
+                except Exception:  # a bad message must not stop the channel
+                    log.exception("%s: handling %r failed", self.name, message[:1])
+
+        self.listen_batches_in_thread(each, on_closed)
+
+    def listen_batches_in_thread(self, handler: Callable[[list[Any]], None], on_closed: Callable[[], None]) -> None:
+        """Like :meth:`listen_in_thread`, but ``handler`` gets the messages that arrived together
+        as one list (in order): an end that does one thing per message (a device process queueing
+        frames for its feature thread) can then do it once per arrival, with one lock and one
+        wake-up of the thread it feeds instead of one per message. A handler that raises loses
+        the rest of its list (logged); it should guard each message itself."""
+
         def receive() -> None:
             while True:
                 try:
                     received = self.conn.recv()
                 except (EOFError, OSError):
                     break
-                for message in received if isinstance(received, _Batch) else (received,):
-                    try:
-                        handler(message)
-                    except _Deaf:
-                        return
-                    except Exception:  # a bad message must not stop the channel
-                        log.exception("%s: handling %r failed", self.name, message[:1])
+                try:
+                    handler(received if isinstance(received, _Batch) else [received])
+                except _Deaf:
+                    return
+                except Exception:  # a bad message must not stop the channel
+                    log.exception("%s: handling a batch of messages failed", self.name)
             self.closed = True
             on_closed()
 

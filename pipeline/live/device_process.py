@@ -35,6 +35,7 @@ Commands (tuples, first item the kind):
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import gc
 import logging
 import pickle
@@ -110,10 +111,36 @@ class DeviceProcess:
 
     # -- commands --------------------------------------------------------------------------------------
 
+    def handle_batch(self, messages: list[tuple]) -> None:
+        """The messages that arrived together, in order (the channel's receiving thread). Runs of
+        frames go to the feature thread as one submission (:meth:`_frames`): the server sends a
+        burst whenever its sender fell behind (up to 64 at once), and queueing them one by one
+        woke the feature thread after the first into a GIL fight with this thread for the rest
+        (the ``handoff`` stage reached a p95 of 116 ms at 26 sessions on an H200)."""
+        received = time.monotonic()
+        frames: list[tuple] = []
+        for message in messages:
+            if message[0] == "frame":
+                frames.append(message)
+                continue
+            if frames:
+                self._frames(frames, received)
+                frames = []
+            self.handle(message)
+        if frames:
+            self._frames(frames, received)
+
     def handle(self, message: tuple) -> None:
+        """One message; a bad one is logged and costs only itself."""
+        try:
+            self._handle(message)
+        except Exception:  # noqa: BLE001 - the channel goes on with the next message
+            log.exception("device process: handling %r failed", message[:1])
+
+    def _handle(self, message: tuple) -> None:
         kind = message[0]
         if kind == "frame":
-            self._frame(*message[1:])
+            self._frames([message], time.monotonic())
         elif kind == "reset":
             self._reset(message[1])
         elif kind == "open":
@@ -238,33 +265,43 @@ class DeviceProcess:
 
     # -- one frame's chain -------------------------------------------------------------------------
 
-    def _frame(
-        self,
-        key: str,
-        index: int,
-        window: bytes,
-        speech: bool,
-        avatar_index: int,
-        deadline: float,
-        compose: bool,
-        sent: float,
-    ) -> None:
-        stream = self.streams.get(key)
-        if stream is None or self.features is None:
-            self.channel.send(("failed", key, index, RuntimeError("no such stream on this device")))
+    def _frames(self, messages: list[tuple], received: float) -> None:
+        """Frames' audio to the feature thread in one submission; each frame's features then
+        start its picture (:meth:`_featured`). A message is ``("frame", key, index, window,
+        speech, avatar_index, deadline, compose, sent)``."""
+        jobs: list[tuple[Any, list[AudioFrame], str]] = []
+        chains: list[tuple[str, _Stream, int, int, float, bool]] = []
+        pipe: list[float] = []
+        for message in messages:
+            try:
+                _, key, index, window, speech, avatar_index, deadline, compose, sent = message
+                stream = self.streams.get(key)
+                if stream is None or self.features is None:
+                    self.channel.send(("failed", key, index, RuntimeError("no such stream on this device")))
+                    continue
+                frame = AudioFrame(index, np.frombuffer(window, dtype=np.float32), speech)
+            except Exception:  # noqa: BLE001 - a malformed message costs only itself
+                log.exception("device process: bad frame message")
+                continue
+            jobs.append((stream.featurizer, [frame], key))
+            chains.append((key, stream, index, avatar_index, deadline, compose))
+            pipe.append(received - sent)
+        if not jobs:
             return
         arrived = time.monotonic()
         if self.worker is not None:
-            self.worker.stages.add("handoff", arrived - sent)
-        frame = AudioFrame(index, np.frombuffer(window, dtype=np.float32), speech)
+            # handoff_pipe: the server's sending thread and the pipe; handoff: up to here
+            self.worker.stages.add_each("handoff_pipe", pipe)
+            self.worker.stages.add_each("handoff", [arrived - received + p for p in pipe])
         try:
-            pending = self.features.submit(stream.featurizer, [frame], key)
+            assert self.features is not None
+            pending = self.features.submit_many(jobs)
         except RuntimeError as exc:  # closed while stopping
-            self.channel.send(("failed", key, index, _portable(exc)))
+            for key, _, index, *_ in chains:
+                self.channel.send(("failed", key, index, _portable(exc)))
             return
-        pending.add_done_callback(
-            lambda done: self._featured(key, stream, index, avatar_index, deadline, compose, done, arrived)
-        )
+        for future, chain in zip(pending, chains, strict=True):
+            future.add_done_callback(functools.partial(self._featured, *chain, arrived))
 
     def _featured(
         self,
@@ -274,8 +311,8 @@ class DeviceProcess:
         avatar_index: int,
         deadline: float,
         compose: bool,
-        done: concurrent.futures.Future,
         arrived: float,
+        done: concurrent.futures.Future,
     ) -> None:
         """On the feature thread, in frame order: tell the server, start the picture."""
         if done.cancelled():
@@ -353,7 +390,7 @@ def run(conn: Connection, spec: DeviceSpec) -> None:
     channel = Channel(conn, f"device-{spec.name}")
     process = DeviceProcess(spec, channel)
     process.gc_pauses.install()
-    channel.listen_in_thread(process.handle, on_closed=lambda: process.control.put(("stop",)))
+    channel.listen_batches_in_thread(process.handle_batch, on_closed=lambda: process.control.put(("stop",)))
     try:
         process.serve()
     finally:

@@ -10,6 +10,9 @@ frame's stages here, and ``GET /v1/devices`` shows their percentiles (``stages_m
 - ``handoff``: from the server sending a frame's audio to a device process to its arrival there
   (the pipe and both ends' threads: where a busy server process shows; absent for devices in
   the server process);
+- ``handoff_pipe``: the part of ``handoff`` until the message batch holding the frame was
+  received (the server's sending thread and the pipe; the rest is the device process's own
+  receiving thread getting to the frame);
 - ``features``: from the frame's audio reaching the device to its features (where known);
 - ``feature_pass``: the feature pass that served the frame, alone (the rest of ``features`` is
   the wait for the pass before it and for its own turn); counted for frames with speech, as
@@ -33,7 +36,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-STAGES = ("handoff", "features", "feature_pass", "queue", "batch", "batch_host", "finish", "slack")
+STAGES = ("handoff", "handoff_pipe", "features", "feature_pass", "queue", "batch", "batch_host", "finish", "slack")
 #: Stages only some engines report (absent from ``summary`` otherwise).
 ENGINE_STAGES = ("batch_host",)
 #: Frames kept per stage: about 25 s of 16 talking sessions, a load test's window.
