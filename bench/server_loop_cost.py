@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import gc
 import heapq
 import json
 import multiprocessing
@@ -42,7 +41,7 @@ from pipeline.audio.stream_decode import make_decoder, parse_start  # noqa: E402
 from pipeline.avatar.demo import ensure_demo_avatar  # noqa: E402
 from pipeline.avatar.store import AvatarStore  # noqa: E402
 from pipeline.ipc.channel import Channel  # noqa: E402
-from pipeline.live.gc_pauses import GcPauses  # noqa: E402
+from pipeline.live.gc_pauses import GcPauses, freeze_startup  # noqa: E402
 from pipeline.live.session import LiveSession  # noqa: E402
 from server.loop_lag import LoopLag  # noqa: E402
 from server.peer_pool import SessionFeed  # noqa: E402
@@ -268,8 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     avatar = ensure_demo_avatar(AvatarStore(args.avatars))
     if not args.no_freeze:  # as the server does once ready (server/app.py)
-        gc.collect()
-        gc.freeze()
+        freeze_startup()
     try:
         import uvloop  # the server's loop (uvicorn picks it when installed)
 

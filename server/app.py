@@ -10,7 +10,6 @@ peers and sockets are closed, the workers stop.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -130,8 +129,7 @@ async def _start(state: AppState) -> None:
         # collection walks only what sessions allocate. (Start-up leaves ~93k objects; walking
         # them took 50 ms on a 2-core box, and the GIL stops every thread of the process for it.)
         if state.freeze_gc:
-            gc.collect()
-            gc.freeze()
+            state.gc_pauses.freeze_startup()
         state.ready = True
         log.info(
             "ready: engine=%s avatar=%s devices=%s",

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from aiortc import MediaStreamTrack, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError
 
 from pipeline.audio.decode import frame_to_planar, layout_name
+from pipeline.live.gc_pauses import freeze_startup
 from pipeline.live.session import FRAME_SECONDS, OUTPUT_RATE
 from server.config import WebRtcConfig
 from pipeline.ipc.frame_ring import FrameRing
@@ -266,6 +266,5 @@ def run(conn: Connection, webrtc: WebRtcConfig, log_level: str) -> None:
         configure_host_addresses(webrtc.host_addresses)
     # Imports (aiortc, PyAV, numpy: ~60k objects, an 11 ms walk on a 2-core box) live as long
     # as the process: out of the garbage collector's walks, which stop every session's sending.
-    gc.collect()
-    gc.freeze()
+    freeze_startup()
     asyncio.run(PeerProcess(conn, webrtc).serve())

@@ -59,3 +59,16 @@ def test_gc_pauses_are_timed_per_generation() -> None:
     assert seen["pause_max_ms"] >= seen["gen2_pause_max_ms"]
     gc.collect()  # uninstalled: no longer counted
     assert pauses.describe()["collections"][2] == before + 1
+
+
+def test_describing_gc_pauses_does_not_walk_the_frozen_objects(monkeypatch) -> None:
+    """``gc.get_freeze_count()`` walks every frozen object (~1M in a device process, ~170 ms with
+    the GIL held on an H200 host); the once-a-second report must use the count taken at freezing."""
+    pauses = GcPauses()
+    try:
+        pauses.freeze_startup()
+        assert pauses.frozen_objects > 0
+        monkeypatch.setattr(gc, "get_freeze_count", lambda: pytest.fail("describe() walked the frozen list"))
+        assert pauses.describe()["frozen_objects"] == pauses.frozen_objects
+    finally:
+        gc.unfreeze()

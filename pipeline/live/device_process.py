@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import gc
 import logging
 import pickle
 import queue
@@ -209,8 +208,7 @@ class DeviceProcess:
         # The engine's modules, graphs and imports live as long as the process: out of the
         # collector's walks (torch and the MuseTalk stack leave ~330k objects, a 200 ms walk on a
         # 2-core box during which the engine, feature and finisher threads all stand still).
-        gc.collect()
-        gc.freeze()
+        self.gc_pauses.freeze_startup()
         return calibration, sys.getswitchinterval() * 1000
 
     def _load(self, avatar_id: str) -> Avatar:
