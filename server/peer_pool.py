@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import multiprocessing
@@ -137,12 +138,16 @@ class SessionFeed:
         loop = asyncio.get_running_loop()
         while self._pictures and not self.closed and picture_pending(self._pictures[0]) is None:
             out = self._pictures.popleft()
+            image = ready_picture(self.live, out)
             try:
-                slot = self.ring.write(out.index, np.ascontiguousarray(ready_picture(self.live, out)))
+                self.ring.check(image)
             except ValueError as exc:  # a picture of another shape: the viewers keep the last one
                 log.error("session %s frame %d not sent: %s", self.session_id, out.index, exc)
                 continue
-            self.worker.channel.send(("frame", self.session_id, out.index, slot))
+            # The copy into the ring runs on the channel's sending thread, just before the
+            # message: off this loop, which every session's clock shares.
+            write = functools.partial(self.ring.write, out.index, image)
+            self.worker.channel.send(("frame", self.session_id, out.index, self.ring.slot_of(out.index)), before=write)
             now = loop.time()
             self._send_lags.append(now - out.release)
             if now - out.release > FRAME_SECONDS and not out.held:  # a held frame counts as skipped only

@@ -106,3 +106,30 @@ def test_a_batch_listener_gets_a_burst_as_lists_in_order() -> None:
     assert [m for received in lists for m in received] == [big, *burst]
     channel.close()
     reader.close()
+
+
+def test_work_a_message_brings_runs_on_the_sending_thread_first() -> None:
+    """``send(message, before=...)``: ``before`` runs on the channel's sending thread, after the
+    messages queued earlier and before its own message is written; if it fails, only its message
+    is dropped."""
+    ours, theirs = Pipe(duplex=True)
+    channel = Channel(ours, "test")
+    ran: list[tuple[str, str]] = []
+
+    def work(name: str) -> None:
+        ran.append((name, threading.current_thread().name))
+
+    def broken() -> None:
+        raise RuntimeError("copy failed")
+
+    channel.send(("a", 1))
+    channel.send(("b", 2), before=lambda: work("b"))
+    channel.send(("bad", 3), before=broken)
+    channel.send(("c", 4))
+    got = []
+    while len(got) < 3:
+        received = theirs.recv()
+        got.extend(received if isinstance(received, list) else [received])
+    assert got == [("a", 1), ("b", 2), ("c", 4)]
+    assert ran == [("b", "channel-out-test")]
+    channel.close()

@@ -66,9 +66,12 @@ def test_describing_gc_pauses_does_not_walk_the_frozen_objects(monkeypatch) -> N
     the GIL held on an H200 host); the once-a-second report must use the count taken at freezing."""
     pauses = GcPauses()
     try:
+        pauses.install()
         pauses.freeze_startup()
         assert pauses.frozen_objects > 0
+        assert pauses.describe()["recent"] == 0  # start-up's own collection is not a pause
         monkeypatch.setattr(gc, "get_freeze_count", lambda: pytest.fail("describe() walked the frozen list"))
         assert pauses.describe()["frozen_objects"] == pauses.frozen_objects
     finally:
+        pauses.uninstall()
         gc.unfreeze()

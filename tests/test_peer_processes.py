@@ -55,10 +55,19 @@ class _Live:
 
 
 class _Worker:
+    """A peer process's channel that records messages; the work a message brings (``before``:
+    the picture's copy into the ring) is kept to run later, as the sending thread would."""
+
     def __init__(self) -> None:
         self.sent: list[tuple] = []
-        self.channel = SimpleNamespace(send=self.sent.append)
+        self.before: list = []
+        self.channel = SimpleNamespace(send=self._send)
         self.feeds: dict = {}
+
+    def _send(self, message: tuple, before=None) -> None:
+        self.sent.append(message)
+        if before is not None:
+            self.before.append(before)
 
 
 def test_feed_sends_waiting_pictures_in_order_in_the_turn_they_are_ready() -> None:
@@ -89,6 +98,12 @@ def test_feed_sends_waiting_pictures_in_order_in_the_turn_they_are_ready() -> No
         await asyncio.sleep(0)  # one loop turn
         assert frames() == [0, 1, 2, 3, 4, 5]
         assert feed.sent == 6 and feed.late == 6  # all went out ~0.5 s after their release
+        # the copies into the ring are the sending thread's, not this loop's
+        slots = {m[2]: m[3] for m in worker.sent if m[0] == "frame"}
+        assert not feed.ring.view(slots[5]).any() and len(worker.before) == 6
+        for write in worker.before:
+            write()
+        assert (feed.ring.view(slots[5]) == 5).all()
         lags = feed.lags_ms()
         assert 450 < lags["ready_p50"] <= lags["sent_p50"] < 2000, lags
         await feed.close()

@@ -589,7 +589,7 @@ def test_a_held_frame_counts_as_skipped_not_also_late(demo_avatar) -> None:
         worker = EngineWorker(engine, batch_size=BATCH, name="cpu")
         session = LiveSession(demo_avatar, worker, engine.new_featurizer())
         sent: list[tuple] = []
-        peers = SimpleNamespace(channel=SimpleNamespace(send=sent.append), feeds={})
+        peers = SimpleNamespace(channel=SimpleNamespace(send=lambda message, before=None: sent.append(message)), feeds={})
         feed = SessionFeed("s1", session, peers, on_late=None)
         peers.feeds["s1"] = feed
         loop = asyncio.get_running_loop()

@@ -33,7 +33,7 @@ class FrameRing:
         self.shape = tuple(shape)
         self.slots = slots
         self.owner = owner
-        self._frames = np.ndarray((slots, *self.shape), dtype=np.uint8, buffer=shm.buf)
+        self._frames: np.ndarray | None = np.ndarray((slots, *self.shape), dtype=np.uint8, buffer=shm.buf)
 
     @classmethod
     def create(cls, shape: tuple[int, ...], slots: int = DEFAULT_SLOTS) -> FrameRing:
@@ -58,18 +58,29 @@ class FrameRing:
 
     def write(self, index: int, image: np.ndarray) -> int:
         """Copy frame ``index`` into its slot; returns the slot."""
+        self.check(image)
+        slot = self.slot_of(index)
+        frames = self._frames
+        if frames is not None:  # closed meanwhile (its session's feed ended): nobody reads it
+            np.copyto(frames[slot], image)
+        return slot
+
+    def check(self, image: np.ndarray) -> None:
+        """Raise ValueError unless ``image`` fits a slot (before handing its copy elsewhere)."""
         if image.shape != self.shape:
             raise ValueError(f"frame shape {image.shape} does not fit the ring's {self.shape}")
-        slot = index % self.slots
-        np.copyto(self._frames[slot], image)
-        return slot
+
+    def slot_of(self, index: int) -> int:
+        return index % self.slots
 
     def view(self, slot: int) -> np.ndarray:
         """The slot's frame, without a copy (valid until the ring wraps)."""
+        if self._frames is None:
+            raise ValueError("the ring is closed")
         return self._frames[slot]
 
     def close(self) -> None:
-        del self._frames
+        self._frames = None
         try:
             self._shm.close()
         except BufferError:  # a view still in use somewhere: the mapping goes with the process
