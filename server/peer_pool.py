@@ -203,7 +203,7 @@ class _Worker:
         )
         self.process.start()
         theirs.close()
-        self.channel = Channel(ours, f"peers-{index}")
+        self.channel = Channel(ours, f"peers-{index}", coalesce=True)  # a loop turn's frames as one item
         self.peers: dict[str, RemotePeer] = {}
         self.sessions: set[str] = set()
         self.feeds: dict[str, SessionFeed] = {}

@@ -133,3 +133,47 @@ def test_work_a_message_brings_runs_on_the_sending_thread_first() -> None:
     assert got == [("a", 1), ("b", 2), ("c", 4)]
     assert ran == [("b", "channel-out-test")]
     channel.close()
+
+
+def test_a_coalescing_channel_queues_a_loop_turns_messages_as_one_item_in_order() -> None:
+    """``coalesce=True``: what an event loop's thread sends in one turn is queued when the turn
+    ends (one wake-up of the sending thread, not one per message), after anything sent before it
+    and before anything another thread sends later; ``flush()`` queues it at once."""
+    import asyncio
+
+    ours, theirs = Pipe(duplex=True)
+    channel = Channel(ours, "test", coalesce=True)
+    puts: list = []
+
+    class Outbox:  # records what is queued for the sending thread
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        def put(self, item) -> None:
+            puts.append(item)
+            self.inner.put(item)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    channel._outbox = Outbox(channel._outbox)  # type: ignore[assignment]
+
+    async def scenario() -> None:
+        for i in range(5):
+            channel.send(("turn", i))
+        assert puts == []  # not yet: the turn has not ended
+        await asyncio.sleep(0)
+        assert len(puts) == 1 and list(puts[0]) == [("turn", i) for i in range(5)]
+        channel.send(("next", 0))
+        await asyncio.to_thread(channel.send, ("thread", 1))  # another thread: after the loop's
+        channel.send(("flushed", 2))
+        channel.flush()
+        assert len(puts) == 4
+
+    asyncio.run(scenario())
+    got: list = []
+    while len(got) < 8:
+        received = theirs.recv()
+        got.extend(received if isinstance(received, list) else [received])
+    assert got == [*(("turn", i) for i in range(5)), ("next", 0), ("thread", 1), ("flushed", 2)]
+    channel.close()

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
+import socket
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -55,6 +57,10 @@ class _Batch(list):
     """Messages that were queued together, sent as one; the receiver hands them on one by one."""
 
 
+class _Group(list):
+    """Items one loop turn queued (``coalesce``): one item of the outbox, unpacked in order."""
+
+
 class _Deaf(Exception):
     """The receiving end has nobody to hand messages to any more."""
 
@@ -62,11 +68,17 @@ class _Deaf(Exception):
 class Channel:
     """One end of a duplex pipe: ``send`` from anywhere, ``handler(message)`` on the loop."""
 
-    def __init__(self, conn: Connection, name: str) -> None:
+    def __init__(self, conn: Connection, name: str, coalesce: bool = False) -> None:
         self.conn = conn
         self.name = name
         self.closed = False
         self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # coalesce: what an event loop's thread sends during one turn of it is queued at the
+        # turn's end, as one item (see send)
+        self._coalesce = coalesce
+        self._pending: list[Any] = []
+        self._pending_loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
         self._sender = threading.Thread(target=self._send_loop, name=f"channel-out-{name}", daemon=True)
         self._sender.start()
         self._receiver: threading.Thread | None = None
@@ -141,21 +153,47 @@ class Channel:
         message is written (after every message queued earlier): work the message announces
         that need not hold up the caller, such as copying a frame into the shared memory the
         message names. If ``before`` raises, the message is dropped (and the error logged)."""
-        if not self.closed:
-            self._outbox.put(message if before is None else _Prepared(before, message))
+        if self.closed:
+            return
+        item = message if before is None else _Prepared(before, message)
+        loop = asyncio._get_running_loop() if self._coalesce else None  # (a C call: no exception when none)
+        with self._lock:
+            if loop is not None:
+                # Every put wakes the sending thread (a futex wake, across cores in a VM): the
+                # server's loop sends ~1,600 messages a second at 26 sessions, a few per session
+                # per turn, so a turn's messages go as one item when the turn ends.
+                if self._pending and self._pending_loop is not loop:
+                    self._queue_pending()
+                self._pending.append(item)
+                if len(self._pending) == 1:
+                    self._pending_loop = loop
+                    loop.call_soon(self.flush)
+                return
+            self._queue_pending()  # keep the order of what a loop sent before
+            self._outbox.put(item)
+
+    def flush(self) -> None:
+        """Queue what the current loop turn sent so far (``coalesce``) now, not at the turn's end."""
+        with self._lock:
+            self._queue_pending()
+
+    def _queue_pending(self) -> None:
+        if self._pending:
+            self._outbox.put(_Group(self._pending))
+            self._pending = []
 
     def _send_loop(self) -> None:
         """Writes what is queued in order; whatever queued up meanwhile goes as one batch (a
         device's batch of pictures, a feature pass's frames): one pickle and one write instead
         of up to ``MAX_BATCH``, and one wake-up of the reader."""
         while True:
-            batch = [self._outbox.get()]
-            while batch[-1] is not _STOP and len(batch) < MAX_BATCH:
+            batch = self._unpack([self._outbox.get()])
+            while (not batch or batch[-1] is not _STOP) and len(batch) < MAX_BATCH:
                 try:
-                    batch.append(self._outbox.get_nowait())
+                    batch.extend(self._unpack([self._outbox.get_nowait()]))
                 except queue.Empty:
                     break
-            stop = batch[-1] is _STOP
+            stop = bool(batch) and batch[-1] is _STOP
             if stop:
                 batch.pop()
             batch = [message for message in map(self._prepare, batch) if message is not _DROPPED]
@@ -163,6 +201,10 @@ class Channel:
                 return
             if stop:
                 return
+
+    @staticmethod
+    def _unpack(items: list[Any]) -> list[Any]:
+        return [one for item in items for one in (item if isinstance(item, _Group) else (item,))]
 
     def _prepare(self, item: Any) -> Any:
         """The message to write for a queued item: a prepared one's work done first."""
@@ -191,8 +233,21 @@ class Channel:
         return all(self._write([message]) for message in batch)
 
     def close(self) -> None:
-        """Stop sending (after what is queued), close the pipe (which ends the receiver)."""
+        """Stop sending (after what is queued), then end the receiver and close the pipe.
+
+        The receiving thread is woken (a shutdown of the socket) and joined before the file
+        descriptor is closed: closed under a thread blocked in ``recv``, its number could be
+        reused by the next pipe opened, whose bytes that thread would then steal (seen in the
+        tests as a message arriving empty, or never)."""
+        self.flush()
         self._outbox.put(_STOP)
         self._sender.join(timeout=2)
         self.closed = True
+        try:
+            with socket.socket(fileno=os.dup(self.conn.fileno())) as end:
+                end.shutdown(socket.SHUT_RDWR)  # the whole socket: recv returns, the other end sees EOF
+        except OSError:  # not a socket (a one-way pipe), or already gone
+            pass
+        if self._receiver is not None and self._receiver is not threading.current_thread():
+            self._receiver.join(timeout=2)
         self.conn.close()

@@ -99,7 +99,8 @@ class DeviceLink:
         )
         self.process.start()
         theirs.close()
-        self.channel = Channel(ours, f"device-{spec.name}")
+        # coalesce: the frames a loop turn submits cross as one item (pipeline/ipc/channel.py)
+        self.channel = Channel(ours, f"device-{spec.name}", coalesce=True)
         self.channel.listen_in_thread(self._handle, self._gone)
 
     # -- commands (blocking: call them off the event loop) ------------------------------------------
@@ -121,6 +122,7 @@ class DeviceLink:
         with self._lock:
             self._replies[request] = future
         self.channel.send((kind, request, *args))
+        self.channel.flush()  # it is waited for right here
         try:
             error, value = future.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -298,6 +300,7 @@ class DeviceLink:
         self._stopping = True
         if not self.channel.closed:
             self.channel.send(("stop",))
+            self.channel.flush()  # joined right here
         self.process.join(10)
         if self.process.is_alive():
             self.process.terminate()
