@@ -271,6 +271,7 @@ def run_server(settings: Settings, boot: BootSession | None = None) -> None:
         # Oversized messages up to twice the limit reach our handler, which answers with a
         # readable error; beyond that uvicorn closes with 1009 before buffering them.
         ws_max_size=2 * settings.limits.ws_message_bytes,
+        ws_per_message_deflate=settings.server.ws_compression,
         timeout_graceful_shutdown=5,
     )
     DrainingServer(config).run()

@@ -112,6 +112,8 @@ async def bad_requests(http: httpx.AsyncClient, url: str) -> None:
     whep = await http.post("/v1/sessions/nope/whep", content="v=0\r\n", headers={"content-type": "application/sdp"})
     assert whep.status_code == 404
     async with websockets.connect(ws_url(url, "nope")) as ws:
+        # the client offered per-message deflate; the server declines (server.ws_compression)
+        assert "Sec-WebSocket-Extensions" not in ws.response.headers
         await expect_error(ws, "unknown_session")
         await expect_close(ws, 4404)
 
