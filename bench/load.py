@@ -1355,7 +1355,7 @@ def stage_lines(devices_at_end: dict[str, Any]) -> list[str]:
         if collector.get("collections"):  # a device process: its garbage collections stop all its threads
             parts.append(f"its process's longest GC pause {fmt(collector.get('pause_max_ms'))} "
                          f"({collector['collections'][2]} full collections)")
-        lines.append(f"device {device['name']} stages over its last {stages['frames']} frames, ms p50/p95: " + "; ".join(parts))
+        lines.append(f"device {device['name']} stages over its last ~15 s ({stages['frames']} frames), ms p50/p95: " + "; ".join(parts))
     return lines
 
 

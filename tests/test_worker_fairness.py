@@ -652,3 +652,21 @@ def test_stage_times_ring_wraps_around_in_order_of_arrival() -> None:
         expected = np.percentile(last, (5, 50, 95))
         got = stages.summary()["queue"]
         assert [got["p5"], got["p50"], got["p95"]] == [round(float(v), 1) for v in expected], (piece, got)
+
+
+def test_stage_times_cover_only_the_recent_window(monkeypatch) -> None:
+    """A summary covers the frames recorded in the last ``window_seconds``: a load test's
+    scenario reads what the device did during it, not the end of the scenario before."""
+    from pipeline.live import stage_times
+    from pipeline.live.stage_times import StageTimes
+
+    now = [1000.0]
+    monkeypatch.setattr(stage_times.time, "monotonic", lambda: now[0])
+    stages = StageTimes(keep=100, window_seconds=15.0)
+    stages.add("queue", 0.200, frames=10)  # an earlier, slower scenario
+    now[0] += 20.0
+    stages.add("queue", 0.010, frames=10)
+    assert stages.summary()["queue"] == {"p5": 10.0, "p50": 10.0, "p95": 10.0}
+    now[0] += 16.0
+    assert "queue" not in stages.summary()  # nothing recent, nothing claimed
+    assert StageTimes(keep=100, window_seconds=None).summary() == {"frames": 0}

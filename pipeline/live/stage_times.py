@@ -32,6 +32,7 @@ frame's stages here, and ``GET /v1/devices`` shows their percentiles (``stages_m
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -39,39 +40,51 @@ import numpy as np
 STAGES = ("handoff", "handoff_pipe", "features", "feature_pass", "queue", "batch", "batch_host", "finish", "slack")
 #: Stages only some engines report (absent from ``summary`` otherwise).
 ENGINE_STAGES = ("batch_host",)
-#: Frames kept per stage: about 25 s of 16 talking sessions, a load test's window.
+#: Frames kept per stage: about 25 s of 16 talking sessions.
 KEEP_FRAMES = 10_000
+#: Seconds of recent frames a summary covers: what the device does now, not a minute ago (a load
+#: test's scenario reads them at its end; counted in frames only, 10,000 frames at 16 sessions
+#: still held the end of the scenario before).
+WINDOW_SECONDS = 15.0
 
 
 class _Ring:
-    """The last ``size`` values in a preallocated array: adding a batch's values and reading
-    them back stay numpy work (the summary runs once a second in a device process beside its
-    engine thread: 0.7 ms here against 1.3 ms from deques of Python floats)."""
+    """The last ``size`` values, and when each was added, in preallocated arrays: adding a
+    batch's values and reading them back stay numpy work (the summary runs once a second in a
+    device process beside its engine thread: 0.7 ms here against 1.3 ms from deques of Python
+    floats)."""
 
     def __init__(self, size: int) -> None:
         self.values = np.zeros(size, dtype=np.float64)
+        self.stamps = np.zeros(size, dtype=np.float64)
         self.count = 0  # values ever added
 
-    def extend(self, values: np.ndarray) -> None:
+    def extend(self, values: np.ndarray, now: float) -> None:
         size = self.values.size
         values = values[-size:]
         at = self.count % size
         first = min(values.size, size - at)
         self.values[at : at + first] = values[:first]
         self.values[: values.size - first] = values[first:]
+        self.stamps[at : at + first] = now
+        self.stamps[: values.size - first] = now
         self.count += values.size
 
-    def kept(self) -> np.ndarray:
-        return self.values[: min(self.count, self.values.size)].copy()
+    def kept(self, since: float | None) -> np.ndarray:
+        n = min(self.count, self.values.size)
+        if since is None:
+            return self.values[:n].copy()
+        return self.values[:n][self.stamps[:n] >= since]
 
 
 class StageTimes:
     """The last ``keep`` frames' seconds per stage; thread-safe (the engine and finisher threads
     add, any thread reads)."""
 
-    def __init__(self, keep: int = KEEP_FRAMES) -> None:
+    def __init__(self, keep: int = KEEP_FRAMES, window_seconds: float | None = WINDOW_SECONDS) -> None:
         self._rings = {stage: _Ring(keep) for stage in STAGES}
         self._lock = threading.Lock()
+        self.window_seconds = window_seconds
 
     def add(self, stage: str, seconds: float, frames: int = 1) -> None:
         """``frames`` frames spent ``seconds`` in ``stage`` (a batch's stages count once per frame)."""
@@ -84,14 +97,17 @@ class StageTimes:
     def add_each(self, stage: str, seconds: Sequence[float] | np.ndarray) -> None:
         """One value per frame (e.g. every frame of a batch its own wait)."""
         values = np.asarray(seconds, dtype=np.float64)
+        now = time.monotonic()
         with self._lock:
-            self._rings[stage].extend(values)
+            self._rings[stage].extend(values, now)
 
     def summary(self) -> dict[str, dict[str, float] | int]:
-        """Per stage, milliseconds at the 5th, 50th and 95th percentile of the kept frames, and
-        how many frames that is (``frames``: of the slack, i.e. delivered frames)."""
+        """Per stage, milliseconds at the 5th, 50th and 95th percentile of the kept frames
+        recorded in the last ``window_seconds``, and how many frames that is (``frames``: of the
+        slack, i.e. delivered frames)."""
+        since = None if self.window_seconds is None else time.monotonic() - self.window_seconds
         with self._lock:
-            arrays = {stage: ring.kept() for stage, ring in self._rings.items()}
+            arrays = {stage: ring.kept(since) for stage, ring in self._rings.items()}
         out: dict[str, dict[str, float] | int] = {"frames": int(arrays["slack"].size)}
         for stage, values in arrays.items():
             if values.size:
