@@ -111,6 +111,11 @@ CONVERSATION_CYCLE = 5.0  # seconds of one utterance and its silence, on average
 TAIL_SECONDS = 1.2  # keep receiving after the window, so the last utterances' frames arrive
 SETUP_TIMEOUT = 40.0  # for one session to connect and receive video
 ONSET_WINDOW = 1.5  # a mouth onset more than this after the sent onset is "missed"
+# A mouth rise further than this from its utterance's returned sound is not that utterance's
+# start (s): frames carry their own audio, so the two rise together up to decoding and jitter
+# buffers. In talk "all" a still-moving mouth otherwise put a later word's rise 1-1.5 s late,
+# and with it the session's A/V offset (-191 to +614 ms in one H200 run), into the latency.
+AV_PLAUSIBLE = 0.25
 
 # Sentences of about 1 to 4 s at espeak-ng's 150 words per minute.
 SENTENCES = [
@@ -508,6 +513,7 @@ def analyse(client, plan, durations, sent_onsets, t_talk, t_end) -> dict[str, An
     # the pause between utterances, the previous one's last words are still on screen after the
     # next one was sent. (b) is the end of the previous utterance plus its own measured latency.
     latencies, arrival_latencies, av_offsets = [], [], []
+    plausible_offsets: list[float] = []  # the A/V offsets of mouth rises within AV_PLAUSIBLE of their sound
     # Per onset: (sent time, mouth latency or None, returned-audio latency or None, "missed"/"unclear"/None)
     onsets: list[tuple[float, float | None, float | None, str | None]] = []
     missed = unclear = 0
@@ -526,9 +532,17 @@ def analyse(client, plan, durations, sent_onsets, t_talk, t_end) -> dict[str, An
                 audio_latency = float(env_times[audio_rise] - u)
                 audio_free = u + length + audio_latency + 0.05
         counted = u <= t_end - 0.5
+        if rise is not None and audio_rise is not None and abs(times[rise] - env_times[audio_rise]) > AV_PLAUSIBLE:
+            # The server sends each frame with its own audio, so the utterance's first mouth
+            # movement comes with its first sound. A rise far from that sound is a later word's,
+            # from a mouth still moving from the previous utterance (talk "all"): its offset
+            # is kept (a real A/V fault shows there), its latency is taken from the audio.
+            if counted:
+                av_offsets.append((times[rise] - env_times[audio_rise]) * 1000)
+            rise, active = None, True
         if rise is None:
             if audio_latency is not None:
-                offset = float(np.median(av_offsets)) / 1000 if av_offsets else 0.0
+                offset = float(np.median(plausible_offsets)) / 1000 if plausible_offsets else 0.0
                 guess = audio_latency + offset
             else:
                 guess = float(np.median(latencies)) / 1000 if latencies else 0.0
@@ -546,6 +560,7 @@ def analyse(client, plan, durations, sent_onsets, t_talk, t_end) -> dict[str, An
         arrival_latencies.append((arrivals[rise] - u) * 1000)
         if audio_rise is not None:
             av_offsets.append((times[rise] - env_times[audio_rise]) * 1000)
+            plausible_offsets.append(av_offsets[-1])
         onsets.append((u, latencies[-1], None if audio_latency is None else audio_latency * 1000, None))
     out["onsets_sent"] = sum(1 for _, u in onset_list if u <= t_end - 0.5)
     out["onsets_measured"] = len(latencies)
@@ -565,7 +580,8 @@ def analyse(client, plan, durations, sent_onsets, t_talk, t_end) -> dict[str, An
     # plus this session's median A/V offset (the server sends a frame's audio with that frame, so
     # the audio onset marks the frame that carries the utterance's start). An onset with no mouth
     # motion at all is missed.
-    offset = float(np.median(av_offsets)) if av_offsets else 0.0
+    offset = float(np.median(plausible_offsets)) if plausible_offsets else 0.0
+    out["av_offset_ms_used"] = round(offset, 1)
     combined, by_audio = [], 0
     for _, mouth, audio, what in onsets:
         if mouth is not None:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -213,3 +214,35 @@ def test_server_loop_cost_refuses_bad_arguments(argv: list[str], capsys) -> None
     with pytest.raises(SystemExit) as exit_info:
         server_loop_cost.main(argv)
     assert exit_info.value.code == 2 and "--sessions" in capsys.readouterr().err
+
+
+def test_a_mouth_rise_far_from_its_sound_is_not_the_utterances_onset() -> None:
+    """Talk "all": the mouth is still moving from one utterance when the next is sent, so the
+    first rise from rest after it is a later word's. Frames carry their own audio, so such a rise
+    (far from the utterance's returned sound) is not taken as its latency; the sound plus the
+    session's plausible A/V offset is, and the odd offset is still listed."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import load
+    from tests.rtc_client import RATE
+
+    latency, fps = 0.15, 25
+    sent = {0: 1.0, 1: 2.6}  # two utterances of 1.5 s, the second sent before the first played out
+    sounding = [(1.0 + latency, 2.5 + latency), (2.6 + latency, 4.1 + latency)]
+    moving = [(1.0 + latency, 3.3), (3.4, 4.1 + latency)]  # no rest at the second onset; a pause later
+    times = np.arange(0, 6.0, 1 / fps)
+    frames = [np.full((8, 8, 3), 100 if any(a <= t < b for a, b in moving) else 0, np.uint8) for t in times]
+    clock = np.arange(int(6.0 * RATE)) / RATE
+    signal = np.where([any(a <= t < b for a, b in sounding) for t in clock], np.sin(2 * np.pi * 300 * clock), 0.0)
+    recording = SimpleNamespace(
+        frames=frames, video_arrival=list(times + 0.05), video_pts=list(range(len(times))),
+        video_times=lambda: times, audio_signal=lambda: (signal.astype(np.float32), 0.0),
+        video_clock=SimpleNamespace(unwrap=lambda x: x, rtp=lambda p: p, first_arrival={p: t + 0.04 for p, t in enumerate(times)}),
+    )
+    out = load.analyse(SimpleNamespace(recording=recording), [(0, 0), (1, 0)], [1.5], sent, 0.5, 5.9)
+    assert out["latency_ms"] == [pytest.approx(160, abs=20)]  # the first onset, by the mouth
+    assert out["onset_latency_ms"] == [pytest.approx(160, abs=20), pytest.approx(150, abs=20)]
+    assert out["onset_latency_by_audio"] == 1
+    assert max(out["av_offset_ms"]) > 500  # the later word's rise, kept where an A/V fault would show
+    assert abs(out["av_offset_ms_used"]) < 50
