@@ -9,8 +9,10 @@ install_wheels() {
         no_wheels=1
         return 0
     fi
+    local extra=()
+    [ -d .whl-test ] && extra=(.whl-test/*.whl)  # pytest, for the GPU-only unit tests (wheels-test.txt)
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || return 1
+        "${extra[@]}" || return 1
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 }
 

@@ -14,34 +14,41 @@ cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
-grep -qx '/.bench_data/' .git/info/exclude 2>/dev/null || echo '/.bench_data/' >> .git/info/exclude
-mkdir -p .whl
+for ignored in /.whl/ /.whl-test/ /.bench_data/; do
+    grep -qx "$ignored" .git/info/exclude 2>/dev/null || echo "$ignored" >> .git/info/exclude
+done
 
 norm() { echo "$1" | tr 'A-Z_.' 'a-z--'; }
-wanted=$(grep -v '^\s*#' bench/device/wheels.txt | grep -v '^\s*$')
-for spec in $wanted; do
-    name=${spec%%==*}; version=${spec#*==}
-    # drop other versions of this package
-    for f in .whl/*.whl; do
-        [ -e "$f" ] || continue
-        base=$(basename "$f"); fname=${base%%-*}; fversion=$(echo "$base" | cut -d- -f2)
-        if [ "$(norm "$fname")" = "$(norm "$name")" ] && [ "$fversion" != "$version" ]; then
-            echo "removing $base (want $version)"; rm -f "$f"
-        fi
+# fetch LIST DIR: the wheels LIST names into DIR (other versions of the same packages removed)
+fetch() {
+    local list=$1 dir=$2 spec name version f base fname fversion have
+    mkdir -p "$dir"
+    for spec in $(grep -v '^\s*#' "$list" | grep -v '^\s*$'); do
+        name=${spec%%==*}; version=${spec#*==}
+        for f in "$dir"/*.whl; do
+            [ -e "$f" ] || continue
+            base=$(basename "$f"); fname=${base%%-*}; fversion=$(echo "$base" | cut -d- -f2)
+            if [ "$(norm "$fname")" = "$(norm "$name")" ] && [ "$fversion" != "$version" ]; then
+                echo "removing $base (want $version)"; rm -f "$f"
+            fi
+        done
+        have=0
+        for f in "$dir"/*.whl; do
+            [ -e "$f" ] || continue
+            base=$(basename "$f")
+            [ "$(norm "${base%%-*}")" = "$(norm "$name")" ] && have=1
+        done
+        [ $have = 1 ] && continue
+        "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+            --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_26_x86_64 \
+            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+            --platform manylinux_2_34_x86_64 --platform manylinux_2_5_x86_64 -d "$dir" "$spec"
     done
-    have=0
-    for f in .whl/*.whl; do
-        [ -e "$f" ] || continue
-        base=$(basename "$f")
-        [ "$(norm "${base%%-*}")" = "$(norm "$name")" ] && have=1
-    done
-    [ $have = 1 ] && continue
-    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_26_x86_64 \
-        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
-        --platform manylinux_2_34_x86_64 --platform manylinux_2_5_x86_64 -d .whl "$spec"
-done
+}
+fetch bench/device/wheels.txt .whl
+# pytest and its needs, for the GPU-only unit tests: a separate folder, carried only by the runs
+# that need it (the load kits' carry is near the 64 MiB limit without them)
+fetch bench/device/wheels-test.txt .whl-test
 
 [ -f .bench_data/speech/speech.json ] || "$PY" bench/load.py --make-speech .bench_data/speech
 if [ ! -f avatars/demo/avatar.json ]; then
@@ -50,5 +57,5 @@ fi
 
 tree=$( (git ls-files; git ls-files --others --exclude-standard) | sort -u | while read -r f; do [ -f "$f" ] && echo "$f"; done | tr '\n' '\0' | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
 carry=$(du -sb .whl .bench_data/speech avatars/demo | awk '{s += $1} END {print s}')
-echo "wheels: $(ls .whl/*.whl | wc -l) files; travels: tree $((tree / 1048576)) MiB + carried $((carry / 1048576)) MiB (limit 64 MiB)"
-du -sh .whl .bench_data/speech avatars/demo
+echo "wheels: $(ls .whl/*.whl | wc -l) files; travels: tree $((tree / 1048576)) MiB + carried $((carry / 1048576)) MiB (limit 64 MiB; .whl-test adds $(( $(du -sb .whl-test | cut -f1) / 1048576 )) MiB when carried)"
+du -sh .whl .whl-test .bench_data/speech avatars/demo
