@@ -42,6 +42,8 @@ def test_load_two_websocket_sessions(avatars_root: Path, tmp_path: Path) -> None
         assert session["latency_ms_p50"] is not None, session  # at least one utterance onset was timed
         assert 50 < session["latency_ms_p50"] < 2000
         assert session["server"]["stats"]["latency_ms_p50"] is not None
+        # the clients yield the CPU to the server (--client-nice, default 10; it adds to ours)
+        assert session["client_nice"] >= 10 and report["config"]["client_nice"] == 10
     overall = report["overall"]
     assert overall["sessions"] == 2 and overall["onsets_measured"] >= 2
     assert overall["latency_ms_p50"] is not None
