@@ -37,7 +37,7 @@ OUT="$ROOT_OUT/a" bash bench/device/gpu_load.sh "${COMMON[@]}" $A --budget "$BUD
 LEFT=$((BUDGET - (SECONDS - START)))
 echo "[gpu_load_ab] first test done after $((SECONDS - START)) s; ${LEFT} s left for the second"
 # shellcheck disable=SC2086
-OUT="$ROOT_OUT/b" bash bench/device/gpu_load.sh "${COMMON[@]}" $B --budget "$LEFT" "$SCENARIOS" | tail -40
+START_S=70 OUT="$ROOT_OUT/b" bash bench/device/gpu_load.sh "${COMMON[@]}" $B --budget "$LEFT" "$SCENARIOS" | tail -40
 PY=${PY:-python3}
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 for side in a b; do
