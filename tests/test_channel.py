@@ -6,6 +6,7 @@ tests see exactly what crosses the pipe."""
 from __future__ import annotations
 
 import threading
+import time
 from multiprocessing import Pipe
 
 from pipeline.ipc.channel import Channel
@@ -169,11 +170,18 @@ def test_a_coalescing_channel_queues_a_loop_turns_messages_as_one_item_in_order(
         channel.send(("flushed", 2))
         channel.flush()
         assert len(puts) == 4
+        # a long turn does not hold its first messages back for all of it
+        channel.send(("long", 0))
+        time.sleep(0.003)  # the turn goes on, past COALESCE_SECONDS
+        channel.send(("long", 1))
+        assert len(puts) == 5 and list(puts[4]) == [("long", 0)]
+        await asyncio.sleep(0)
+        assert len(puts) == 6
 
     asyncio.run(scenario())
     got: list = []
-    while len(got) < 8:
+    while len(got) < 10:
         received = theirs.recv()
         got.extend(received if isinstance(received, list) else [received])
-    assert got == [*(("turn", i) for i in range(5)), ("next", 0), ("thread", 1), ("flushed", 2)]
+    assert got == [*(("turn", i) for i in range(5)), ("next", 0), ("thread", 1), ("flushed", 2), ("long", 0), ("long", 1)]
     channel.close()

@@ -29,6 +29,7 @@ import os
 import queue
 import socket
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -38,6 +39,8 @@ log = logging.getLogger("lipstream.peers")
 _STOP = object()
 #: Most queued messages the sender writes as one (one pickle, one write, one wake-up of the reader).
 MAX_BATCH = 64
+#: Longest a coalescing channel holds a loop turn's first message before queueing what it has (s).
+COALESCE_SECONDS = 0.002
 
 
 class _Prepared:
@@ -78,6 +81,8 @@ class Channel:
         self._coalesce = coalesce
         self._pending: list[Any] = []
         self._pending_loop: asyncio.AbstractEventLoop | None = None
+        self._pending_since = 0.0
+        self._flush_scheduled = False
         self._lock = threading.Lock()
         self._sender = threading.Thread(target=self._send_loop, name=f"channel-out-{name}", daemon=True)
         self._sender.start()
@@ -162,15 +167,26 @@ class Channel:
                 # Every put wakes the sending thread (a futex wake, across cores in a VM): the
                 # server's loop sends ~1,600 messages a second at 26 sessions, a few per session
                 # per turn, so a turn's messages go as one item when the turn ends.
-                if self._pending and self._pending_loop is not loop:
+                # A long turn (tens of ms on a loaded server) must not hold early messages back
+                # for all of it: what waited COALESCE_SECONDS goes now.
+                now = time.monotonic()
+                if self._pending and (self._pending_loop is not loop or now - self._pending_since > COALESCE_SECONDS):
                     self._queue_pending()
                 self._pending.append(item)
                 if len(self._pending) == 1:
-                    self._pending_loop = loop
-                    loop.call_soon(self.flush)
+                    self._pending_since = now
+                    if self._pending_loop is not loop or not self._flush_scheduled:
+                        self._pending_loop = loop
+                        self._flush_scheduled = True
+                        loop.call_soon(self._flush_at_turn_end)
                 return
             self._queue_pending()  # keep the order of what a loop sent before
             self._outbox.put(item)
+
+    def _flush_at_turn_end(self) -> None:
+        with self._lock:
+            self._flush_scheduled = False
+            self._queue_pending()
 
     def flush(self) -> None:
         """Queue what the current loop turn sent so far (``coalesce``) now, not at the turn's end."""
