@@ -1360,7 +1360,9 @@ def window_lines(rows: list[dict[str, Any]], seconds: float) -> list[str]:
 
 def stage_lines(devices_at_end: dict[str, Any]) -> list[str]:
     """Where each device's made frames spent their budget (``stages_ms`` of ``GET /v1/devices``,
-    pipeline/live/stage_times.py: the last 10,000 frames at the end of the scenario)."""
+    pipeline/live/stage_times.py: the frames of the last ``WINDOW_SECONDS`` at the end of the scenario)."""
+    from pipeline.live.stage_times import WINDOW_SECONDS
+
     lines = []
     for device in devices_at_end.get("devices") or []:
         stages = device.get("stages_ms") or {}
@@ -1376,7 +1378,8 @@ def stage_lines(devices_at_end: dict[str, Any]) -> list[str]:
         if collector.get("collections"):  # a device process: its garbage collections stop all its threads
             parts.append(f"its process's longest GC pause {fmt(collector.get('pause_max_ms'))} "
                          f"({collector['collections'][2]} full collections)")
-        lines.append(f"device {device['name']} stages over its last ~15 s ({stages['frames']} frames), ms p50/p95: " + "; ".join(parts))
+        lines.append(f"device {device['name']} stages over its last ~{WINDOW_SECONDS:g} s ({stages['frames']} frames), "
+                     "ms p50/p95: " + "; ".join(parts))
     return lines
 
 
@@ -1675,11 +1678,6 @@ def server_info(url: str, headers: dict[str, str], server: SpawnedServer | None,
     return info
 
 
-def fetch_devices(url: str, headers: dict[str, str]) -> Any:
-    """``GET /v1/devices`` as JSON, or what went wrong (an older server has none)."""
-    return fetch_json(url, "/v1/devices", headers)
-
-
 def fetch_json(url: str, path: str, headers: dict[str, str]) -> Any:
     """``GET path`` as JSON, or what went wrong."""
     import httpx
@@ -1878,14 +1876,14 @@ def run_scenario(args: argparse.Namespace, run: dict[str, Any], url: str, server
         while len(results) < n:
             now = time.monotonic()
             if t_end is not None and devices_at_end is None and now >= t_end - 0.5:
-                devices_at_end = fetch_devices(url, headers)  # its utilisation covers the window's end
+                devices_at_end = fetch_json(url, "/v1/devices", headers)  # its utilisation covers the window's end
                 process_at_end = fetch_json(url, "/v1/server", headers)  # its event-loop lag: the last ~10 s
             if t_talk is None and (len(ready | set(results)) == n or now > setup_deadline):
                 t_talk = time.monotonic() + 0.5
                 t_end = t_talk + run["duration"]
                 talk_at.value = t_talk
                 final_deadline = t_end + TAIL_SECONDS + 45
-                devices_at_start = fetch_devices(url, headers)  # the window's device figures are differences
+                devices_at_start = fetch_json(url, "/v1/devices", headers)  # the window's device figures are differences
                 print(f"{len(ready)}/{n} sessions ready; talking for {run['duration']:g} s ...", flush=True)
             if final_deadline is not None and now > final_deadline:
                 print("warning: some client processes did not finish in time; stopping them")

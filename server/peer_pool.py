@@ -116,8 +116,7 @@ class SessionFeed:
                 self._pictures.append(out)
                 pending = picture_pending(out)
                 if pending is None:
-                    self._ready_lags.append(loop.time() - out.release)
-                    self._send_ready()
+                    self._picture_done(out)
                 else:
                     pending.add_done_callback(lambda _, out=out: self._picture_done(out))
         finally:

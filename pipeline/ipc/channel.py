@@ -203,10 +203,10 @@ class Channel:
         device's batch of pictures, a feature pass's frames): one pickle and one write instead
         of up to ``MAX_BATCH``, and one wake-up of the reader."""
         while True:
-            batch = self._unpack([self._outbox.get()])
+            batch = self._unpack(self._outbox.get())
             while (not batch or batch[-1] is not _STOP) and len(batch) < MAX_BATCH:
                 try:
-                    batch.extend(self._unpack([self._outbox.get_nowait()]))
+                    batch.extend(self._unpack(self._outbox.get_nowait()))
                 except queue.Empty:
                     break
             stop = bool(batch) and batch[-1] is _STOP
@@ -219,8 +219,9 @@ class Channel:
                 return
 
     @staticmethod
-    def _unpack(items: list[Any]) -> list[Any]:
-        return [one for item in items for one in (item if isinstance(item, _Group) else (item,))]
+    def _unpack(item: Any) -> list[Any]:
+        """The messages of one queued item (a loop turn's group, or one message)."""
+        return list(item) if isinstance(item, _Group) else [item]
 
     def _prepare(self, item: Any) -> Any:
         """The message to write for a queued item: a prepared one's work done first."""

@@ -230,9 +230,7 @@ class DeviceLink:
             if self.on_batch is not None:
                 self.on_batch(size, seconds)
         elif kind == "stages":
-            self.stage_summary = message[1]
-            self.gc = message[2] if len(message) > 2 else None
-            self.ring_waits = message[3] if len(message) > 3 else None
+            _, self.stage_summary, self.gc, self.ring_waits = message
         elif kind == "fault":
             self._fault(message[1])
         elif kind == "reply":

@@ -130,7 +130,8 @@ class DeviceProcess:
             self._frames(frames, received)
 
     def handle(self, message: tuple) -> None:
-        """One message; a bad one is logged and costs only itself."""
+        """One command (frames go through :meth:`handle_batch`); a bad one is logged and costs
+        only itself."""
         try:
             self._handle(message)
         except Exception:  # noqa: BLE001 - the channel goes on with the next message
@@ -138,9 +139,7 @@ class DeviceProcess:
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]
-        if kind == "frame":
-            self._frames([message], time.monotonic())
-        elif kind == "reset":
+        if kind == "reset":
             self._reset(message[1])
         elif kind == "open":
             self._open(*message[1:])
