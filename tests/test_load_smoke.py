@@ -248,3 +248,16 @@ def test_a_mouth_rise_far_from_its_sound_is_not_the_utterances_onset() -> None:
     assert out["onset_latency_by_audio"] == 1
     assert max(out["av_offset_ms"]) > 500  # the later word's rise, kept where an A/V fault would show
     assert abs(out["av_offset_ms_used"]) < 50
+
+
+@pytest.mark.parametrize("nice", ["-1", "20", "x"])
+def test_a_client_niceness_out_of_range_is_refused(nice: str, capsys) -> None:
+    """--client-nice takes 0-19 (what os.nice can add without privileges); anything else exits 2
+    naming the option, before a client is started."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import load
+
+    with pytest.raises(SystemExit) as stopped:
+        load.parse_args(["--sessions", "1", "--client-nice", nice])
+    assert stopped.value.code == 2
+    assert "--client-nice" in capsys.readouterr().err
