@@ -51,6 +51,33 @@ def test_result_ring_hands_frames_over_and_waits_for_the_reader() -> None:
     assert not Path("/dev/shm", ring.name).exists()
 
 
+def test_result_ring_slots_are_written_in_place_committed_or_abandoned() -> None:
+    """reserve(): the frame is written in the slot itself; the reader sees nothing of it until
+    commit(); an abandoned slot counts as read, so the writer never waits for it."""
+    ring = ResultRing.create((4, 6, 3), slots=2)
+    writer = ResultRing.attach(*ring.describe())
+    try:
+        placed = writer.reserve()
+        placed.array[:] = 7
+        assert ring.take(placed.slot, placed.number) is None  # not committed: never shown half-made
+        again = writer.reserve()
+        again.array[:] = 8
+        again.commit()
+        np.testing.assert_array_equal(ring.take(again.slot, again.number), np.full((4, 6, 3), 8, np.uint8))
+        dropped = writer.reserve(timeout=5)  # slot 0 was released by the take above (as missing)
+        dropped.abandon()  # e.g. its batch failed: no message will ever name it
+        late = writer.reserve(timeout=5)  # slot 1 again
+        late.array[:] = 9
+        late.commit()
+        following = writer.reserve(timeout=5)  # slot 0 again: free without any reader, no wait
+        following.abandon()
+        assert writer.waits == 0
+        np.testing.assert_array_equal(ring.take(late.slot, late.number), np.full((4, 6, 3), 9, np.uint8))
+    finally:
+        writer.close()
+        ring.close()
+
+
 async def _pictures(
     state: Any, session_id: str, planar: np.ndarray, rate: int
 ) -> list[tuple[int, bool, np.ndarray, np.ndarray]]:

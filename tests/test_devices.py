@@ -438,3 +438,65 @@ def test_a_failure_while_finishing_fails_its_batch(device_fault: bool) -> None:
             assert faults == [] and worker.failed is None
     finally:
         worker.close()
+
+
+class _Placed:
+    """A stand-in for a shared-memory slot (pipeline.ipc.frame_ring.ResultSlot)."""
+
+    def __init__(self) -> None:
+        self.array = np.zeros((2, 2, 3), np.uint8)
+        self.state = "reserved"
+
+    def commit(self) -> None:
+        self.state = "committed"
+
+    def abandon(self) -> None:
+        self.state = "abandoned"
+
+
+class _PastingEngine:
+    """compose_staged's second stage writes each frame where it is told (``into``), like MuseTalk's
+    paste into a device process's ring; frames of request ``"bad"`` fail the batch."""
+
+    name = "pasting"
+
+    def compose_staged(self, requests):
+        from pipeline.engines.base import place_frames
+
+        def finish(into=None):
+            if "bad" in requests:
+                raise ValueError("bad paste")
+            return place_frames([np.full((2, 2, 3), int(r[1:]), np.uint8) for r in requests], into)
+
+        return finish
+
+
+def test_frames_are_made_where_the_placer_says_and_committed() -> None:
+    """EngineWorker(place): a frame with a place is written there and its future resolves to the
+    committed place; one without gets a frame of its own; a failed batch abandons its places."""
+    from pipeline.live.worker import EngineWorker
+
+    places: dict[str, _Placed] = {}
+
+    def place(owner, request):
+        if owner == "own":
+            return None
+        places[request] = _Placed()
+        return places[request]
+
+    worker = EngineWorker(_PastingEngine(), batch_size=4, name="cuda:0", place=place)  # type: ignore[arg-type]
+    try:
+        placed = worker.submit("r3", 0.0, "a").result(WAIT)  # type: ignore[arg-type]
+        assert placed is places["r3"] and placed.state == "committed"
+        np.testing.assert_array_equal(placed.array, np.full((2, 2, 3), 3, np.uint8))
+        own = worker.submit("r5", 1.0, "own").result(WAIT)  # type: ignore[arg-type]
+        assert isinstance(own, np.ndarray) and own[0, 0, 0] == 5
+        with worker.burst():  # one batch: "r6" fails with "bad"
+            doomed = [worker.submit(r, 2.0, "a") for r in ("r6", "bad")]  # type: ignore[arg-type]
+        for future in doomed:
+            with pytest.raises(ValueError, match="bad paste"):
+                future.result(WAIT)
+        assert places["r6"].state == "abandoned" and places["bad"].state == "abandoned"
+        assert worker.failed is None
+    finally:
+        worker.close()

@@ -694,6 +694,14 @@ def test_gpu_blend_path_equals_cpu_compositor(tiny_dir: Path, tmp_path: Path) ->
         untouched = np.ones(avatar.frames[0].shape[:2], bool)
         untouched[y1:y2, x1:x2] = False
         assert np.array_equal(got[k][untouched], avatar.frames[0][untouched])
+        # stage two can write the frames into given arrays (a device process's shared memory)
+        into = [np.zeros_like(frame) for frame in got[:2]] + [None] * (len(got) - 2)
+        placed = eng.compose_staged(requests)(into)
+        assert placed[0] is into[0] and placed[1] is into[1]
+        for g, p in zip(got, placed, strict=True):
+            assert np.array_equal(g, p)
+        with pytest.raises(ValueError, match="destinations"):
+            eng.compose_staged(requests)(into[:1])
         memory = eng.memory_bytes(avatar)
         assert memory["latents"] > 0 and memory["blend"] > 0
     finally:

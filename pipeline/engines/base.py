@@ -104,16 +104,21 @@ class Engine(ABC):
             for r, crop in zip(requests, crops, strict=True)
         ]
 
-    def compose_staged(self, requests: Sequence[FrameRequest]) -> Callable[[], list[np.ndarray]]:
+    def compose_staged(self, requests: Sequence[FrameRequest]) -> Callable[..., list[np.ndarray]]:
         """:meth:`compose` in two stages: the device's part now, and a function that finishes
         the frames on the CPU (pasting, copying) and returns them.
 
         Why: the batching worker calls the second stage on another thread, so the device starts
         its next batch while this one's frames are finished; an engine whose device work ends
         with the CPU work (the default: everything in stage one) gains nothing and loses
-        nothing."""
+        nothing.
+
+        The second stage takes an optional ``into``: per frame, an array of the frame's shape to
+        write it in (shared memory a device process hands its server) or None; the frames it
+        returns are then those arrays. An engine that pastes its frames together anyway writes
+        them there directly instead of copying them twice."""
         frames = self.compose(requests)
-        return lambda: frames
+        return lambda into=None: place_frames(frames, into)
 
     def _cpu_compositor(self, avatar: Avatar) -> Any:
         from pipeline.compositor import Compositor  # lazy: cv2 only when composing
@@ -126,3 +131,20 @@ class Engine(ABC):
 
     def close(self) -> None:
         """Release device memory and threads."""
+
+
+def place_frames(frames: Sequence[np.ndarray], into: Sequence[np.ndarray | None] | None) -> list[np.ndarray]:
+    """``frames`` copied into the arrays of ``into`` where it has one (see
+    :meth:`Engine.compose_staged`): what the second stage of an engine without its own returns."""
+    if into is None:
+        return list(frames)
+    if len(into) != len(frames):
+        raise ValueError(f"{len(into)} destinations for {len(frames)} frames")
+    placed: list[np.ndarray] = []
+    for frame, dest in zip(frames, into, strict=True):
+        if dest is None:
+            placed.append(frame)
+        else:
+            np.copyto(dest, frame)
+            placed.append(dest)
+    return placed

@@ -53,7 +53,7 @@ from pipeline.audio.windows import AudioFrame
 from pipeline.avatar.model import Avatar
 from pipeline.engines.base import Engine, Featurizer, FrameRequest
 from pipeline.ipc.channel import Channel
-from pipeline.ipc.frame_ring import ResultRing
+from pipeline.ipc.frame_ring import ResultRing, ResultSlot
 from pipeline.live.calibration import calibrate
 from pipeline.live.faults import DeviceFailed, describe_fault, is_device_fault
 from pipeline.live.feature_worker import FeatureWorker
@@ -200,6 +200,7 @@ class DeviceProcess:
             skip_late=spec.skip_late,
             skip_keep=spec.skip_keep,
             gather_seconds=spec.gather_seconds,
+            place=self._place,
         )
         self.features = FeatureWorker(
             spec.name, on_fault=self._feature_fault, on_pass=self.worker.stages.add_pass, burst=self.worker.burst
@@ -332,8 +333,15 @@ class DeviceProcess:
             return
         picture.add_done_callback(lambda made: self._composed(key, index, made))
 
+    def _place(self, key: str, request: FrameRequest) -> ResultSlot | None:
+        """On the finisher thread: the server's ring slot the frame is pasted into (None: no ring
+        for its shape yet; :meth:`_composed` reports that)."""
+        ring = self.rings.get(tuple(request.avatar.frames[request.frame_index].shape))
+        return None if ring is None else ring.reserve()
+
     def _composed(self, key: str, index: int, made: concurrent.futures.Future) -> None:
-        """On the engine thread: the picture into the server's ring, its slot to the server."""
+        """On the finisher thread: the picture's ring slot to the server (a picture made
+        elsewhere is copied into the ring first)."""
         if made.cancelled():
             self.channel.send(("failed", key, index, None))
             return
@@ -343,6 +351,9 @@ class DeviceProcess:
         image = made.result()
         if image is SKIPPED:  # it could not be on time (EngineWorker skip_late)
             self.channel.send(("skipped", key, index))
+            return
+        if isinstance(image, ResultSlot):  # pasted in place (EngineWorker(place))
+            self.channel.send(("picture", key, index, image.ring.name, image.slot, image.number))
             return
         ring = self.rings.get(tuple(image.shape))
         if ring is None:

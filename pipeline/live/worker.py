@@ -63,10 +63,12 @@ keeps a whole batch whatever ``skip_keep`` says.
 
 Two stages per batch (:meth:`Engine.compose_staged`): the engine thread runs the device's part
 (for MuseTalk: UNet, VAE, blend, the face boxes back to the CPU) and hands the CPU end (pasting
-the boxes into full frames, resolving the futures, which for a device process copies each frame
-into shared memory) to a finisher thread, then starts on the next batch at once. Profiled on an
-H200 with the work in one thread, the GPU idled ~13 % of the time between batches while that
-CPU end ran.
+the boxes into full frames, resolving the futures) to a finisher thread, then starts on the next
+batch at once. Profiled on an H200 with the work in one thread, the GPU idled ~13 % of the time
+between batches while that CPU end ran. A device process gives ``place``: each frame is then
+pasted straight into a slot of the shared memory its server reads
+(:meth:`~pipeline.ipc.frame_ring.ResultRing.reserve`), and the future resolves to that
+:class:`Placement`, not to a frame of its own.
 
 Device faults (:mod:`pipeline.live.faults`): an ordinary exception fails only its batch's frames.
 A device fault (CUDA error, out of memory, our :class:`~pipeline.live.faults.DeviceFailure`)
@@ -87,8 +89,10 @@ import math
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
 
 from pipeline.engines.base import Engine, FrameRequest
 from pipeline.live.faults import DeviceFailed, describe_fault, is_device_fault
@@ -98,6 +102,21 @@ log = logging.getLogger("lipstream.worker")
 
 BatchObserver = Callable[[int, float], None]  # (batch size, seconds) after every batch
 FaultObserver = Callable[[str], None]  # (reason) once, when the device fails
+
+
+class Placement(Protocol):
+    """Where one frame is to be made (``EngineWorker(place)``): write :attr:`array`, then
+    :meth:`commit`; :meth:`abandon` when the frame is not made after all."""
+
+    array: np.ndarray
+
+    def commit(self) -> None: ...
+
+    def abandon(self) -> None: ...
+
+
+#: (owner, request) -> where the frame goes, or None for a frame of its own
+Placer = Callable[[Hashable, FrameRequest], "Placement | None"]
 
 #: Seconds of recent batches that :meth:`EngineWorker.utilisation` looks at.
 UTILISATION_WINDOW = 10.0
@@ -180,8 +199,10 @@ class EngineWorker:
         skip_late: bool = False,
         skip_keep: int = 0,
         gather_seconds: float = 0.0,
+        place: Placer | None = None,
     ) -> None:
         self.engine = engine
+        self._place = place
         self.batch_size = batch_size
         self.skip_late = skip_late
         # most an idle worker waits for more frames before a batch that is not full, while the
@@ -460,15 +481,31 @@ class EngineWorker:
         """On the finisher thread, batches in order: the CPU part, then every frame delivered.
         ``started`` / ``made``: the start and end of the batch's device part (``time.monotonic()``,
         as deadlines)."""
+        places: list[Placement | None] = []
         try:
-            frames = finish()
+            if self._place is None:
+                frames = finish()
+            else:
+                for job in batch:
+                    places.append(self._place(job.owner, job.request))
+                frames = finish([None if p is None else p.array for p in places])
             if len(frames) != len(batch):
                 raise RuntimeError(f"engine returned {len(frames)} frames for {len(batch)} requests")
         except Exception as exc:
+            for place in places:
+                if place is not None:
+                    place.abandon()
             self._failed_batch(batch, exc)
             return
-        for job, frame in zip(batch, frames, strict=True):
-            job.future.set_result(frame)
+        for job, frame, place in itertools.zip_longest(batch, frames, places):
+            if place is not None:
+                place.commit()
+                frame = place
+            try:
+                job.future.set_result(frame)
+            except concurrent.futures.InvalidStateError:  # cancelled meanwhile (its session gave up on it)
+                if place is not None:
+                    place.abandon()  # nobody will read it: the slot is free again
         delivered = time.monotonic()
         self.stages.add("finish", delivered - made, len(batch))
         self.stages.add_each("slack", [job.deadline - delivered for job in batch])

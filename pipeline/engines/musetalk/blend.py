@@ -187,9 +187,13 @@ class AvatarBlendCache:
             out = torch.floor((gen * alpha + orig * (256 - alpha) + 128) / 256)
             return to_host(out.to(torch.uint8))
 
-    def paste(self, frame_index: int, region: np.ndarray) -> np.ndarray:
-        """A copy of the avatar frame with ``region`` (from :meth:`blend`) pasted in."""
-        out = np.array(self.avatar.frames[frame_index], copy=True)
+    def paste(self, frame_index: int, region: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """A copy of the avatar frame with ``region`` (from :meth:`blend`) pasted in; made in
+        ``out`` when given (an array of the frame's shape, e.g. a slot of shared memory)."""
+        if out is None:
+            out = np.array(self.avatar.frames[frame_index], copy=True)
+        else:
+            np.copyto(out, self.avatar.frames[frame_index])
         place = self.places[frame_index]
         if place is not None:
             y, x, h, w = place

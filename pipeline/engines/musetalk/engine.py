@@ -202,9 +202,10 @@ class MuseTalkEngine(Engine):
         """Full frames: generation and blending on the device, pasting the face boxes on the CPU."""
         return self.compose_staged(requests)()
 
-    def compose_staged(self, requests: Sequence[FrameRequest]) -> Callable[[], list[np.ndarray]]:
+    def compose_staged(self, requests: Sequence[FrameRequest]) -> Callable[..., list[np.ndarray]]:
         """Stage one: UNet, VAE and the blend on the device, the blended face boxes to the CPU.
-        Stage two (returned): paste each box into a copy of its avatar frame."""
+        Stage two (returned): paste each box into a copy of its avatar frame (made in the
+        frame's ``into`` array where one is given)."""
         if not self.gpu_blend:
             return super().compose_staged(requests)
         take_asleep()  # from here on: this batch's sleep on the GPU (last_batch_asleep)
@@ -232,11 +233,15 @@ class MuseTalkEngine(Engine):
 
         self.last_batch_asleep = take_asleep() if self.device.type == "cuda" else None
 
-        def finish() -> list[np.ndarray]:
+        def finish(into: Sequence[np.ndarray | None] | None = None) -> list[np.ndarray]:
+            outs = [None] * len(pastes) if into is None else list(into)
+            if len(outs) != len(pastes):
+                raise ValueError(f"{len(outs)} destinations for {len(pastes)} frames")
+            jobs = [(*paste, out) for paste, out in zip(pastes, outs, strict=True)]
             # full-frame copies are memory-bound numpy copies (the GIL is released): a few threads
-            if len(pastes) > 2:
-                return list(self._paste_pool().map(lambda job: job[0].paste(job[1], job[2]), pastes))
-            return [cache.paste(index, region) for cache, index, region in pastes]
+            if len(jobs) > 2:
+                return list(self._paste_pool().map(lambda job: job[0].paste(job[1], job[2], job[3]), jobs))
+            return [cache.paste(index, region, out) for cache, index, region, out in jobs]
 
         return finish
 
