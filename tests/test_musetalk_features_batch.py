@@ -352,8 +352,13 @@ def make_streams(whisper) -> list[Stream]:
     ]
 
 
-def test_batched_features_equal_the_per_stream_reference(whisper, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("mirror", [False, True], ids=["host-batch", "mirrors"])
+def test_batched_features_equal_the_per_stream_reference(whisper, mirror: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bit for bit the per-stream reference, building the encoder's windows in the host batch or
+    from the streams' audio kept on the device (WhisperBatcher.mirror: a GPU's default)."""
+    monkeypatch.setattr(whisper, "mirror", mirror)
     streams = make_streams(whisper)
+    mirrored = 0
     replay = Replay(whisper, monkeypatch)
     # fast-forward the two long streams to just before the 30 s edge: silent frames, no encoder
     for s in streams[1:3]:
@@ -383,6 +388,7 @@ def test_batched_features_equal_the_per_stream_reference(whisper, monkeypatch: p
             if not pending[k]:
                 pending.pop(k)
         got = whisper.features(jobs_new)
+        mirrored += sum(s.new._mirror is not None for s in streams)
         want = ref_features(whisper, jobs_ref, replay, stats)
         assert not replay.passes  # the reference made exactly the same passes
         compared += assert_same(got, want, whisper)
@@ -393,6 +399,8 @@ def test_batched_features_equal_the_per_stream_reference(whisper, monkeypatch: p
     assert stats["two_windows"] > 3 and stats["split_over_passes"] > 0
     # at the 30 s edge a plan trims its own buffer after choosing windows that read the old one
     assert streams[1].ref.trims and streams[2].ref.trims
+    # the mirrors served most calls (a stream twice in one call falls back to the host batch)
+    assert mirrored > 3 * calls if mirror else mirrored == 0
 
 
 def test_encode_audio_equals_the_reference_batches(whisper) -> None:
