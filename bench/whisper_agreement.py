@@ -39,7 +39,7 @@ import torch
 
 from pipeline.audio.windows import AudioFrame, FrameWindower
 from pipeline.engines.musetalk.ct2_whisper import convert_ct2_whisper
-from pipeline.engines.musetalk.features import MuseTalkFeaturizer, WhisperBatcher, offline_features
+from pipeline.engines.musetalk.features import MuseTalkFeaturizer, WhisperBatcher, offline_features, run_positions
 from pipeline.engines.musetalk.loader import load_whisper, resolve_device, resolve_dtype
 
 SECTION = "## MuseTalk streaming audio features vs offline"
@@ -134,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--windows",
         default="padded,trimmed",
-        help="encoder input: padded (Whisper's 30 s) and/or trimmed (the positions the audio fills, WhisperBatcher(trim=True))",
+        help=(
+            "encoder input: padded (Whisper's 30 s), trimmed (the positions the audio fills, "
+            "WhisperBatcher(trim=True)) and/or cropped:SECONDS (trimmed, cut to the last SECONDS at "
+            "their place in the segment: WhisperBatcher(crop_positions); grid context only)"
+        ),
     )
     ap.add_argument("--every", type=int, default=1, help="score every Nth frame only")
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
@@ -181,9 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for dtype in args.dtypes.split(","):
         for input_kind in args.windows.split(","):
-            whisper = WhisperBatcher(*models[dtype], max_batch=args.batch, trim=input_kind == "trimmed")
+            crop = round(float(input_kind.split(":")[1]) * 50) if input_kind.startswith("cropped:") else None
+            whisper = WhisperBatcher(
+                *models[dtype], max_batch=args.batch, trim=input_kind != "padded", crop_positions=crop
+            )
             for k in runs:
                 for ctx in contexts:
+                    if crop is not None and (ctx is not None or run_positions(k) > crop):
+                        continue  # cropped windows lie on the grid and must hold a run
                     positions = whisper.encoder_positions
                     tokens, secs, windows = stream_tokens(whisper, audio, ctx, k, scored)
                     per_window = (whisper.encoder_positions - positions) / max(windows, 1)

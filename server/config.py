@@ -65,6 +65,11 @@ class EngineConfig(Section):
     # agrees at least as well with the whole-file features and costs about half the GPU time
     # (docs/benchmarks.md); padded is the literal official input.
     whisper_windows: Literal["trimmed", "padded"] = "trimmed"
+    # musetalk: trimmed windows cut to their last this many seconds (up to the frame's
+    # lookahead), each at its place in the 30 s segment; null: the segment's whole past. Every
+    # window then costs the same, ~5x less at 5 s than the average whole-past window, and agreed
+    # at least as well with the whole-file features on real speech (docs/benchmarks.md).
+    whisper_crop_seconds: float | None = Field(None, gt=0, lt=30)
     # musetalk: the VAE decoder's three upsampling layers (nearest 2x, then a 3x3 convolution)
     # as "folded" 2x2 convolutions on the small input, one per output phase: the same function
     # (up to rounding) with 0.45x their arithmetic; "reference" runs diffusers' layers as loaded.
@@ -168,6 +173,7 @@ def engine_options(engine: EngineConfig, device: str | None = None) -> dict[str,
             "models_dir": engine.models_dir,
             "batch_size": engine.batch_size,
             "whisper_windows": engine.whisper_windows,
+            "whisper_crop_seconds": engine.whisper_crop_seconds,
             "vae_upsample": engine.vae_upsample,
             "whisper_batch": engine.whisper_batch,
         }

@@ -46,6 +46,7 @@ def test_yaml_then_environment_override(tmp_path: Path, monkeypatch: pytest.Monk
         ("sessions:\n  expected_talk_fraction: 0\n", "sessions.expected_talk_fraction"),
         ("server:\n  port: 70000\n", "server.port"),
         ("engine:\n  whisper_windows: cropped\n", "engine.whisper_windows"),
+        ("engine:\n  whisper_crop_seconds: 0\n", "engine.whisper_crop_seconds"),
         ("engine:\n  whisper_batch: 0\n", "engine.whisper_batch"),
         ("engine:\n  skip_late_frames: sometimes\n", "engine.skip_late_frames"),
         ("engine:\n  vae_upsample: bilinear\n", "engine.vae_upsample"),
@@ -104,3 +105,8 @@ def test_devices_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     settings.engine.name = "musetalk"
     assert engine_options(settings.engine)["device"] == "cuda:0"
     assert engine_options(settings.engine, "cpu:2")["device"] == "cpu"
+    assert engine_options(settings.engine)["whisper_crop_seconds"] is None
+    monkeypatch.setenv("LIPSTREAM_ENGINE__WHISPER_CROP_SECONDS", "5")
+    cropped = load_settings().engine
+    cropped.name = "musetalk"
+    assert engine_options(cropped)["whisper_crop_seconds"] == 5

@@ -220,6 +220,21 @@ def test_registry_and_engine_options(tiny_dir: Path, tmp_path: Path) -> None:
         create_engine("musetalk", models_dir=tiny_dir, context_seconds=0.01)
     with pytest.raises(ConfigError, match="whisper_windows"):
         create_engine("musetalk", models_dir=tiny_dir, whisper_windows="cropped")
+    for bad, why in (
+        ({"whisper_crop_seconds": 0}, "positive number"),
+        ({"whisper_crop_seconds": "5"}, "positive number"),
+        ({"whisper_crop_seconds": 5, "whisper_windows": "padded"}, "trimmed"),
+        ({"whisper_crop_seconds": 5, "context_seconds": 2.0}, "context_seconds unset"),
+        ({"whisper_crop_seconds": 1.0}, r"from 1\.16 \(frames_per_run 25\)"),
+        ({"whisper_crop_seconds": 30}, "to 29.92 s"),
+    ):
+        with pytest.raises(ConfigError, match=why):
+            create_engine("musetalk", models_dir=tiny_dir, **bad)
+    cropped = create_engine("musetalk", models_dir=tiny_dir, whisper_crop_seconds=5, frames_per_run=5)
+    try:
+        assert cropped.whisper.crop == 250 and cropped.whisper.lengths == [254]
+    finally:
+        cropped.close()
 
 
 # --- the reference frame, straight from the spec ------------------------------------------------

@@ -213,8 +213,8 @@ class Replay:
             self.passes.append([audio.clone()])
             return log_mel(audio, positions)
 
-        def logged_encode(mel, *, out=None):
-            hidden = encode(mel, out=out)
+        def logged_encode(mel, *, out=None, offsets=None):
+            hidden = encode(mel, out=out, offsets=offsets)
             self.passes[-1].append(hidden.clone())
             return hidden
 
@@ -519,6 +519,9 @@ def ref_trimmed_hidden(whisper, window: np.ndarray) -> torch.Tensor:
 def test_trimmed_positions_and_log_mel() -> None:
     batcher = F.WhisperBatcher.__new__(F.WhisperBatcher)
     batcher.trim = True
+    batcher.crop = 260  # cropped: every window the same length, 4 positions of silence after its audio
+    assert {batcher.positions_for(n) for n in (0, 320 * 100, 320 * 260)} == {264} and batcher.lengths == [264]
+    batcher.crop = None
     # the audio's positions + 2, rounded up to 500; a full 30 s window keeps all 1500
     assert [batcher.positions_for(n) for n in (0, 1, 320 * 498, 320 * 499, 320 * 1000, 30 * SR)] == [
         500, 500, 500, 1000, 1500, 1500,
@@ -595,9 +598,9 @@ def test_trimmed_encode_audio_sorts_windows_into_passes_of_one_length(whisper, m
     shapes: list[tuple[int, int]] = []
     encode = trim.encode
 
-    def logged(mel, *, out=None):
+    def logged(mel, *, out=None, offsets=None):
         shapes.append((mel.shape[0], mel.shape[-1] // 2))
-        return encode(mel, out=out)
+        return encode(mel, out=out, offsets=offsets)
 
     monkeypatch.setattr(trim, "encode", logged)
     rng = np.random.default_rng(5)
@@ -632,3 +635,84 @@ def test_a_pass_does_not_wait_for_the_engines_stream(whisper) -> None:
     assert still_busy, "the pass waited for the current stream"
     assert_same(got, want, whisper)
     assert len(tokens) == 10
+
+
+def cropped_like(whisper, crop: int) -> F.WhisperBatcher:
+    return F.WhisperBatcher(
+        whisper.encoder, whisper.feature_extractor, max_batch=3, cuda_graphs=whisper.cuda_graphs, trim=True,
+        crop_positions=crop,
+    )
+
+
+def ref_cropped_tokens(whisper, audio: np.ndarray, i: int, crop: int) -> torch.Tensor:
+    """Frame ``i``'s tokens by the definition of a cropped window, one frame per call: for each 30 s
+    segment its Whisper frames [2i - 4, 2i + 6) touch, the last ``crop`` positions of the segment's
+    stream audio up to the frame's lookahead and 4 of silence (at the segment's end: its last
+    ``crop + 4`` positions of audio), encoded alone with the positional embedding rows of their
+    place in the segment (the encoder's modules called here, not WhisperBatcher.encode)."""
+    enc = whisper.encoder
+    end = 640 * i + 1920
+    rows = []
+    for j in range(2 * i - 4, 2 * i + 6):
+        if j < 0:
+            rows.append(torch.zeros(F.N_HIDDEN, whisper._d_model, dtype=whisper.dtype, device=whisper.device))
+            continue
+        seg = j // F.N_WHISPER_FRAMES
+        stop = min((seg + 1) * F.N_SAMPLES, end)
+        positions = crop + 4
+        start = max(seg * F.N_SAMPLES, min(stop - crop * 320, (seg + 1) * F.N_SAMPLES - positions * 320))
+        first = (start - seg * F.N_SAMPLES) // 320
+        window = torch.from_numpy(np.ascontiguousarray(audio[start:stop], dtype=np.float32))[None]
+        with torch.inference_mode():
+            mel = whisper.log_mel(window, positions).to(device=whisper.device, dtype=whisper.dtype)
+            x = torch.nn.functional.gelu(enc.conv1(mel))
+            x = torch.nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)
+            x = x + enc.embed_positions.weight[first : first + positions]
+            states = [x]
+            for layer in enc.layers:
+                x = layer(x, None, **whisper._layer_kwargs)
+                x = x[0] if isinstance(x, tuple) else x
+                states.append(x)
+            states[-1] = enc.layer_norm(x)
+            rows.append(torch.stack(states, dim=2)[0, j - seg * F.N_WHISPER_FRAMES - first])
+    return torch.stack(rows).reshape(F.N_TOKENS, whisper._d_model)
+
+
+@pytest.mark.parametrize("mirror", [False, True], ids=["host-batch", "mirrors"])
+def test_cropped_windows_follow_their_definition(whisper, mirror: bool) -> None:
+    """WhisperBatcher(crop_positions): each frame's tokens are those of the last ``crop`` positions
+    before its lookahead at their place in the segment (frames at the stream's start, deep in a
+    segment, across the 30 s edge); every window costs exactly ``crop`` positions."""
+    crop = 70
+    batcher = cropped_like(whisper, crop)
+    batcher.mirror = mirror
+    audio = voice(31.0, 11)
+    n = int(30.8 * F.FPS)
+    wins = windows_of(audio, n)
+    talk = set(range(0, 6)) | set(range(300, 304)) | set(range(744, n))  # start, deep, the edge
+    featurizer = F.MuseTalkFeaturizer(batcher, hangover_seconds=0)
+    tol = {"atol": 2e-2, "rtol": 1e-2} if batcher.dtype == torch.float16 else {"atol": 1e-5, "rtol": 1e-4}
+    compared = 0
+    for i in range(n):
+        (got,) = featurizer.features([AudioFrame(i, wins[i], i in talk)])
+        if i not in talk:
+            assert not got.active
+            continue
+        torch.testing.assert_close(got.data, ref_cropped_tokens(batcher, audio, i, crop), **tol)
+        compared += 1
+    assert compared == len(talk)
+    assert batcher.encoder_positions == (crop + 4) * batcher.encoder_windows
+    assert batcher.encoder_windows > len(talk)  # frames at the edge read two windows
+
+
+def test_cropped_windows_refuse_what_they_cannot_serve(whisper) -> None:
+    with pytest.raises(ValueError, match="trimming"):
+        F.WhisperBatcher(whisper.encoder, whisper.feature_extractor, crop_positions=100)
+    with pytest.raises(ValueError, match="positions"):
+        cropped_like(whisper, 1497)
+    batcher = cropped_like(whisper, 40)
+    with pytest.raises(ValueError, match="grid"):
+        F.MuseTalkFeaturizer(batcher, context_seconds=2.0, frames_per_run=5)
+    with pytest.raises(ValueError, match="needs 58 positions"):
+        F.MuseTalkFeaturizer(batcher, frames_per_run=25)
+    F.MuseTalkFeaturizer(batcher, frames_per_run=16)  # 40 positions: fits

@@ -43,12 +43,17 @@ from pipeline.engines.musetalk.features import (
     D_MODEL,
     DEFAULT_CONTEXT_SECONDS,
     DEFAULT_FRAMES_PER_RUN,
+    CROP_TAIL_POSITIONS,
     DEFAULT_HANGOVER_SECONDS,
+    MIN_CROP_POSITIONS,
     N_TOKENS,
+    N_WHISPER_FRAMES,
     SAMPLE_RATE,
+    WHISPER_FPS,
     MuseTalkFeaturizer,
     WhisperBatcher,
     positional_encoding,
+    run_positions,
 )
 from pipeline.engines.musetalk.loader import DTYPES, load_models, resolve_device
 from pipeline.engines.musetalk.transfer import index_tensor, take_asleep, to_host
@@ -67,7 +72,9 @@ class MuseTalkEngine(Engine):
     audio features, see :class:`~pipeline.engines.musetalk.features.MuseTalkFeaturizer`),
     ``whisper_batch`` (most windows per encoder pass), ``whisper_windows`` ("trimmed": each
     window encoded over the positions its audio needs, or "padded": Whisper's full 30 s input;
-    :class:`~pipeline.engines.musetalk.features.WhisperBatcher`), ``vae_upsample`` ("folded":
+    :class:`~pipeline.engines.musetalk.features.WhisperBatcher`), ``whisper_crop_seconds``
+    (trimmed windows cut to their last this many seconds, at their place in the segment; None:
+    the whole segment so far), ``vae_upsample`` ("folded":
     the VAE decoder's nearest-2x + 3x3 convolutions as one 2x2 convolution per output phase, the
     same function with 0.45x the arithmetic, :mod:`.upsample`; "reference", the default:
     diffusers' layers as loaded. Folding did not make the compiled engine faster on an H200,
@@ -92,6 +99,7 @@ class MuseTalkEngine(Engine):
         hangover_seconds: float = DEFAULT_HANGOVER_SECONDS,
         whisper_batch: int = 8,
         whisper_windows: str = "trimmed",
+        whisper_crop_seconds: float | None = None,
         vae_upsample: str = "reference",
         latents_batch: int = 8,
         gpu_blend: bool = True,
@@ -128,6 +136,9 @@ class MuseTalkEngine(Engine):
             raise ConfigError(f"musetalk compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
         if whisper_windows not in WHISPER_WINDOWS:
             raise ConfigError(f"musetalk whisper_windows must be one of {', '.join(WHISPER_WINDOWS)}, got {whisper_windows!r}")
+        crop_positions = None
+        if whisper_crop_seconds is not None:
+            crop_positions = _crop_positions(whisper_crop_seconds, whisper_windows, context_seconds, frames_per_run)
         if vae_upsample not in VAE_UPSAMPLE:
             raise ConfigError(f"musetalk vae_upsample must be one of {', '.join(VAE_UPSAMPLE)}, got {vae_upsample!r}")
         if attention not in ("sdpa", "classic"):
@@ -165,7 +176,7 @@ class MuseTalkEngine(Engine):
         self.models = load_models(models_dir, device=dev, dtype=self.dtype)
         self.whisper = WhisperBatcher(
             self.models.whisper, self.models.feature_extractor, max_batch=whisper_batch,
-            cuda_graphs=bool(self.cuda_graphs), trim=whisper_windows == "trimmed",
+            cuda_graphs=bool(self.cuda_graphs), trim=whisper_windows == "trimmed", crop_positions=crop_positions,
         )
         self._pe = positional_encoding(device=dev, dtype=self.dtype)  # [50, 384]
         self._latents: dict[tuple[str, str], torch.Tensor] = {}
@@ -470,6 +481,25 @@ VAE_UPSAMPLE = ("folded", "reference")
 COMPILE_MODES = ("none", "default", "static", "max-autotune")
 #: Batch sizes compiled or captured; a batch is padded up to the next one.
 PADDED_SIZES = (1, 2, 4, 8, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128, 192, 256)
+
+
+def _crop_positions(seconds: Any, windows: str, context_seconds: float | None, frames_per_run: int) -> int:
+    """``whisper_crop_seconds`` as Whisper positions, or a ConfigError saying why it cannot be."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ConfigError(f"musetalk whisper_crop_seconds must be a positive number of seconds, got {seconds!r}")
+    if windows != "trimmed":
+        raise ConfigError("musetalk whisper_crop_seconds needs whisper_windows: trimmed")
+    if context_seconds is not None:
+        raise ConfigError("musetalk whisper_crop_seconds needs context_seconds unset (the 30 s grid)")
+    positions = round(seconds * WHISPER_FPS)
+    least = max(MIN_CROP_POSITIONS, run_positions(frames_per_run))
+    most = N_WHISPER_FRAMES - CROP_TAIL_POSITIONS
+    if not least <= positions <= most:
+        raise ConfigError(
+            f"musetalk whisper_crop_seconds must be from {least / WHISPER_FPS:g} (frames_per_run {frames_per_run}) "
+            f"to {most / WHISPER_FPS:g} s, got {seconds!r}"
+        )
+    return positions
 
 
 def padded_size(n: int, minimum: int = 1, exact_up_to: int = 0) -> int:

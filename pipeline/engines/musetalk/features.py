@@ -87,8 +87,21 @@ DEFAULT_HANGOVER_SECONDS = 0.2
 # 4 of 750 1.6 ms, 4 of 1500 2.6 ms), so the buckets are coarse: 500, 1000, 1500. See the class docstring for the why.
 POSITION_BUCKET = 500
 TRIM_MARGIN_POSITIONS = 2
+#: Cropped windows (WhisperBatcher(crop_positions), the engine's ``whisper_crop_seconds``): the
+#: fewest positions a window may be cut to (a featurizer needs 2 per frame of a run, plus 10).
+MIN_CROP_POSITIONS = 16
+#: Positions of silence after a cropped window's audio (its frames' lookahead). Measured on real
+#: speech (bench/whisper_agreement.py, docs/benchmarks.md): a window that ends exactly at the
+#: lookahead agrees worse with the whole-file tokens (cos 0.923 at 5 s) than one with 2-6
+#: positions of zeros after it (0.937-0.939), as Whisper's inputs always end in padding.
+CROP_TAIL_POSITIONS = 4
 #: Windows per encoder pass are padded up to one of these (one CUDA graph per size and length).
 PASS_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+def run_positions(frames: int) -> int:
+    """Whisper frames that ``frames`` consecutive video frames read: what a cropped window must hold."""
+    return 2 * (frames - 1) + WINDOW_WHISPER_FRAMES
 
 
 def positional_encoding(
@@ -161,6 +174,17 @@ class WhisperBatcher:
     Windows that fill all 30 s (a segment's edge, whole-clip calls) are encoded exactly as before.
     Windows of one call are sorted by length, one pass (or more, ``max_batch`` at a time) per
     length: a window's numbers never depend on which other windows share its call.
+
+    ``crop_positions`` (with ``trim``): a grid window holds only its last ``crop_positions``
+    Whisper frames (ending at its frames' lookahead) and :data:`CROP_TAIL_POSITIONS` of silence,
+    and each keeps the positional embedding of its place in the 30 s segment (the window's
+    ``offset``; at a segment's end, where no silence fits, the window starts that much earlier
+    instead). Every window then has the same
+    length, whatever the stream's place in its segment, and costs that much instead of up to
+    1500 positions (a pass of 16 windows on an H200: 0.114 ms per window at 250 positions
+    against 0.417 at 1000, section "Where the GPU time goes"). Measured against the whole-file
+    reference on real speech (bench/whisper_agreement.py --crops), the frame's tokens agree
+    as well or better than with the whole segment's past (docs/benchmarks.md).
     """
 
     def __init__(
@@ -171,9 +195,15 @@ class WhisperBatcher:
         max_batch: int = 8,
         cuda_graphs: bool = False,
         trim: bool = False,
+        crop_positions: int | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        most = N_WHISPER_FRAMES - CROP_TAIL_POSITIONS
+        if crop_positions is not None and not (trim and MIN_CROP_POSITIONS <= crop_positions <= most):
+            raise ValueError(
+                f"cropped windows need trimming and {MIN_CROP_POSITIONS}-{most} positions, got {crop_positions}"
+            )
         param = next(encoder.parameters())
         self.encoder = encoder
         self.feature_extractor = feature_extractor
@@ -181,6 +211,9 @@ class WhisperBatcher:
         self.dtype = param.dtype
         self.max_batch = max_batch
         self.trim = bool(trim)
+        # Cropped windows: a grid window holds only its last ``crop`` positions (the audio up to
+        # its frames' lookahead), each at its own place in the segment (class docstring).
+        self.crop = crop_positions
         self.n_layers = int(encoder.config.encoder_layers)
         n_fft = int(feature_extractor.n_fft)
         self._n_fft = n_fft
@@ -198,7 +231,7 @@ class WhisperBatcher:
         # holding the GIL that the engine's batch thread and the event loop also need. A CUDA
         # graph per (batch size, window length) replays them all in one call.
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self._graph_pool: Any = None
         self.capture_priority = 0  # the priority of the stream graphs are captured on
         self._d_model = int(encoder.config.d_model)
@@ -228,6 +261,8 @@ class WhisperBatcher:
         """Encoder positions a window of ``length`` samples is encoded over (1500 unless trimming)."""
         if not self.trim:
             return N_WHISPER_FRAMES
+        if self.crop is not None:  # every window the same length (the featurizer cuts it so)
+            return self.crop + CROP_TAIL_POSITIONS
         need = -(-length // SAMPLES_PER_WHISPER_FRAME) + TRIM_MARGIN_POSITIONS
         return min(N_WHISPER_FRAMES, -(-need // POSITION_BUCKET) * POSITION_BUCKET)
 
@@ -236,6 +271,8 @@ class WhisperBatcher:
         """Every window length (in positions) this batcher encodes: what a warm-up plans."""
         if not self.trim:
             return [N_WHISPER_FRAMES]
+        if self.crop is not None:
+            return [self.crop + CROP_TAIL_POSITIONS]
         return [*range(POSITION_BUCKET, N_WHISPER_FRAMES, POSITION_BUCKET), N_WHISPER_FRAMES]
 
     # -- maths ------------------------------------------------------------------------------------
@@ -268,27 +305,35 @@ class WhisperBatcher:
         log_spec = torch.maximum(log_spec, peak - 8.0)
         return (log_spec + 4.0) / 4.0
 
-    def encode(self, mel: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(
+        self, mel: torch.Tensor, *, out: torch.Tensor | None = None, offsets: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """[B, 80, 2P] log-mel -> [B, P, 5, 384] stacked hidden states (encoder dtype); P is 1500
         (Whisper's input, the official path) or fewer (trimmed: the first P positions).
 
         ``out``: write them there (a slice of a larger batch: :meth:`features` keeps the windows of
         all its passes in one tensor, so one gather serves them all) and return it.
+        ``offsets`` (cropped windows; int64 [B] on the device): the segment position of each
+        window's first row; None: 0.
         """
         with self._lock, torch.inference_mode():
             mel = mel.to(device=self.device, dtype=self.dtype)
             self.encoder_windows += mel.shape[0]
             self.encoder_positions += mel.shape[0] * (mel.shape[-1] // 2)
+            if self.crop is not None and offsets is None:  # one kind of graph per length
+                offsets = torch.zeros(mel.shape[0], dtype=torch.long, device=self.device)
             if self.cuda_graphs:
                 with torch.cuda.device(self.device):
-                    return self._replay(mel, out)
-            return self._encode(mel, out)
+                    return self._replay(mel, out, offsets)
+            return self._encode(mel, out, offsets)
 
-    def _encode(self, mel: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if mel.shape[-1] == N_MEL_FRAMES:
+    def _encode(
+        self, mel: torch.Tensor, out: torch.Tensor | None = None, offsets: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if mel.shape[-1] == N_MEL_FRAMES and offsets is None:
             states = self.encoder(mel, output_hidden_states=True).hidden_states
         else:
-            states = self._encode_positions(mel)
+            states = self._encode_positions(mel, offsets)
         if len(states) != self.n_layers + 1:  # the official recipe relies on exactly this
             raise RuntimeError(f"Whisper encoder returned {len(states)} hidden states, expected {self.n_layers + 1}")
         shape = (mel.shape[0], states[0].shape[1], len(states), states[0].shape[-1])
@@ -296,15 +341,20 @@ class WhisperBatcher:
             raise RuntimeError(f"encoder output buffer is {list(out.shape)}, hidden states {list(shape)}")
         return torch.stack(states, dim=2, out=out)
 
-    def _encode_positions(self, mel: torch.Tensor) -> list[torch.Tensor]:
+    def _encode_positions(self, mel: torch.Tensor, offsets: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The encoder's own forward over the first ``mel.shape[-1] / 2`` positions: the same
         modules in the same order as ``WhisperEncoder.forward`` (which insists on 3000 mel frames),
-        with the positional embedding's first rows; hidden states as ``output_hidden_states``
-        gives them (the input to each layer, then the layer-normed output)."""
+        with the positional embedding's first rows (from row ``offsets[b]`` for window b where
+        given); hidden states as ``output_hidden_states`` gives them (the input to each layer,
+        then the layer-normed output)."""
         enc = self.encoder
         x = torch.nn.functional.gelu(enc.conv1(mel))
         x = torch.nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)
-        x = x + enc.embed_positions.weight[: x.shape[1]]
+        if offsets is None:
+            x = x + enc.embed_positions.weight[: x.shape[1]]
+        else:
+            rows = offsets[:, None] + torch.arange(x.shape[1], device=x.device)
+            x = x + enc.embed_positions.weight[rows]
         states = [x]
         for layer in enc.layers:
             x = layer(x, None, **self._layer_kwargs)
@@ -314,35 +364,42 @@ class WhisperBatcher:
         states[-1] = enc.layer_norm(x)
         return states
 
-    def _replay(self, mel: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def _replay(
+        self, mel: torch.Tensor, out: torch.Tensor | None = None, offsets: torch.Tensor | None = None
+    ) -> torch.Tensor:
         n = mel.shape[0]
         size = next((s for s in PASS_SIZES if s >= n), n)
-        key = (size, mel.shape[-1])
+        key = (size, mel.shape[-1], offsets is not None)
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._graphs[key] = self._capture(mel[:1].expand(size, -1, -1))
-        graph, static_in, static_out = entry
+            entry = self._graphs[key] = self._capture(mel[:1].expand(size, -1, -1), offsets is not None)
+        graph, static_in, static_out, static_offsets = entry
         static_in[:n].copy_(mel)  # rows past n keep an earlier input: their output is not read
+        if static_offsets is not None and offsets is not None:
+            static_offsets[:n].copy_(offsets)
         graph.replay()
         if out is None:
             return static_out[:n].clone()  # the next replay reuses the output buffer
         return out.copy_(static_out[:n])
 
-    def _capture(self, mel: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+    def _capture(
+        self, mel: torch.Tensor, with_offsets: bool = False
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         static_in = mel.clone()
+        static_offsets = torch.zeros(mel.shape[0], dtype=torch.long, device=mel.device) if with_offsets else None
         stream = torch.cuda.Stream(self.device, priority=self.capture_priority)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # outside the graph: cuDNN plans, lazy inits
-                self._encode(static_in)
+                self._encode(static_in, offsets=static_offsets)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._graph_pool, stream=stream):
-            static_out = self._encode(static_in)
+            static_out = self._encode(static_in, offsets=static_offsets)
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        return graph, static_in, static_out
+        return graph, static_in, static_out, static_offsets
 
     def encode_audio(self, windows: Sequence[np.ndarray], positions: int | None = None) -> list[torch.Tensor]:
         """Each 16 kHz window (<= 30 s) -> its [P, 5, 384] hidden states, ``max_batch`` per pass
@@ -387,7 +444,11 @@ class WhisperBatcher:
         return order, passes
 
     def _encode_sources(
-        self, staging: _Staging, sources: list[_Source], passes: list[tuple[int, int]]
+        self,
+        staging: _Staging,
+        sources: list[_Source],
+        passes: list[tuple[int, int]],
+        offsets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Windows -> [n, 1500, 5, 384] hidden states, pass after pass ((windows, positions) each,
         consecutive windows); a pass of fewer positions fills only the first ones of its rows.
@@ -407,13 +468,19 @@ class WhisperBatcher:
                     batch = staging.audio[offset : offset + n * width].view(n, width)
                     if self.device.type == "cuda":
                         batch = batch.to(self.device, non_blocking=True)
-                    self.encode(self.log_mel(batch, positions), out=hidden[row : row + n, :positions])
+                    at = None if offsets is None else offsets[row : row + n]
+                    self.encode(self.log_mel(batch, positions), out=hidden[row : row + n, :positions], offsets=at)
                     row += n
             finally:
                 staging.sent()
         return hidden
 
-    def _encode_rows(self, rows: list[tuple[torch.Tensor, int, int]], passes: list[tuple[int, int]]) -> torch.Tensor:
+    def _encode_rows(
+        self,
+        rows: list[tuple[torch.Tensor, int, int]],
+        passes: list[tuple[int, int]],
+        offsets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """:meth:`_encode_sources` for windows already on the device: ``rows`` are (a stream's
         mirror, offset of the window's first sample in it, window length), in pass order."""
         shape = (len(rows), N_WHISPER_FRAMES, self.n_layers + 1, self._d_model)
@@ -426,7 +493,8 @@ class WhisperBatcher:
                 batch = torch.zeros((n, max(1, max(length for _, _, length in group))), device=self.device)
                 for k, (tensor, offset, length) in enumerate(group):
                     batch[k, :length].copy_(tensor[offset : offset + length])
-                self.encode(self.log_mel(batch, positions), out=hidden[row : row + n, :positions])
+                at = None if offsets is None else offsets[row : row + n]
+                self.encode(self.log_mel(batch, positions), out=hidden[row : row + n, :positions], offsets=at)
                 row += n
         return hidden
 
@@ -526,17 +594,22 @@ class WhisperBatcher:
             index = rank[index // N_WHISPER_FRAMES] * N_WHISPER_FRAMES + index % N_WHISPER_FRAMES
             sources = [sources[i] for i in order]
         n_frames = len(index) // WINDOW_WHISPER_FRAMES
+        parts = [index] if keep is None else [index, keep]
+        if self.crop is not None:  # each window's place in its segment, in encoding order
+            starts = np.asarray([s for plan in plans for run in plan.runs for s in run.starts], dtype=np.int64)
+            parts.append(starts[order] % N_SAMPLES // SAMPLES_PER_WHISPER_FRAME)
         staging = self._take_staging()
         try:
             # the gather indices go first, on the same stream: the event after the audio covers them
-            index_t = staging.indices(index if keep is None else np.concatenate([index, keep]))
+            index_t = staging.indices(np.concatenate(parts) if len(parts) > 1 else index)
             if self.device.type == "cuda":
                 index_t = index_t.to(self.device, non_blocking=True)
+            offsets = None if self.crop is None else index_t[len(index_t) - len(sources) :]
             rows = self._mirror_rows(staging, plans, order) if self.mirror else None
             if rows is None:
-                hidden = self._encode_sources(staging, sources, passes)
+                hidden = self._encode_sources(staging, sources, passes, offsets)
             else:
-                hidden = self._encode_rows(rows, passes)
+                hidden = self._encode_rows(rows, passes, offsets)
             # every window's 1500 frames end to end; 10 Whisper frames per video frame
             flat = hidden.view(-1, *hidden.shape[2:])  # [windows * 1500, 5, 384]
             picked = torch.index_select(flat, 0, index_t[: len(index)])
@@ -544,7 +617,7 @@ class WhisperBatcher:
             if keep is not None:
                 # Whisper frames before a stream's start are the official zero padding: x * 0, as
                 # this path always computed them (the same bits, -0.0 included)
-                mask = index_t[len(index) :].view(n_frames, WINDOW_WHISPER_FRAMES).to(hidden.dtype)
+                mask = index_t[len(index) : 2 * len(index)].view(n_frames, WINDOW_WHISPER_FRAMES).to(hidden.dtype)
                 picked = picked * mask[:, :, None, None]
         finally:
             self._staging.append(staging)  # on a CPU, index_t was read from it until here
@@ -865,6 +938,15 @@ class MuseTalkFeaturizer(Featurizer):
             raise ValueError("frames_per_run must be >= 1 and fit with its look-back and lookahead in 30 s")
         if hangover_seconds < 0:
             raise ValueError("hangover_seconds must be >= 0")
+        crop = getattr(whisper, "crop", None)  # (whisper is None when an engine only checks options)
+        if crop is not None:
+            if context_seconds is not None:
+                raise ValueError("cropped windows lie on the 30 s grid: context_seconds must be None")
+            if run_positions(frames_per_run) > crop:
+                raise ValueError(
+                    f"a run of {frames_per_run} frames needs {run_positions(frames_per_run)} "
+                    f"positions, more than the cropped windows' {crop}"
+                )
         self._whisper = whisper
         self.batcher = whisper  # a FeatureWorker runs many streams' frames through it at once
         self.context_samples = None if context_seconds is None else round(context_seconds * SAMPLE_RATE)
@@ -914,7 +996,7 @@ class MuseTalkFeaturizer(Featurizer):
         for run in runs:
             end = run.frames[-1] * SAMPLES_PER_VIDEO_FRAME + LOOKAHEAD_SAMPLES
             run.starts = self._window_starts(run.frames[0], run.frames[-1], end)
-            run.ends = [min(s + N_SAMPLES, end) for s in run.starts]
+            run.ends = [min(self._window_limit(s), end) for s in run.starts]
         plan = _Plan(self, active, runs, self._buf, self._buf_start, self._buf_len)
         if runs:  # a speaking plan's call syncs the mirror (or drops it): the writes are its now
             plan.dirty_from, self._dirty_from = self._dirty_from, 1 << 62
@@ -927,10 +1009,27 @@ class MuseTalkFeaturizer(Featurizer):
         if self.context_samples is None:  # the official 30 s grid: one window per segment touched
             lo = max(0, 2 * first - LEAD_WHISPER_FRAMES) // N_WHISPER_FRAMES
             hi = max(0, 2 * last - LEAD_WHISPER_FRAMES + WINDOW_WHISPER_FRAMES - 1) // N_WHISPER_FRAMES
-            return [seg * N_SAMPLES for seg in range(lo, hi + 1)]
+            crop = self._whisper.crop
+            if crop is None:
+                return [seg * N_SAMPLES for seg in range(lo, hi + 1)]
+            # cropped: the last ``crop`` positions of the segment's part up to ``end`` (on the
+            # 320-sample grid: ``end`` and the segment starts are), and room for the silent tail
+            # before the segment's end
+            span, whole = crop * SAMPLES_PER_WHISPER_FRAME, (crop + CROP_TAIL_POSITIONS) * SAMPLES_PER_WHISPER_FRAME
+            return [
+                max(seg * N_SAMPLES, min(min((seg + 1) * N_SAMPLES, end) - span, (seg + 1) * N_SAMPLES - whole))
+                for seg in range(lo, hi + 1)
+            ]
         start = first * SAMPLES_PER_VIDEO_FRAME - self.context_samples
         start = start // SAMPLES_PER_WHISPER_FRAME * SAMPLES_PER_WHISPER_FRAME
         return [max(0, start, end - N_SAMPLES)]  # end - N_SAMPLES is on the 320 grid too
+
+    def _window_limit(self, start: int) -> int:
+        """One past the last sample a window starting at ``start`` may hold: its segment's end on
+        the grid, 30 s on from it when sliding."""
+        if self.context_samples is None:
+            return (start // N_SAMPLES + 1) * N_SAMPLES
+        return start + N_SAMPLES
 
     # -- the rolling sample buffer ----------------------------------------------------------------
 
