@@ -1369,7 +1369,8 @@ def stage_lines(devices_at_end: dict[str, Any]) -> list[str]:
         if not stages.get("frames"):
             continue
         parts = [f"{stage} {fmt(stages[stage]['p50'])}/{fmt(stages[stage]['p95'])}"
-                 for stage in ("handoff", "handoff_pipe", "features", "feature_pass", "queue", "batch", "batch_host", "finish")
+                 for stage in ("handoff", "handoff_pipe", "features", "feature_pass", "queue", "batch", "batch_host",
+                               "gpu_batch", "gpu_idle", "finish")
                  if stage in stages]
         slack = stages.get("slack")
         if slack:

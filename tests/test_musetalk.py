@@ -522,6 +522,13 @@ def test_tiny_engine_on_cuda_fp16_matches_cpu(tiny_dir: Path, engine, tmp_path: 
     a = engine.generate_float(reqs)
     b = gpu.generate_float(reqs).cpu()
     assert (a - b).abs().mean() < 0.02
+    # a composed batch is timed on the GPU's clock, and the idle time between two batches too
+    gpu.load_avatar(avatar)
+    gpu.compose_staged(reqs)()
+    assert gpu.last_batch_gpu is not None and gpu.last_batch_gpu > 0 and gpu.last_batch_idle is None
+    time.sleep(0.05)
+    gpu.compose_staged(reqs)()
+    assert gpu.last_batch_idle is not None and gpu.last_batch_idle >= 0.04
     gpu.close()
 
 

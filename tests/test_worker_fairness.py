@@ -305,12 +305,14 @@ def test_batch_time_estimate_excludes_waiting_for_the_batch_in_flight() -> None:
 
 def test_batch_host_is_the_batch_minus_the_engines_sleep_on_its_device() -> None:
     """An engine that reports how long its batch slept on the device (MuseTalk on cuda) gets the
-    rest of the batch recorded as ``batch_host``; one that reports nothing gets no such stage."""
+    rest of the batch recorded as ``batch_host``, and its device timeline as ``gpu_batch`` and
+    ``gpu_idle``; one that reports nothing gets no such stages."""
 
     class SleepyEngine(StagedGatedEngine):
         def compose_staged(self, requests):
             time.sleep(0.2)  # 0.2 s of "device" time, reported as slept
             self.last_batch_asleep = 0.2
+            self.last_batch_gpu, self.last_batch_idle = 0.19, 0.03
             return super().compose_staged(requests)
 
     for engine, reported in ((SleepyEngine(), True), (StagedGatedEngine(), False)):
@@ -326,8 +328,9 @@ def test_batch_host_is_the_batch_minus_the_engines_sleep_on_its_device() -> None
                 # the batch's 0.2 s of sleep is not host time; what is left is (a loaded runner may
                 # add to it, never take from it)
                 assert 0.0 <= stages["batch_host"]["p50"] < stages["batch"]["p50"] - 150.0, stages
+                assert stages["gpu_batch"]["p50"] == 190.0 and stages["gpu_idle"]["p50"] == 30.0
             else:
-                assert "batch_host" not in stages
+                assert not {"batch_host", "gpu_batch", "gpu_idle"} & set(stages)
         finally:
             worker.close()
 

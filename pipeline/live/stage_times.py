@@ -23,6 +23,12 @@ frame's stages here, and ``GET /v1/devices`` shows their percentiles (``stages_m
 - ``batch_host``: the part of ``batch`` its thread was not asleep waiting for the GPU: inputs,
   launches, GIL waits (only engines that report ``last_batch_asleep``: MuseTalk on cuda). On an
   H200 at 16 sessions a batch took ~0.6 ms per frame more than its GPU work, unexplained;
+- ``gpu_batch`` / ``gpu_idle``: the batch on the GPU's own clock (CUDA events on the engine's
+  stream, from its first kernel to its end), and how long that stream sat idle between the
+  previous batch's end and this one's start (waiting for frames, batch gathering, the host side
+  between batches; only engines that report ``last_batch_gpu`` / ``last_batch_idle``: MuseTalk
+  on cuda). Their sum over the batches against the wall time says what share of the GPU the
+  batches leave unused, and where;
 - ``finish``: from the end of that part to the frame's delivery (pasting, and waiting for the
   previous batch's pasting: batches are delivered in order);
 - ``slack``: the frame's deadline minus its delivery (negative: late). Its low percentiles are
@@ -37,9 +43,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-STAGES = ("handoff", "handoff_pipe", "features", "feature_pass", "queue", "batch", "batch_host", "finish", "slack")
+STAGES = (
+    "handoff", "handoff_pipe", "features", "feature_pass", "queue", "batch", "batch_host", "gpu_batch", "gpu_idle",
+    "finish", "slack",
+)
 #: Stages only some engines report (absent from ``summary`` otherwise).
-ENGINE_STAGES = ("batch_host",)
+ENGINE_STAGES = ("batch_host", "gpu_batch", "gpu_idle")
 #: Frames kept per stage: about 25 s of 16 talking sessions.
 KEEP_FRAMES = 10_000
 #: Seconds of recent frames a summary covers: what the device does now, not a minute ago (a load

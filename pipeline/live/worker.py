@@ -459,6 +459,10 @@ class EngineWorker:
             asleep = getattr(self.engine, "last_batch_asleep", None)
             if asleep is not None:  # an engine that waits for its device asleep tells how long
                 self.stages.add("batch_host", max(0.0, elapsed - asleep), len(batch))
+            for stage, attribute in (("gpu_batch", "last_batch_gpu"), ("gpu_idle", "last_batch_idle")):
+                seconds = getattr(self.engine, attribute, None)  # an engine that times its device
+                if seconds is not None:
+                    self.stages.add(stage, seconds, len(batch))
             try:
                 self._finisher.submit(self._finish, batch, finish, started, made)
             except RuntimeError:  # closed while this batch ran longer than close() waits for it

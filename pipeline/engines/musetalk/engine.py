@@ -150,6 +150,12 @@ class MuseTalkEngine(Engine):
         self.gpu_blend = bool(gpu_blend)
         # seconds the last compose_staged slept on the GPU (cuda only; the worker's batch_host stage)
         self.last_batch_asleep: float | None = None
+        # and, from CUDA events on its stream, how long the GPU took for it and how long the
+        # stream sat idle between the previous batch and this one (the worker's gpu_batch and
+        # gpu_idle stages: how much of the GPU's time the batches leave unused)
+        self.last_batch_gpu: float | None = None
+        self.last_batch_idle: float | None = None
+        self._last_batch_end: Any = None
         self.channels_last = bool(channels_last)
         self.cuda_graphs = bool(cuda_graphs)
         self.compile_mode = compile
@@ -220,6 +226,7 @@ class MuseTalkEngine(Engine):
         if not self.gpu_blend:
             return super().compose_staged(requests)
         take_asleep()  # from here on: this batch's sleep on the GPU (last_batch_asleep)
+        begun = self._gpu_mark()
         pastes: list[tuple[AvatarBlendCache, int, np.ndarray]] = []
         for lo in range(0, len(requests), self.batch_size):
             chunk = requests[lo : lo + self.batch_size]
@@ -243,6 +250,7 @@ class MuseTalkEngine(Engine):
             )
 
         self.last_batch_asleep = take_asleep() if self.device.type == "cuda" else None
+        self._time_batch(begun)
 
         def finish(into: Sequence[np.ndarray | None] | None = None) -> list[np.ndarray]:
             outs = [None] * len(pastes) if into is None else list(into)
@@ -255,6 +263,32 @@ class MuseTalkEngine(Engine):
             return [cache.paste(index, region, out) for cache, index, region, out in jobs]
 
         return finish
+
+    def _gpu_mark(self) -> Any:
+        """A timing event recorded now on the engine's stream (None off CUDA)."""
+        if self.device.type != "cuda":
+            return None
+        with torch.cuda.device(self.device):
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        return event
+
+    def _time_batch(self, begun: Any) -> None:
+        """``last_batch_gpu`` / ``last_batch_idle`` from the batch's first event and one recorded
+        now: stage one ends waiting for its faces, so the stream is idle and the event marks the
+        batch's end (a wake-up later: the idle time reads a little short)."""
+        if begun is None:
+            return
+        try:
+            ended = self._gpu_mark()
+            ended.synchronize()
+            self.last_batch_gpu = begun.elapsed_time(ended) / 1000
+            previous, self._last_batch_end = self._last_batch_end, ended
+            self.last_batch_idle = None if previous is None else max(0.0, previous.elapsed_time(begun) / 1000)
+        except RuntimeError as exc:  # a figure, never worth a batch (a device fault shows in the next one)
+            log.warning("musetalk: timing a batch on %s failed: %s", self.device, exc)
+            self.last_batch_gpu = self.last_batch_idle = None
+            self._last_batch_end = None
 
     def _paste_pool(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._pool is None:
