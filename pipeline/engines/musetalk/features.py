@@ -179,12 +179,12 @@ class WhisperBatcher:
     Whisper frames (ending at its frames' lookahead) and :data:`CROP_TAIL_POSITIONS` of silence,
     and each keeps the positional embedding of its place in the 30 s segment (the window's
     ``offset``; at a segment's end, where no silence fits, the window starts that much earlier
-    instead). Every window then has the same
-    length, whatever the stream's place in its segment, and costs that much instead of up to
-    1500 positions (a pass of 16 windows on an H200: 0.114 ms per window at 250 positions
-    against 0.417 at 1000, section "Where the GPU time goes"). Measured against the whole-file
-    reference on real speech (bench/whisper_agreement.py --crops), the frame's tokens agree
-    as well or better than with the whole segment's past (docs/benchmarks.md).
+    instead). Every window then has the same length, whatever the stream's place in its
+    segment, and costs that much instead of up to 1500 positions (a pass of 16 windows on an
+    H200: 0.114 ms per window at 250 positions against 0.417 at 1000, section "Where the GPU
+    time goes"). Measured against the whole-file reference on real speech
+    (bench/whisper_agreement.py --windows cropped:5), the tokens agree better than with the
+    segment's whole past from 5 s on (docs/benchmarks.md, "Cropped windows").
     """
 
     def __init__(
