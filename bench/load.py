@@ -45,7 +45,10 @@ with MuseTalk the engine generates through ``--talk all``'s 0.3 s pauses), the o
 returned audio (which the server sends with the frame it belongs to) plus the session's median
 A/V offset stands in; the table's onsets column counts both (mouth + audio / sent). Also the same latency by
 arrival at the client (decode and jitter buffer included), the A/V offset of those onsets against
-the returned audio, and the server's own stats for the session (``GET /v1/sessions/{id}``).
+the returned audio, the returned audio's delay at every onset by cross-correlation with what was
+sent (:func:`echo_delay`: the frame that carries the utterance's first sound, to 2 ms; reported
+beside the verdicts, not in them yet), and the server's own stats for the session
+(``GET /v1/sessions/{id}``).
 Late frames of a session, in the talking window: the server's own count (its video tracks'
 ``late_frames`` plus ``dropped_frames`` plus ``skipped_frames``, frames its device could not make
 on time and showed the last picture for; since 2026-12-03 a held frame is counted as skipped only,
@@ -116,6 +119,15 @@ ONSET_WINDOW = 1.5  # a mouth onset more than this after the sent onset is "miss
 # buffers. In talk "all" a still-moving mouth otherwise put a later word's rise 1-1.5 s late,
 # and with it the session's A/V offset (-191 to +614 ms in one H200 run), into the latency.
 AV_PLAUSIBLE = 0.25
+# The returned audio's delay found by cross-correlating each utterance's first ECHO_TEMPLATE s
+# with what came back (envelopes at ECHO_STEP s): the delay of the frame that carries the
+# utterance's first sound, as the server sends each frame with its own audio. An envelope
+# threshold instead fires somewhere in the first syllable, 0-100 ms in depending on the sound
+# (one H200 run: one session's onsets 190-290 ms by threshold, its mouth 140-200 ms).
+ECHO_TEMPLATE = 0.6
+ECHO_STEP = 0.002
+MIN_ECHO_CORRELATION = 0.6
+ECHO_TIE = 0.05  # correlation within this of the best counts as as good (the earliest such peak wins)
 
 # Sentences of about 1 to 4 s at espeak-ng's 150 words per minute.
 SENTENCES = [
@@ -421,7 +433,11 @@ async def _run_session(spec: dict[str, Any], messages, talk_at, stop) -> dict[st
                 except Exception:  # noqa: BLE001
                     pass
 
-    result.update(analyse(client, plan, durations, sent_onsets, t_talk, t_end))
+    if spec["clips16"]:
+        sent_audio = [(np.frombuffer(c, "<i2").astype(np.float32) / 32768, 16000) for c in spec["clips16"]]
+    else:
+        sent_audio = [(np.asarray(c, np.float32), 48000) for c in spec["clips48"]]
+    result.update(analyse(client, plan, durations, sent_onsets, t_talk, t_end, sent_audio))
     judge(result, t_end - t_talk)
     result["plan_utterances"] = len(plan)
     result["talk_fraction"] = round(sum(durations[i] for _, i in plan) / spec["duration"], 3)
@@ -439,8 +455,51 @@ def _pct(values, q: float) -> float | None:  # noqa: ANN001
     return round(float(np.percentile(values, q)), 1) if values else None
 
 
-def analyse(client, plan, durations, sent_onsets, t_talk, t_end) -> dict[str, Any]:  # noqa: ANN001, C901
-    from tests.rtc_client import envelope, motion
+def echo_delay(sent: np.ndarray, sent_rate: int, returned: np.ndarray, returned_rate: int, start: float,
+               search: float) -> tuple[float, float] | None:
+    """(delay s, correlation) of ``sent`` (an utterance's audio) in ``returned`` from sample
+    ``start`` s on, by the normalised cross-correlation of their envelopes over ``search`` s of
+    lags; None where ``returned`` has too little there or nothing correlates well enough."""
+    template = _smooth_envelope(np.asarray(sent[: int(ECHO_TEMPLATE * sent_rate)], np.float32), sent_rate)
+    lo = int(round(start * returned_rate))
+    hi = lo + int((search + ECHO_TEMPLATE) * returned_rate)
+    if lo < 0 or hi > len(returned) or len(template) < 10:
+        return None
+    heard = _smooth_envelope(returned[lo:hi], returned_rate)
+    n = len(template)
+    if len(heard) < n:
+        return None
+    t = template - template.mean()
+    norm = float(np.linalg.norm(t))
+    if norm == 0.0:
+        return None
+    windows = np.lib.stride_tricks.sliding_window_view(heard, n)
+    w = windows - windows.mean(axis=1, keepdims=True)
+    corr = (w @ t) / (np.linalg.norm(w, axis=1) * norm + 1e-12)
+    best = float(corr.max())
+    if best < MIN_ECHO_CORRELATION:
+        return None
+    # the earliest peak about as good as the best: speech with a steady rhythm also matches
+    # itself a syllable or two later, and the utterance came back once, first
+    rising = corr >= np.concatenate([[-np.inf], corr[:-1]])
+    falling = corr >= np.concatenate([corr[1:], [-np.inf]])
+    k = int(np.flatnonzero((corr >= best - ECHO_TIE) & rising & falling)[0])
+    return k * ECHO_STEP, float(corr[k])
+
+
+def _smooth_envelope(signal: np.ndarray, rate: int, width: float = 0.01) -> np.ndarray:
+    """RMS over ``width`` s windows every ECHO_STEP s: wide enough that a voice's pitch period
+    does not ripple it, sampled finely enough for the delay's resolution."""
+    power = np.concatenate([[0.0], np.cumsum(np.asarray(signal, np.float64) ** 2)])
+    n, hop = int(width * rate), int(ECHO_STEP * rate)
+    starts = np.arange(0, len(signal) - n + 1, hop)
+    return np.sqrt((power[starts + n] - power[starts]) / n)
+
+
+def analyse(client, plan, durations, sent_onsets, t_talk, t_end, sent_audio=None) -> dict[str, Any]:  # noqa: ANN001, C901
+    """``sent_audio``: per sentence, (its samples, their rate), for the returned audio's
+    cross-correlated delay (:func:`echo_delay`)."""
+    from tests.rtc_client import RATE, envelope, motion
 
     rec = client.recording
     out: dict[str, Any] = {"frames_received": len(rec.frames)}
@@ -600,6 +659,18 @@ def analyse(client, plan, durations, sent_onsets, t_talk, t_end) -> dict[str, An
     out["onset_latency_ms_p95"] = _pct(combined, 95)
     out["onset_latency_ms_p99"] = _pct(combined, 99)
     out["onsets_unmeasured"] = len(onsets) - len(combined)  # missed, or unclear without returned audio
+    # The returned audio's delay at every counted onset, by cross-correlation (ECHO_TEMPLATE): for
+    # now reported beside the figures above, not in the verdicts
+    echoes: list[float] = []
+    if sent_audio and len(signal_):
+        for k, u in onset_list:
+            if u > t_end - 0.5:
+                continue
+            samples, rate = sent_audio[plan[k][1]]
+            found = echo_delay(samples, rate, signal_, RATE, u - t0, ONSET_WINDOW)
+            if found is not None:
+                echoes.append(found[0] * 1000)
+    out["echo_latency_ms"] = [round(v, 1) for v in echoes]
     return out
 
 
@@ -963,6 +1034,7 @@ def summarise(results: list[dict[str, Any]], cpu: CpuSampler, gpu: GpuSampler, t
     missed = sum(r.get("onsets_missed", 0) for r in results)
     unmeasured = sum(r.get("onsets_unmeasured", 0) for r in results)
     arrival = [v for r in results for v in r.get("arrival_latency_ms", [])]
+    echoes = [v for r in results for v in r.get("echo_latency_ms", [])]
     window_s = (t_end - t_talk) if t_talk is not None and t_end is not None else None
     p95_missed = _p95_with_missed(combined, unmeasured)
     overall: dict[str, Any] = {
@@ -993,6 +1065,10 @@ def summarise(results: list[dict[str, Any]], cpu: CpuSampler, gpu: GpuSampler, t
         "latency_ms_p99": _pct(latencies, 99),
         "arrival_latency_ms_p50": _pct(arrival, 50),
         "arrival_latency_ms_p95": _pct(arrival, 95),
+        "echo_onsets": len(echoes),
+        "echo_latency_ms_p50": _pct(echoes, 50),
+        "echo_latency_ms_p95": _pct(echoes, 95),
+        "echo_latency_ms_p99": _pct(echoes, 99),
         "client_send_lag_ms_max": max((r.get("max_send_lag_ms", 0.0) for r in results), default=None),
         "server_latency_ms_p50_median": _pct([s.get("latency_ms_p50") for s in servers], 50),
         "server_latency_ms_p95_max": max(
@@ -1163,6 +1239,10 @@ def print_summary(report: dict[str, Any]) -> None:
     print(f"mouth onsets only: {o['onsets_measured']}/{o['onsets_sent']}: p50 {fmt(o['latency_ms_p50'])}, "
           f"p95 {fmt(o['latency_ms_p95'])}, p99 {fmt(o['latency_ms_p99'])} ms "
           f"(by arrival at the client: p50 {fmt(o['arrival_latency_ms_p50'])} ms)")
+    if o.get("echo_onsets"):
+        print(f"returned audio by cross-correlation (the frame carrying each utterance's first sound): "
+              f"{o['echo_onsets']}/{o['onsets_sent']} onsets, p50 {fmt(o['echo_latency_ms_p50'])}, "
+              f"p95 {fmt(o['echo_latency_ms_p95'])}, p99 {fmt(o['echo_latency_ms_p99'])} ms")
     print(f"server: latency p50 {fmt(o['server_latency_ms_p50_median'])} ms (median of sessions), "
           f"p95 {fmt(o['server_latency_ms_p95_max'])} ms (max); late {o['late_frames']} "
           f"({fmt(o['late_percent'], '%')}), dropped {o['dropped_frames']} "

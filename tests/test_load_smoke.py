@@ -66,6 +66,11 @@ def test_load_two_websocket_sessions(avatars_root: Path, tmp_path: Path) -> None
     for session in sessions:
         assert session["packet_delay_ms_p50"] is not None and session["decode_delay_ms_p50"] >= 0, session
     assert "delivery, ms after release" in done.stdout
+    # the returned audio's delay by cross-correlation: found for most onsets, after the server's
+    # release delay (lookahead + jitter + processing: at least 0.12 s) and before the mouth's window
+    assert overall["echo_onsets"] >= overall["onsets_sent"] // 2, overall
+    assert 120 < overall["echo_latency_ms_p50"] < 1500, overall
+    assert "returned audio by cross-correlation" in done.stdout
 
     # several reports: one line each, with the device's mean batch and stage figures
     again = subprocess.run(
@@ -261,3 +266,27 @@ def test_a_client_niceness_out_of_range_is_refused(nice: str, capsys) -> None:
         load.parse_args(["--sessions", "1", "--client-nice", nice])
     assert stopped.value.code == 2
     assert "--client-nice" in capsys.readouterr().err
+
+
+def test_echo_delay_finds_the_returned_utterance_to_a_step() -> None:
+    """The returned audio's delay by envelope cross-correlation: the sent utterance comes back at
+    another rate, quieter, with noise and other speech before it; found to within one step (2 ms).
+    Noise alone is not an echo."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import load
+
+    rng = np.random.default_rng(3)
+    t = np.arange(int(1.2 * 16000)) / 16000
+    syllables = np.clip(np.sin(2 * np.pi * 3.3 * t + rng.uniform(0, 6)), 0, None) ** 2  # ~3 per second
+    sent = (0.5 * syllables * np.sin(2 * np.pi * 180 * t)).astype(np.float32)
+    for delay in (0.137, 0.2584, 0.9):
+        returned = 0.01 * rng.standard_normal(int(3.5 * 48000)).astype(np.float32)
+        at = int((0.4 + delay) * 48000)
+        returned[at : at + 3 * len(sent)] += 0.4 * np.repeat(sent, 3)  # 48 kHz
+        returned[: int(0.3 * 48000)] += 0.3 * np.sin(2 * np.pi * 240 * np.arange(int(0.3 * 48000)) / 48000)
+        found = load.echo_delay(sent, 16000, returned, 48000, 0.4, 1.5)
+        assert found is not None and abs(found[0] - delay) <= load.ECHO_STEP, (delay, found)
+        assert found[1] > 0.9
+    noise = 0.1 * rng.standard_normal(int(3.5 * 48000)).astype(np.float32)
+    assert load.echo_delay(sent, 16000, noise, 48000, 0.4, 1.5) is None
+    assert load.echo_delay(sent, 16000, noise[:48000], 48000, 0.4, 1.5) is None  # too little returned
