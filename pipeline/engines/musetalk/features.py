@@ -42,9 +42,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -457,23 +458,18 @@ class WhisperBatcher:
         ``staging`` and sent as one ``non_blocking`` copy; the passes write into one tensor.
         """
         groups = staging.fill(sources, [n for n, _ in passes])
+
+        def batch_of(k: int) -> torch.Tensor:
+            n, offset, width = groups[k]
+            batch = staging.audio[offset : offset + n * width].view(n, width)
+            return batch.to(self.device, non_blocking=True) if self.device.type == "cuda" else batch
+
         # the staging buffer's event is made and recorded on the *current* device: make it ours
-        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-        with torch.inference_mode(), on_device:
-            shape = (len(sources), N_WHISPER_FRAMES, self.n_layers + 1, self._d_model)
-            hidden = torch.empty(shape, device=self.device, dtype=self.dtype)
-            row = 0
+        with self._on_device():
             try:
-                for (n, offset, width), (_, positions) in zip(groups, passes, strict=True):
-                    batch = staging.audio[offset : offset + n * width].view(n, width)
-                    if self.device.type == "cuda":
-                        batch = batch.to(self.device, non_blocking=True)
-                    at = None if offsets is None else offsets[row : row + n]
-                    self.encode(self.log_mel(batch, positions), out=hidden[row : row + n, :positions], offsets=at)
-                    row += n
+                return self._encode_passes(len(sources), passes, offsets, batch_of)
             finally:
                 staging.sent()
-        return hidden
 
     def _encode_rows(
         self,
@@ -483,20 +479,40 @@ class WhisperBatcher:
     ) -> torch.Tensor:
         """:meth:`_encode_sources` for windows already on the device: ``rows`` are (a stream's
         mirror, offset of the window's first sample in it, window length), in pass order."""
-        shape = (len(rows), N_WHISPER_FRAMES, self.n_layers + 1, self._d_model)
-        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-        with torch.inference_mode(), on_device:
+        firsts = list(itertools.accumulate((n for n, _ in passes), initial=0))
+
+        def batch_of(k: int) -> torch.Tensor:
+            group = rows[firsts[k] : firsts[k + 1]]
+            batch = torch.zeros((len(group), max(1, max(length for _, _, length in group))), device=self.device)
+            for row, (tensor, offset, length) in enumerate(group):
+                batch[row, :length].copy_(tensor[offset : offset + length])
+            return batch
+
+        return self._encode_passes(len(rows), passes, offsets, batch_of)
+
+    def _encode_passes(
+        self,
+        n_windows: int,
+        passes: list[tuple[int, int]],
+        offsets: torch.Tensor | None,
+        batch_of: Callable[[int], torch.Tensor],
+    ) -> torch.Tensor:
+        """The passes' windows (pass ``k``'s audio batch from ``batch_of(k)``) -> [n_windows,
+        1500, 5, 384] hidden states in one tensor; a pass of fewer positions fills only the first
+        ones of its rows."""
+        with torch.inference_mode(), self._on_device():
+            shape = (n_windows, N_WHISPER_FRAMES, self.n_layers + 1, self._d_model)
             hidden = torch.empty(shape, device=self.device, dtype=self.dtype)
             row = 0
-            for n, positions in passes:
-                group = rows[row : row + n]
-                batch = torch.zeros((n, max(1, max(length for _, _, length in group))), device=self.device)
-                for k, (tensor, offset, length) in enumerate(group):
-                    batch[k, :length].copy_(tensor[offset : offset + length])
+            for k, (n, positions) in enumerate(passes):
                 at = None if offsets is None else offsets[row : row + n]
-                self.encode(self.log_mel(batch, positions), out=hidden[row : row + n, :positions], offsets=at)
+                self.encode(self.log_mel(batch_of(k), positions), out=hidden[row : row + n, :positions], offsets=at)
                 row += n
         return hidden
+
+    def _on_device(self) -> contextlib.AbstractContextManager[Any]:
+        """This engine's GPU as the current device (nothing on a CPU)."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def _mirror_rows(
         self, staging: _Staging, plans: Sequence[_Plan], order: Sequence[int]
