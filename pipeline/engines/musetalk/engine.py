@@ -43,11 +43,10 @@ from pipeline.engines.musetalk.features import (
     D_MODEL,
     DEFAULT_CONTEXT_SECONDS,
     DEFAULT_FRAMES_PER_RUN,
-    CROP_TAIL_POSITIONS,
     DEFAULT_HANGOVER_SECONDS,
+    MAX_CROP_POSITIONS,
     MIN_CROP_POSITIONS,
     N_TOKENS,
-    N_WHISPER_FRAMES,
     SAMPLE_RATE,
     WHISPER_FPS,
     MuseTalkFeaturizer,
@@ -268,7 +267,7 @@ class MuseTalkEngine(Engine):
         """A timing event recorded now on the engine's stream (None off CUDA)."""
         if self.device.type != "cuda":
             return None
-        with torch.cuda.device(self.device):
+        with self._on_device():
             event = torch.cuda.Event(enable_timing=True)
             event.record()
         return event
@@ -527,11 +526,10 @@ def _crop_positions(seconds: Any, windows: str, context_seconds: float | None, f
         raise ConfigError("musetalk whisper_crop_seconds needs context_seconds unset (the 30 s grid)")
     positions = round(seconds * WHISPER_FPS)
     least = max(MIN_CROP_POSITIONS, run_positions(frames_per_run))
-    most = N_WHISPER_FRAMES - CROP_TAIL_POSITIONS
-    if not least <= positions <= most:
+    if not least <= positions <= MAX_CROP_POSITIONS:
         raise ConfigError(
             f"musetalk whisper_crop_seconds must be from {least / WHISPER_FPS:g} (frames_per_run {frames_per_run}) "
-            f"to {most / WHISPER_FPS:g} s, got {seconds!r}"
+            f"to {MAX_CROP_POSITIONS / WHISPER_FPS:g} s, got {seconds!r}"
         )
     return positions
 

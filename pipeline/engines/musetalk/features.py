@@ -96,6 +96,8 @@ MIN_CROP_POSITIONS = 16
 #: lookahead agrees worse with the whole-file tokens (cos 0.923 at 5 s) than one with 2-6
 #: positions of zeros after it (0.937-0.939), as Whisper's inputs always end in padding.
 CROP_TAIL_POSITIONS = 4
+#: The most positions a cropped window's audio may hold (its silent tail must fit the segment).
+MAX_CROP_POSITIONS = N_WHISPER_FRAMES - CROP_TAIL_POSITIONS
 #: Windows per encoder pass are padded up to one of these (one CUDA graph per size and length).
 PASS_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
@@ -200,10 +202,9 @@ class WhisperBatcher:
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
-        most = N_WHISPER_FRAMES - CROP_TAIL_POSITIONS
-        if crop_positions is not None and not (trim and MIN_CROP_POSITIONS <= crop_positions <= most):
+        if crop_positions is not None and not (trim and MIN_CROP_POSITIONS <= crop_positions <= MAX_CROP_POSITIONS):
             raise ValueError(
-                f"cropped windows need trimming and {MIN_CROP_POSITIONS}-{most} positions, got {crop_positions}"
+                f"cropped windows need trimming and {MIN_CROP_POSITIONS}-{MAX_CROP_POSITIONS} positions, got {crop_positions}"
             )
         param = next(encoder.parameters())
         self.encoder = encoder
