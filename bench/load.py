@@ -1441,7 +1441,7 @@ def window_lines(rows: list[dict[str, Any]], seconds: float) -> list[str]:
 def stage_lines(devices_at_end: dict[str, Any]) -> list[str]:
     """Where each device's made frames spent their budget (``stages_ms`` of ``GET /v1/devices``,
     pipeline/live/stage_times.py: the frames of the last ``WINDOW_SECONDS`` at the end of the scenario)."""
-    from pipeline.live.stage_times import WINDOW_SECONDS
+    from pipeline.live.stage_times import STAGES, WINDOW_SECONDS
 
     lines = []
     for device in devices_at_end.get("devices") or []:
@@ -1449,9 +1449,8 @@ def stage_lines(devices_at_end: dict[str, Any]) -> list[str]:
         if not stages.get("frames"):
             continue
         parts = [f"{stage} {fmt(stages[stage]['p50'])}/{fmt(stages[stage]['p95'])}"
-                 for stage in ("handoff", "handoff_pipe", "features", "feature_pass", "queue", "batch", "batch_host",
-                               "gpu_batch", "gpu_idle", "finish")
-                 if stage in stages]
+                 for stage in STAGES
+                 if stage != "slack" and stage in stages]  # (slack: its low percentiles, below)
         slack = stages.get("slack")
         if slack:
             parts.append(f"slack (deadline - delivery) p5 {fmt(slack['p5'])}, p50 {fmt(slack['p50'])}")

@@ -39,7 +39,14 @@ import torch
 
 from pipeline.audio.windows import AudioFrame, FrameWindower
 from pipeline.engines.musetalk.ct2_whisper import convert_ct2_whisper
-from pipeline.engines.musetalk.features import MuseTalkFeaturizer, WhisperBatcher, offline_features, run_positions
+from pipeline.engines.musetalk.features import (
+    MAX_CROP_POSITIONS,
+    MIN_CROP_POSITIONS,
+    MuseTalkFeaturizer,
+    WhisperBatcher,
+    offline_features,
+    run_positions,
+)
 from pipeline.engines.musetalk.loader import load_whisper, resolve_device, resolve_dtype
 
 SECTION = "## MuseTalk streaming audio features vs offline"
@@ -160,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.audio is None:
         ap.error("--audio is required")
+    try:
+        kinds = window_kinds(args.windows)
+    except ValueError as exc:
+        ap.error(f"--windows: {exc}")
     audio = read_wav16k(args.audio)
     device = resolve_device(args.device)
     contexts = [None if c == "grid" else float(c) for c in args.contexts.split(",")]
@@ -184,8 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     adjacent = cosine(reference[:-1], reference[1:])  # scale: how much neighbouring frames differ
     rows = []
     for dtype in args.dtypes.split(","):
-        for input_kind in args.windows.split(","):
-            crop = round(float(input_kind.split(":")[1]) * 50) if input_kind.startswith("cropped:") else None
+        for input_kind, crop in kinds:
             whisper = WhisperBatcher(
                 *models[dtype], max_batch=args.batch, trim=input_kind != "padded", crop_positions=crop
             )
@@ -270,6 +280,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.docs:
         splice_section(args.docs, text)
     return 0
+
+
+def window_kinds(text: str) -> list[tuple[str, int | None]]:
+    """``--windows`` as (kind, cropped positions or None); ValueError naming what is not one."""
+    kinds: list[tuple[str, int | None]] = []
+    for kind in text.split(","):
+        if kind in ("padded", "trimmed"):
+            kinds.append((kind, None))
+            continue
+        seconds = kind.removeprefix("cropped:")
+        try:
+            positions = round(float(seconds) * 50) if seconds != kind else None
+        except ValueError:
+            positions = None
+        if positions is None or not MIN_CROP_POSITIONS <= positions <= MAX_CROP_POSITIONS:
+            raise ValueError(
+                f"{kind!r} is not padded, trimmed or cropped:SECONDS "
+                f"({MIN_CROP_POSITIONS / 50:g}-{MAX_CROP_POSITIONS / 50:g})"
+            )
+        kinds.append((kind, positions))
+    return kinds
 
 
 def _ctx(ctx: float | None) -> str:

@@ -290,3 +290,15 @@ def test_echo_delay_finds_the_returned_utterance_to_a_step() -> None:
     noise = 0.1 * rng.standard_normal(int(3.5 * 48000)).astype(np.float32)
     assert load.echo_delay(sent, 16000, noise, 48000, 0.4, 1.5) is None
     assert load.echo_delay(sent, 16000, noise[:48000], 48000, 0.4, 1.5) is None  # too little returned
+
+
+@pytest.mark.parametrize("windows", ["trimmed,crop:5", "cropped:abc", "cropped:0.1", "cropped:31"])
+def test_whisper_agreement_refuses_unknown_windows_before_loading_anything(windows: str, capsys) -> None:
+    """bench/whisper_agreement.py: a --windows kind it does not know (before, any unknown kind ran
+    as trimmed) is refused with exit 2, naming it, before the audio or weights are read."""
+    from bench import whisper_agreement
+
+    with pytest.raises(SystemExit) as exit_info:
+        whisper_agreement.main(["--whisper-dir", "/nonexistent", "--audio", "/nonexistent.wav", "--windows", windows])
+    assert exit_info.value.code == 2 and "is not padded, trimmed or cropped:SECONDS" in capsys.readouterr().err
+    assert whisper_agreement.window_kinds("padded,cropped:5") == [("padded", None), ("cropped:5", 250)]
