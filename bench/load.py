@@ -41,13 +41,16 @@ audio-to-frame latency of each utterance onset: the sender-clock time (RTP times
 the server's send time, see tests/rtc_client.py) of the first frame whose mouth region moves off
 rest, minus the wall time the client sent the utterance's first sample. Where the mouth is still
 moving from the previous utterance when the next one starts (a pause shorter than the latency:
-with MuseTalk the engine generates through ``--talk all``'s 0.3 s pauses), the onset of the
-returned audio (which the server sends with the frame it belongs to) plus the session's median
-A/V offset stands in; the table's onsets column counts both (mouth + audio / sent). Also the same latency by
-arrival at the client (decode and jitter buffer included), the A/V offset of those onsets against
-the returned audio, the returned audio's delay at every onset by cross-correlation with what was
-sent (:func:`echo_delay`: the frame that carries the utterance's first sound, to 2 ms; reported
-beside the verdicts, not in them yet), and the server's own stats for the session
+with MuseTalk the engine generates through ``--talk all``'s 0.3 s pauses), the returned audio's
+delay (the server sends each frame with its own audio) plus the session's median offset of the
+mouth against it stands in: the delay by cross-correlation with what was sent (:func:`echo_delay`:
+the frame that carries the utterance's first sound, to 2 ms) where the session has it, else the
+returned audio's envelope crossing a threshold (0-100 ms into the first syllable, so its p95 ran
+80 ms above the mouth onsets' in one H200 run, 2026-12-03). The table's
+onsets column counts both (mouth + audio / sent). Also the same latency by arrival at the client
+(decode and jitter buffer included), the A/V offset of those onsets against the returned audio,
+the cross-correlated delay at every onset (the frame carrying the first sound, which the mouth
+leads by the model's look-ahead), and the server's own stats for the session
 (``GET /v1/sessions/{id}``).
 Late frames of a session, in the talking window: the server's own count (its video tracks'
 ``late_frames`` plus ``dropped_frames`` plus ``skipped_frames``, frames its device could not make
@@ -576,8 +579,18 @@ def analyse(client, plan, durations, sent_onsets, t_talk, t_end, sent_audio=None
     # next one was sent. (b) is the end of the previous utterance plus its own measured latency.
     latencies, arrival_latencies, av_offsets = [], [], []
     plausible_offsets: list[float] = []  # the A/V offsets of mouth rises within AV_PLAUSIBLE of their sound
-    # Per onset: (sent time, mouth latency or None, returned-audio latency or None, "missed"/"unclear"/None)
-    onsets: list[tuple[float, float | None, float | None, str | None]] = []
+    # The returned audio's delay at every counted onset, by cross-correlation (ECHO_TEMPLATE), ms
+    echo_at: dict[int, float] = {}
+    if sent_audio and len(signal_):
+        for k, u in onset_list:
+            if u <= t_end - 0.5:
+                samples, rate = sent_audio[plan[k][1]]
+                found = echo_delay(samples, rate, signal_, RATE, u - t0, ONSET_WINDOW)
+                if found is not None:
+                    echo_at[k] = found[0] * 1000
+    # Per onset: (sent time, mouth latency or None, returned-audio latency by threshold or None,
+    # "missed"/"unclear"/None, returned-audio latency by cross-correlation or None)
+    onsets: list[tuple[float, float | None, float | None, str | None, float | None]] = []
     missed = unclear = 0
     video_free = audio_free = -np.inf  # when the previous utterance has played out, video / audio
     sounding = env > env_threshold if len(env) else np.zeros(0, bool)
@@ -613,7 +626,7 @@ def analyse(client, plan, durations, sent_onsets, t_talk, t_end, sent_audio=None
                 unclear += active
                 missed += not active
                 onsets.append((u, None, None if audio_latency is None else audio_latency * 1000,
-                               "unclear" if active else "missed"))
+                               "unclear" if active else "missed", echo_at.get(k)))
             continue
         video_free = u + length + (times[rise] - u) + 0.05
         if not counted:
@@ -623,7 +636,7 @@ def analyse(client, plan, durations, sent_onsets, t_talk, t_end, sent_audio=None
         if audio_rise is not None:
             av_offsets.append((times[rise] - env_times[audio_rise]) * 1000)
             plausible_offsets.append(av_offsets[-1])
-        onsets.append((u, latencies[-1], None if audio_latency is None else audio_latency * 1000, None))
+        onsets.append((u, latencies[-1], None if audio_latency is None else audio_latency * 1000, None, echo_at.get(k)))
     out["onsets_sent"] = sum(1 for _, u in onset_list if u <= t_end - 0.5)
     out["onsets_measured"] = len(latencies)
     out["onsets_missed"] = missed
@@ -638,39 +651,41 @@ def analyse(client, plan, durations, sent_onsets, t_talk, t_end, sent_audio=None
     out["av_offset_ms_median"] = _pct(av_offsets, 50)
     # Every onset's audio-to-frame latency: the mouth's where it rose from rest; where the mouth was
     # still moving from the previous utterance (a pause shorter than the latency, as in --talk all
-    # with MuseTalk: the engine keeps generating through short pauses), the returned audio's onset
+    # with MuseTalk: the engine keeps generating through short pauses), the returned audio's delay
     # plus this session's median A/V offset (the server sends a frame's audio with that frame, so
-    # the audio onset marks the frame that carries the utterance's start). An onset with no mouth
+    # the utterance's first sound marks the frame that carries its start). The delay is the
+    # cross-correlated one (to ECHO_STEP) with the offset of the mouth against it, where the
+    # session has both for some onset; else the envelope threshold's onset (which fires 0-100 ms
+    # into the first syllable) with the offset of the mouth against that. An onset with no mouth
     # motion at all is missed.
     offset = float(np.median(plausible_offsets)) if plausible_offsets else 0.0
     out["av_offset_ms_used"] = round(offset, 1)
-    combined, by_audio = [], 0
-    for _, mouth, audio, what in onsets:
+    echo_offsets = [mouth - echo for _, mouth, _, _, echo in onsets
+                    if mouth is not None and echo is not None and abs(mouth - echo) <= AV_PLAUSIBLE * 1000]
+    echo_offset = float(np.median(echo_offsets)) if echo_offsets else None
+    out["echo_offset_ms_used"] = None if echo_offset is None else round(echo_offset, 1)
+    combined, by_audio, by_echo = [], 0, 0
+    for _, mouth, audio, what, echo in onsets:
         if mouth is not None:
             combined.append(mouth)
+        elif what == "unclear" and echo is not None and echo_offset is not None:
+            combined.append(echo + echo_offset)
+            by_audio += 1
+            by_echo += 1
         elif what == "unclear" and audio is not None:
             combined.append(audio + offset)
             by_audio += 1
-    out["audio_latency_ms"] = [None if a is None else round(a, 1) for _, _, a, _ in onsets]
-    out["audio_latency_ms_p50"] = _pct([a for _, _, a, _ in onsets if a is not None], 50)
+    out["audio_latency_ms"] = [None if a is None else round(a, 1) for _, _, a, _, _ in onsets]
+    out["audio_latency_ms_p50"] = _pct([a for _, _, a, _, _ in onsets if a is not None], 50)
     out["onset_latency_ms"] = [round(v, 1) for v in combined]
     out["onset_latency_by_audio"] = by_audio
+    out["onset_latency_by_echo"] = by_echo
     out["onset_latency_ms_p50"] = _pct(combined, 50)
     out["onset_latency_ms_p95"] = _pct(combined, 95)
     out["onset_latency_ms_p99"] = _pct(combined, 99)
     out["onsets_unmeasured"] = len(onsets) - len(combined)  # missed, or unclear without returned audio
-    # The returned audio's delay at every counted onset, by cross-correlation (ECHO_TEMPLATE): for
-    # now reported beside the figures above, not in the verdicts
-    echoes: list[float] = []
-    if sent_audio and len(signal_):
-        for k, u in onset_list:
-            if u > t_end - 0.5:
-                continue
-            samples, rate = sent_audio[plan[k][1]]
-            found = echo_delay(samples, rate, signal_, RATE, u - t0, ONSET_WINDOW)
-            if found is not None:
-                echoes.append(found[0] * 1000)
-    out["echo_latency_ms"] = [round(v, 1) for v in echoes]
+    # the returned audio's delay itself: the frame that carries each utterance's first sound
+    out["echo_latency_ms"] = [round(echo_at[k], 1) for k, _ in onset_list if k in echo_at]
     return out
 
 
@@ -1055,6 +1070,7 @@ def summarise(results: list[dict[str, Any]], cpu: CpuSampler, gpu: GpuSampler, t
         "onsets_missed": missed,
         "onsets_unclear": sum(r.get("onsets_unclear", 0) for r in results),
         "onsets_by_audio": sum(r.get("onset_latency_by_audio", 0) for r in results),
+        "onsets_by_echo": sum(r.get("onset_latency_by_echo", 0) for r in results),
         "onsets_unmeasured": unmeasured,
         "onset_latency_ms_p50": _pct(combined, 50),
         "onset_latency_ms_p95": _pct(combined, 95),
@@ -1231,7 +1247,9 @@ def print_summary(report: dict[str, Any]) -> None:
               f"(OK and p95 latency <= {PASS_LATENCY_P95_MS:g} ms, missed onsets counting as late)")
     if "onset_latency_ms_p50" in o:
         print(f"latency over {o['onsets_timed']}/{o['onsets_sent']} onsets ({o['onsets_measured']} by the mouth, "
-              f"{o['onsets_by_audio']} by the returned audio + A/V offset): p50 {fmt(o['onset_latency_ms_p50'])}, "
+              f"{o['onsets_by_audio']} by the returned audio + A/V offset"
+              + (f", {o['onsets_by_echo']} of them cross-correlated" if "onsets_by_echo" in o else "")
+              + f"): p50 {fmt(o['onset_latency_ms_p50'])}, "
               f"p95 {fmt(o['onset_latency_ms_p95'])}, p99 {fmt(o['onset_latency_ms_p99'])} ms"
               + (f"; {o['onsets_unmeasured']} not measured (p95 counting them as "
                  f"{ONSET_WINDOW * 1000:g} ms: {fmt(o['latency_ms_p95_with_missed'])})"

@@ -255,6 +255,51 @@ def test_a_mouth_rise_far_from_its_sound_is_not_the_utterances_onset() -> None:
     assert abs(out["av_offset_ms_used"]) < 50
 
 
+def test_a_stand_in_onset_takes_the_cross_correlated_delay_of_its_sound() -> None:
+    """Talk "all" again, with speech-like utterances sent as audio: the second utterance starts
+    softly, so the returned audio's envelope crosses its threshold late, while the
+    cross-correlated delay finds the frame that carries its first sound. The stand-in is that
+    delay plus the session's offset of the mouth against it (from the first utterance)."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import load
+    from tests.rtc_client import RATE
+
+    latency, lead, fps = 0.2, -0.06, 25  # the sound 200 ms after sending; the mouth 60 ms before it
+    rng = np.random.default_rng(5)
+    t16 = np.arange(int(1.5 * 16000)) / 16000
+    syllables = np.clip(np.sin(2 * np.pi * 3.1 * t16 + rng.uniform(0, 6)), 0, None) ** 2
+    sentence = (0.5 * syllables * np.sin(2 * np.pi * 170 * t16)).astype(np.float32)
+    soft = sentence * np.clip(t16 / 0.45, 0.0, 1.0) ** 2  # a quiet first 450 ms: the threshold fires late
+    sent = {0: 1.0, 1: 2.6}
+    plan = [(0, 0), (1, 1)]
+    clock = np.arange(int(6.0 * RATE)) / RATE
+    signal = np.zeros(len(clock), np.float32)
+    for (k, u), audio in zip(sent.items(), (sentence, soft), strict=True):
+        at = int((u + latency) * RATE)
+        signal[at : at + 3 * len(audio)] += np.repeat(audio, 3)
+    moving = [(1.0 + latency + lead, 3.3), (3.4, 4.1 + latency)]  # no rest at the second onset
+    times = np.arange(0, 6.0, 1 / fps)
+    frames = [np.full((8, 8, 3), 100 if any(a <= x < b for a, b in moving) else 0, np.uint8) for x in times]
+    recording = SimpleNamespace(
+        frames=frames, video_arrival=list(times + 0.05), video_pts=list(range(len(times))),
+        video_times=lambda: times, audio_signal=lambda: (signal, 0.0),
+        video_clock=SimpleNamespace(unwrap=lambda x: x, rtp=lambda p: p, first_arrival={p: x + 0.04 for p, x in enumerate(times)}),
+    )
+    client = SimpleNamespace(recording=recording)
+    with_echo = load.analyse(client, plan, [1.5, 1.5], sent, 0.5, 5.9, [(sentence, 16000), (soft, 16000)])
+    assert with_echo["echo_latency_ms"] == [pytest.approx(200, abs=4), pytest.approx(200, abs=4)]
+    assert with_echo["onset_latency_by_echo"] == 1
+    mouth = with_echo["onset_latency_ms"][0]
+    assert mouth == pytest.approx(140, abs=40)  # a frame's resolution
+    # the second onset: its sound's delay plus the mouth's lead over the sound in the first
+    assert with_echo["onset_latency_ms"][1] == pytest.approx(200 + mouth - with_echo["echo_latency_ms"][0], abs=4)
+    by_threshold = load.analyse(client, plan, [1.5, 1.5], sent, 0.5, 5.9)
+    assert by_threshold["onset_latency_by_echo"] == 0
+    assert by_threshold["onset_latency_ms"][1] > with_echo["onset_latency_ms"][1] + 30  # fired late
+
+
 @pytest.mark.parametrize("nice", ["-1", "20", "x"])
 def test_a_client_niceness_out_of_range_is_refused(nice: str, capsys) -> None:
     """--client-nice takes 0-19 (what os.nice can add without privileges); anything else exits 2
