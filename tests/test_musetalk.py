@@ -522,7 +522,22 @@ def test_tiny_engine_on_cuda_fp16_matches_cpu(tiny_dir: Path, engine, tmp_path: 
     a = engine.generate_float(reqs)
     b = gpu.generate_float(reqs).cpu()
     assert (a - b).abs().mean() < 0.02
-    # a composed batch is timed on the GPU's clock, and the idle time between two batches too
+    gpu.close()
+
+
+@pytest.mark.gpu
+def test_composed_batches_are_timed_on_the_gpus_clock(tiny_dir: Path, engine, tmp_path: Path) -> None:
+    """The worker's gpu_batch and gpu_idle stages: a batch's time on the engine's stream, and how
+    long the stream sat idle since the previous batch. Eager (no compile, no graphs), so that
+    it runs in seconds: the events do not depend on how the batch was launched."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from pipeline.engines.musetalk.engine import MuseTalkEngine
+
+    gpu = MuseTalkEngine(models_dir=tiny_dir, device="cuda:0", dtype="fp16", compile="none", cuda_graphs=False)
+    avatar = make_avatar(tmp_path, "timed", shift=0, n=2)
+    feats = engine.new_featurizer().features(audio_frames(speechy(0.5)))
+    reqs = [FrameRequest(avatar, i % 2, feats[i].data) for i in range(4)]
     gpu.load_avatar(avatar)
     gpu.compose_staged(reqs)()
     assert gpu.last_batch_gpu is not None and gpu.last_batch_gpu > 0 and gpu.last_batch_idle is None
