@@ -81,3 +81,44 @@ def test_reset_drops_buffered_audio_and_keeps_numbering() -> None:
     frames = windower.push(np.zeros(SAMPLES_PER_FRAME * 2 + WINDOW_AFTER, np.float32))
     assert frames[0].index == before
     assert not frames[0].window.any()  # nothing of the dropped audio leaks into the new frames
+
+
+def test_silence_padding_makes_the_frames_pushed_zeros_make() -> None:
+    """A live session pads missing input with silence; push_silence skips the VAD on blocks
+    that are all zero, and must still give the same windows and speech flags as pushing
+    zeros, also where padding starts or ends inside a 10 ms block that holds speech."""
+    speech, _ = espeak("one two three", sample_rate=16000)
+    rng = np.random.default_rng(4)
+    zeros, padded = FrameWindower(), FrameWindower()
+    got_zeros = zeros.push(np.zeros(16000, np.float32))  # a second of nothing first
+    got_padded = padded.push_silence(16000)
+    pos = 0
+    while pos < len(speech):
+        n = int(rng.integers(1, 1500))
+        got_zeros += zeros.push(speech[pos : pos + n])
+        got_padded += padded.push(speech[pos : pos + n])
+        pos += n
+        gap = int(rng.integers(0, 900))
+        got_zeros += zeros.push(np.zeros(gap, np.float32))
+        got_padded += padded.push_silence(gap)
+    got_zeros += zeros.finish()
+    got_padded += padded.finish()
+    assert len(got_padded) == len(got_zeros) > 25
+    assert any(f.speech for f in got_zeros) and not all(f.speech for f in got_zeros)
+    for a, b in zip(got_padded, got_zeros, strict=True):
+        assert a.index == b.index and a.speech == b.speech
+        np.testing.assert_array_equal(a.window, b.window)
+
+
+def test_a_long_stream_keeps_a_bounded_vad_history() -> None:
+    """An hour of input (a kiosk's session runs for days) keeps only the VAD flags the next
+    frames can still ask about, and the flags still answer for them."""
+    speech, _ = espeak("hello", sample_rate=16000)
+    windower = FrameWindower()
+    chunk = np.zeros(16000 * 60, np.float32)
+    for _ in range(60):
+        windower.push(chunk)
+    frames = windower.push(speech) + windower.finish()
+    assert len(windower._vad.flags) < 100  # 1 s of flags; 360 000 before
+    assert windower._vad.first_block > 60 * 60 * 100 - 100
+    assert any(f.speech for f in frames)

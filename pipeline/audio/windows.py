@@ -64,6 +64,14 @@ class FrameWindower:
         self._received += len(samples)
         return self._emit(final=False)
 
+    def push_silence(self, n: int) -> list[AudioFrame]:
+        """As ``push(np.zeros(n))``: the VAD skips the all-zero blocks."""
+        n = max(0, int(n))
+        self._vad.push_silence(n)
+        self._buffer = np.concatenate([self._buffer, np.zeros(n, np.float32)])
+        self._received += n
+        return self._emit(final=False)
+
     def finish(self) -> list[AudioFrame]:
         """Emit the remaining frames of a stream that has ended (lookahead reads as silence)."""
         return self._emit(final=True)
@@ -118,3 +126,5 @@ class FrameWindower:
         if drop > 0:
             self._buffer = self._buffer[drop:]
             self._buffer_start = keep_from
+        # the next frame's VAD question starts VAD_MARGIN before it, after keep_from
+        self._vad.trim(keep_from)

@@ -364,7 +364,7 @@ class LiveSession:
         if out_needed > 0:
             self._out_audio = np.concatenate([self._out_audio, np.zeros(out_needed, np.int16)])
         self.stats.padded_seconds += needed / SAMPLE_RATE
-        self._ready.extend(self._windower.push(np.zeros(needed, np.float32)))
+        self._ready.extend(self._windower.push_silence(needed))
 
     def _take_output_audio(self, index: int) -> np.ndarray:
         start = index * OUTPUT_SAMPLES_PER_FRAME - self._out_start
