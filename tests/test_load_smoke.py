@@ -347,3 +347,17 @@ def test_whisper_agreement_refuses_unknown_windows_before_loading_anything(windo
         whisper_agreement.main(["--whisper-dir", "/nonexistent", "--audio", "/nonexistent.wav", "--windows", windows])
     assert exit_info.value.code == 2 and "is not padded, trimmed or cropped:SECONDS" in capsys.readouterr().err
     assert whisper_agreement.window_kinds("padded,cropped:5") == [("padded", None), ("cropped:5", 250)]
+
+
+def test_gil_release_cost_times_every_step_alone_and_beside_a_rival(capsys) -> None:
+    """bench/gil_release_cost.py prints each per-chunk step's cost alone and beside a thread
+    that wants the GIL; it refuses zero calls with exit 2."""
+    from bench import gil_release_cost
+
+    assert gil_release_cost.main(["--calls", "30"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if "(PyAV)" in line or "(numpy" in line]
+    assert len(rows) == 4 and all(len(row.split()) >= 3 for row in rows)
+    with pytest.raises(SystemExit) as exit_info:
+        gil_release_cost.main(["--calls", "0"])
+    assert exit_info.value.code == 2 and "--calls must be >= 1" in capsys.readouterr().err
