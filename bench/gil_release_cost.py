@@ -7,7 +7,8 @@ night"). A call that releases the GIL (PyAV's ``AudioResampler.resample`` does, 
 that thread lets go: up to the switch interval later. The server's main process has a dozen
 threads (the channels' senders and readers) that want the GIL in bursts. This times each of
 the loop's per-chunk audio steps alone and beside one thread that always wants the GIL (the
-worst case), at the server's switch interval (``server.switch_interval_ms``).
+worst case), at the server's switch interval (``server.switch_interval_ms``); the live output
+now takes the polyphase row (pipeline/audio/upsample.py) where its input allows.
 
     python bench/gil_release_cost.py [--calls 2000] [--switch-ms 0.5]
 """
@@ -26,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.audio.decode import MonoResampler  # noqa: E402
+from pipeline.audio.upsample import OutputResampler  # noqa: E402
 from pipeline.audio.windows import FrameWindower  # noqa: E402
 
 CHUNK = 320  # 20 ms at 16 kHz, what the audio WebSocket's clients send
@@ -34,8 +36,10 @@ CHUNK = 320  # 20 ms at 16 kHz, what the audio WebSocket's clients send
 def steps() -> dict[str, Callable[[np.ndarray], object]]:
     """One session's per-chunk work on the loop, step by step (pipeline/live/session.py)."""
     to48k, from48k, windower = MonoResampler(48000), MonoResampler(16000), FrameWindower()
+    output = OutputResampler(48000)
     return {
         "16 kHz -> 48 kHz output (PyAV)": lambda x: to48k.push_planar(x[None, :], 16000, "mono"),
+        "16 kHz -> 48 kHz output (polyphase)": lambda x: output.push_planar(x[None, :], 16000, "mono"),
         "48 kHz -> 16 kHz features (PyAV)": lambda x: from48k.push_planar(np.repeat(x, 3)[None, :], 48000, "mono"),
         "windower + VAD (numpy, webrtcvad)": lambda x: windower.push(x),
         "48 kHz int16 conversion (numpy)": lambda x: np.clip(np.repeat(x, 3) * 32767.0, -32768, 32767).astype(np.int16),

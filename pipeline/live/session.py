@@ -44,7 +44,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.audio.decode import MonoResampler, Resampler16k
+from pipeline.audio.decode import Resampler16k
+from pipeline.audio.upsample import OutputResampler
 from pipeline.audio.windows import (
     SAMPLE_RATE,
     SAMPLES_PER_FRAME,
@@ -190,7 +191,7 @@ class LiveSession:
         self.t0: float | None = None
         self._windower = FrameWindower(vad_aggressiveness)
         self._to16k = Resampler16k()
-        self._to48k = MonoResampler(OUTPUT_RATE)
+        self._to48k = OutputResampler(OUTPUT_RATE)
         self._out_audio = np.zeros(0, dtype=np.int16)
         self._out_start = 0  # output-rate sample index of _out_audio[0]
         self._ready: collections.deque[AudioFrame] = collections.deque()
@@ -270,7 +271,7 @@ class LiveSession:
             self.worker.cancel(self)
         self._windower.reset(first_frame=self._next_index)
         self._to16k = Resampler16k()
-        self._to48k = MonoResampler(OUTPUT_RATE)
+        self._to48k = OutputResampler(OUTPUT_RATE)
         self._out_audio = np.zeros(0, dtype=np.int16)
         self._out_start = self._next_index * OUTPUT_SAMPLES_PER_FRAME
         self._ready.clear()
