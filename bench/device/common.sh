@@ -11,6 +11,7 @@ install_wheels() {
     fi
     local extra=()
     [ -d .whl-test ] && extra=(.whl-test/*.whl)  # pytest, for the GPU-only unit tests (wheels-test.txt)
+    [ -d .whl-profile ] && extra+=(.whl-profile/*.whl)  # py-spy, for profile_load.sh (wheels-profile.txt)
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         "${extra[@]}" || return 1
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}

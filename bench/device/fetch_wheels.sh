@@ -4,6 +4,8 @@
 #
 #   .whl/               the wheels of bench/device/wheels.txt (pip download, py3.12 manylinux x86-64);
 #                       wheels of other versions of the same packages are removed (two stop the install)
+#   .whl-test/, .whl-profile/  pytest (wheels-test.txt) and py-spy (wheels-profile.txt), carried
+#                       only by the runs that need them
 #   .bench_data/speech/ the load test's sentences as WAV files (bench/load.py --make-speech; espeak-ng)
 #   avatars/demo/       the demo avatar, prepared here if missing (needs dlib, which the device lacks)
 #
@@ -14,7 +16,7 @@ cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 
-for ignored in /.whl/ /.whl-test/ /.bench_data/; do
+for ignored in /.whl/ /.whl-test/ /.whl-profile/ /.bench_data/; do
     grep -qx "$ignored" .git/info/exclude 2>/dev/null || echo "$ignored" >> .git/info/exclude
 done
 
@@ -49,6 +51,8 @@ fetch bench/device/wheels.txt .whl
 # pytest and its needs, for the GPU-only unit tests: a separate folder, carried only by the runs
 # that need it (the load kits' carry is near the 64 MiB limit without them)
 fetch bench/device/wheels-test.txt .whl-test
+# py-spy, for bench/device/profile_load.sh only: carry .whl-profile in those runs
+fetch bench/device/wheels-profile.txt .whl-profile
 
 [ -f .bench_data/speech/speech.json ] || "$PY" bench/load.py --make-speech .bench_data/speech
 if [ ! -f avatars/demo/avatar.json ]; then
@@ -58,4 +62,4 @@ fi
 tree=$( (git ls-files; git ls-files --others --exclude-standard) | sort -u | while read -r f; do [ -f "$f" ] && echo "$f"; done | tr '\n' '\0' | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
 carry=$(du -sb .whl .bench_data/speech avatars/demo | awk '{s += $1} END {print s}')
 echo "wheels: $(ls .whl/*.whl | wc -l) files; travels: tree $((tree / 1048576)) MiB + carried $((carry / 1048576)) MiB (limit 64 MiB; .whl-test adds $(( $(du -sb .whl-test | cut -f1) / 1048576 )) MiB when carried)"
-du -sh .whl .whl-test .bench_data/speech avatars/demo
+du -sh .whl .whl-test .whl-profile .bench_data/speech avatars/demo

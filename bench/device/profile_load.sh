@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Profile the server process during one load scenario on the lent GPU machine: runs
 # bench/device/gpu_load.sh in the background and, once the clients talk, records the server's
-# main process with py-spy (carried as a wheel in .whl): 10 s of samples of the thread holding
+# main process with py-spy (carry .whl-profile, bench/device/fetch_wheels.sh): 10 s of samples of the thread holding
 # the GIL (--gil), then 10 s of all threads; then the same for the first device process, and 5 s
 # of each for a peer process (so give the scenario --duration 60 or more). Raw flame-graph files
 # land in $OUT (profile.tgz); their per-thread summary (bench/pyspy_summary.py) in
@@ -21,6 +21,7 @@ done
 sleep 5
 SERVER=$(pgrep -f "server.cli --config" | head -1)
 SPY=/tmp/site/bin/py-spy
+[ -x "$SPY" ] || echo "no py-spy in /tmp/site: carry .whl-profile (bench/device/fetch_wheels.sh); only the thread listings will come back"
 echo "server pid $SERVER; children: $(pgrep -P "$SERVER" | tr '\n' ' ')"
 ps -o pid,pcpu,nlwp,cmd --ppid "$SERVER" -p "$SERVER" | cut -c1-120
 top -b -n 1 -H -p "$SERVER" | head -40 > "$OUT/top-main-threads.txt"
