@@ -259,6 +259,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-freeze", action="store_true",
                         help="leave start-up's objects in the garbage collector's walks (the server freezes them)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--switch-ms", type=float, default=0.5,
+                        help="sys.setswitchinterval in ms (the server's server.switch_interval_ms, default 0.5)")
+    parser.add_argument("--gil-rivals", type=int, default=0,
+                        help="threads that each want the GIL in bursts (0.2 ms of Python every ~1.2 ms), standing in "
+                             "for the main process's channel threads on a loaded server (default 0)")
     args = parser.parse_args(argv)
     try:
         args.counts = [int(n) for n in args.sessions.split(",")]
@@ -266,11 +271,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--sessions: not a list of counts: {args.sessions!r}")
     if not args.counts or min(args.counts) < 1 or args.seconds <= 0 or args.features_ms < 0 or args.picture_ms < 0:
         parser.error("--sessions need counts >= 1; --seconds > 0; the delays >= 0")
+    if args.switch_ms <= 0 or args.gil_rivals < 0:
+        parser.error("--switch-ms must be > 0 and --gil-rivals >= 0")
     return args
+
+
+def start_gil_rivals(count: int, stop: threading.Event) -> list[threading.Thread]:
+    """Threads that hold the GIL for 0.2 ms of Python, then sleep ~1 ms, until ``stop``: what
+    the server's channel threads do to its loop in bursts (pickling, copies, callbacks)."""
+
+    def rival() -> None:
+        while not stop.is_set():
+            until = time.perf_counter() + 0.0002
+            while time.perf_counter() < until:
+                pass
+            time.sleep(0.001)
+
+    threads = [threading.Thread(target=rival, name=f"gil-rival-{k}", daemon=True) for k in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    sys.setswitchinterval(args.switch_ms / 1000)
     avatar = ensure_demo_avatar(AvatarStore(args.avatars))
     if not args.no_freeze:  # as the server does once ready (server/app.py)
         freeze_startup()
@@ -281,9 +306,16 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         runner = asyncio.run
     results = []
-    for count in args.counts:
-        result = runner(run_scenario(count, args.talk, args.seconds, avatar, args))
-        results.append(result)
+    stop = threading.Event()
+    rivals = start_gil_rivals(args.gil_rivals, stop)
+    try:
+        for count in args.counts:
+            results.append(runner(run_scenario(count, args.talk, args.seconds, avatar, args)))
+    finally:
+        stop.set()
+        for thread in rivals:
+            thread.join()
+    for count, result in zip(args.counts, results, strict=True):
         lag = result["loop_lag_ms"]
         print(f"{count:3d} x {args.talk}: {result['frames']} frames ({result['active_frames']} with speech) in "
               f"{result['seconds']} s; CPU {result['cpu_percent']} % of a core, {result['cpu_us_per_frame']} us "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -206,7 +207,8 @@ def test_server_loop_cost_measures_sessions_through_a_real_feed(avatars_root: Pa
 
     out = tmp_path / "cost.json"
     assert server_loop_cost.main(["--sessions", "2", "--seconds", "1.5", "--talk", "all", "--no-freeze",
-                                  "--avatars", str(avatars_root), "--json", str(out)]) == 0
+                                  "--avatars", str(avatars_root), "--json", str(out), "--gil-rivals", "1"]) == 0
+    assert not [t for t in threading.enumerate() if t.name.startswith("gil-rival")]  # stopped and joined
     (result,) = json.loads(out.read_text())
     assert result["sessions"] == 2 and 60 <= result["frames"] <= 90  # 2 x 25 fps x 1.5 s
     assert result["active_frames"] > 0  # the buzz is speech to the VAD: pictures were made
@@ -221,6 +223,15 @@ def test_server_loop_cost_refuses_bad_arguments(argv: list[str], capsys) -> None
     with pytest.raises(SystemExit) as exit_info:
         server_loop_cost.main(argv)
     assert exit_info.value.code == 2 and "--sessions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--switch-ms", "0"], ["--gil-rivals", "-1"]])
+def test_server_loop_cost_refuses_a_bad_switch_interval_or_rival_count(argv: list[str], capsys) -> None:
+    from bench import server_loop_cost
+
+    with pytest.raises(SystemExit) as exit_info:
+        server_loop_cost.main(argv)
+    assert exit_info.value.code == 2 and "--switch-ms must be > 0 and --gil-rivals >= 0" in capsys.readouterr().err
 
 
 def test_a_mouth_rise_far_from_its_sound_is_not_the_utterances_onset() -> None:
