@@ -73,6 +73,8 @@ def test_output_resampler_takes_the_polyphase_path_only_for_mono_integer_ratios(
     assert len(same.push_planar(_tone(440, 48000, 0.1)[None, :], 48000, "mono")) == 4800
     assert isinstance(same._path, MonoResampler) and len(same.flush()) == 0
     assert len(OutputResampler(48000).flush()) == 0
+    with pytest.raises(ValueError, match="factor must be >= 1"):
+        PolyphaseUpsampler(0)
 
 
 def test_the_polyphase_path_agrees_with_libswresample_on_speech_like_audio() -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from pipeline.audio.decode import MonoResampler
+from pipeline.audio.decode import MonoResampler, _join
 
 #: Input samples each side of an output sample that the filter reads. 16 (a 2 ms look-ahead at
 #: 8 kHz, 1 ms at 16 kHz) with the Kaiser window below keeps the images of a 16 kHz stream at
@@ -119,8 +119,7 @@ class OutputResampler:
             out.append(self._path.push(planar[0]))
         else:
             out.append(self._path.push_planar(planar, sample_rate, layout))
-        parts = [p for p in out if len(p)]
-        return np.concatenate(parts) if len(parts) > 1 else (parts[0] if parts else np.zeros(0, np.float32))
+        return _join(out)
 
     def flush(self) -> np.ndarray:
         """End of the producer's stream: the remaining samples; the next push starts afresh."""
