@@ -540,6 +540,9 @@ def analyse(client, plan, durations, sent_onsets, t_talk, t_end, sent_audio=None
 
     # Mouth motion, against the resting mouth in stretches with no speech near them.
     onset_list = [(k, sent_onsets[k]) for k in sorted(sent_onsets)]
+    # Onsets sent in the last half second may not have played out before the window closed:
+    # they steer the search for the next one but are not counted.
+    counted_onsets = {k for k, u in onset_list if u <= t_end - 0.5}
     spans = [(sent_onsets[k], sent_onsets[k] + durations[plan[k][1]]) for k in sent_onsets]
     quiet = times > times[0] + 0.5
     for a, b in spans:
@@ -583,7 +586,7 @@ def analyse(client, plan, durations, sent_onsets, t_talk, t_end, sent_audio=None
     echo_at: dict[int, float] = {}
     if sent_audio and len(signal_):
         for k, u in onset_list:
-            if u <= t_end - 0.5:
+            if k in counted_onsets:
                 samples, rate = sent_audio[plan[k][1]]
                 found = echo_delay(samples, rate, signal_, RATE, u - t0, ONSET_WINDOW)
                 if found is not None:
@@ -606,7 +609,7 @@ def analyse(client, plan, durations, sent_onsets, t_talk, t_end, sent_audio=None
             if audio_rise is not None:
                 audio_latency = float(env_times[audio_rise] - u)
                 audio_free = u + length + audio_latency + 0.05
-        counted = u <= t_end - 0.5
+        counted = k in counted_onsets
         if rise is not None and audio_rise is not None and abs(times[rise] - env_times[audio_rise]) > AV_PLAUSIBLE:
             # The server sends each frame with its own audio, so the utterance's first mouth
             # movement comes with its first sound. A rise far from that sound is a later word's,
@@ -637,7 +640,7 @@ def analyse(client, plan, durations, sent_onsets, t_talk, t_end, sent_audio=None
             av_offsets.append((times[rise] - env_times[audio_rise]) * 1000)
             plausible_offsets.append(av_offsets[-1])
         onsets.append((u, latencies[-1], None if audio_latency is None else audio_latency * 1000, None, echo_at.get(k)))
-    out["onsets_sent"] = sum(1 for _, u in onset_list if u <= t_end - 0.5)
+    out["onsets_sent"] = len(counted_onsets)
     out["onsets_measured"] = len(latencies)
     out["onsets_missed"] = missed
     out["onsets_unclear"] = unclear
