@@ -199,6 +199,12 @@ class WebRtcConfig(Section):
     host_addresses: list[str] = Field(default_factory=list)
     # processes running the WebRTC peers (encoding, RTP); 0: one per four cores, 1 to 8
     peer_processes: int = Field(0, ge=0, le=64)
+    # Niceness the peer processes add to their own (Linux scheduling priority; 0 leaves them at
+    # the server's). The peers' encoders are most of the server's CPU (~23 % of a core per
+    # session), and when the box's cores run short the kernel shares them out by weight: a
+    # higher niceness makes the encoders yield to the event loop and the device processes,
+    # whose lateness delays every session, not one peer's next packet.
+    peer_nice: int = Field(0, ge=0, le=19)
 
 
 class SessionsConfig(Section):

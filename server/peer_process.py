@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -260,6 +261,8 @@ def run(conn: Connection, webrtc: WebRtcConfig, log_level: str) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server stops us (Ctrl-C reaches the whole group)
+    if webrtc.peer_nice:
+        os.nice(webrtc.peer_nice)  # before any thread starts: threads inherit it (config.py says why)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the server asks when we stop answering
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if webrtc.host_addresses:

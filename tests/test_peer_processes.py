@@ -196,3 +196,24 @@ def test_session_outlives_its_dead_peer_process(avatars_root: Path, tmp_path: Pa
                     await client.close()
 
         asyncio.run(scenario())
+
+
+def test_peer_processes_take_the_configured_niceness() -> None:
+    """``webrtc.peer_nice`` lowers the encoders' priority below the server's own (config.py)."""
+    from server.config import WebRtcConfig
+    from server.peer_pool import PeerPool
+
+    async def scenario() -> None:
+        pool = PeerPool(WebRtcConfig(peer_nice=3), 1)
+        pool.start()
+        try:
+            pid = pool.describe()[0]["pid"]
+            deadline = time.monotonic() + 30
+            # The process sets it first thing after start-up's imports.
+            while os.getpriority(os.PRIO_PROCESS, pid) != os.nice(0) + 3:
+                assert time.monotonic() < deadline, "the peer process kept the server's priority"
+                await asyncio.sleep(0.1)
+        finally:
+            await pool.stop()
+
+    asyncio.run(scenario())
