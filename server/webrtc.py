@@ -12,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 
 import aioice.ice
+import aiortc.rtp
+import av
 import numpy as np
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
@@ -123,6 +126,26 @@ async def answer(peer: RTCPeerConnection) -> str:
     except (ValueError, KeyError, IndexError, TypeError) as exc:
         raise BadSdp(f"cannot answer this offer: {exc}") from None
     return peer.localDescription.sdp
+
+
+# ---------------------------------------------------------------------------- RTP audio level
+def audio_level_dbov(frame: av.AudioFrame) -> int:
+    """RFC 6465's level of an s16 frame in -dBov, as aiortc's ``compute_audio_level_dbov``
+    computes it for the ssrc-audio-level header of every packet it sends, but in numpy.
+
+    Why: aiortc's version is a Python loop over the samples, on the peer process's event loop:
+    ~60 us per 20 ms frame on the development CPU, 50 times a second per session, and 13 % of
+    the samples holding a peer process's GIL on an H200 (run 181148). This one takes ~5 us."""
+    samples = np.frombuffer(frame.planes[0], dtype=np.int16).astype(np.int64)
+    energy = float(np.dot(samples, samples))
+    rms = math.sqrt(energy / (frame.samples * 32767 * 32767))
+    return round(min(max(20 * math.log10(rms), -127), 0)) if rms > 0 else -127
+
+
+def use_numpy_audio_level() -> None:
+    """Make aiortc's senders in this process take :func:`audio_level_dbov` (they look it up in
+    ``aiortc.rtp`` for every audio frame)."""
+    aiortc.rtp.compute_audio_level_dbov = audio_level_dbov
 
 
 # ---------------------------------------------------------------------------------- output

@@ -21,26 +21,54 @@ from tests.rtc_client import RATE, Client, SpeechTrack
 
 
 def test_frame_ring_round_trip_and_unlink() -> None:
-    ring = FrameRing.create((4, 6, 3), slots=3)
+    ring = FrameRing.create((5, 7, 3), slots=3)  # odd sides: stored as written
     reader = FrameRing.attach(*ring.describe())
-    frames = [np.full((4, 6, 3), i, np.uint8) for i in range(5)]
+    assert reader.pixel_format == "bgr24"
+    frames = [np.full((5, 7, 3), i, np.uint8) for i in range(5)]
     for index, frame in enumerate(frames):
         slot = ring.write(index, frame)
         assert slot == index % 3
         np.testing.assert_array_equal(reader.view(slot), frame)  # the reader sees the writer's copy
     with pytest.raises(ValueError, match="does not fit"):
-        ring.write(5, np.zeros((6, 4, 3), np.uint8))
+        ring.write(5, np.zeros((7, 5, 3), np.uint8))
     reader.close()
     assert Path("/dev/shm", ring.name).exists()  # a reader closing never removes the segment
     ring.close()
     assert not Path("/dev/shm", ring.name).exists()
 
 
+def test_frame_ring_stores_even_pictures_as_i420_the_encoder_takes() -> None:
+    """What the peer process hands the VP8 encoder decodes back to the picture written, as
+    closely as libswscale's own conversion does (the path it replaces)."""
+    import av
+    from skimage import data
+
+    picture = np.ascontiguousarray(data.astronaut()[::2, ::2, ::-1])  # 256 x 256 BGR
+    ring = FrameRing.create(picture.shape, slots=2)
+    reader = FrameRing.attach(*ring.describe())
+    try:
+        assert (reader.pixel_format, reader.shape) == ("yuv420p", (384, 256))
+        ring.write(0, np.zeros_like(picture))
+        slot = ring.write(1, picture)
+        frame = av.VideoFrame.from_numpy_buffer(reader.view(slot).copy(), format=reader.pixel_format)
+        back = frame.to_ndarray(format="bgr24").astype(int)
+        reference = av.VideoFrame.from_ndarray(picture, format="bgr24").reformat(format="yuv420p")
+        error = np.abs(back - picture).mean()
+        assert error < 1.2 * np.abs(reference.to_ndarray(format="bgr24").astype(int) - picture).mean()
+        # the same luma as libswscale's (BT.601, limited range), to rounding
+        assert np.abs(reference.to_ndarray()[:256].astype(int) - reader.view(slot)[:256]).max() <= 1
+        with pytest.raises(ValueError, match="does not fit"):
+            ring.write(2, np.zeros((384, 256), np.uint8))  # the slot's own shape is not a picture
+    finally:
+        reader.close()
+        ring.close()
+
+
 class _Live:
     """What a SessionFeed reads of a live session: its avatar's frame shape, epoch, frames."""
 
     def __init__(self) -> None:
-        self.avatar = SimpleNamespace(frames=[np.zeros((4, 6, 3), np.uint8)])
+        self.avatar = SimpleNamespace(frames=[np.zeros((5, 7, 3), np.uint8)])  # odd sides: the ring keeps BGR
         self.epoch = 0
         self.queue: asyncio.Queue = asyncio.Queue()
 
@@ -91,10 +119,10 @@ def test_feed_sends_waiting_pictures_in_order_in_the_turn_they_are_ready() -> No
 
         assert [m[2] for m in worker.sent if m[0] == "audio"] == list(range(6))  # audio never waits
         for index in range(5, 0, -1):  # later pictures first: they wait for frame 0
-            pictures[index].set_result(np.full((4, 6, 3), index, np.uint8))
+            pictures[index].set_result(np.full((5, 7, 3), index, np.uint8))
         await asyncio.sleep(0)
         assert frames() == []
-        pictures[0].set_result(np.zeros((4, 6, 3), np.uint8))
+        pictures[0].set_result(np.zeros((5, 7, 3), np.uint8))
         await asyncio.sleep(0)  # one loop turn
         assert frames() == [0, 1, 2, 3, 4, 5]
         assert feed.sent == 6 and feed.late == 6  # all went out ~0.5 s after their release
@@ -217,3 +245,30 @@ def test_peer_processes_take_the_configured_niceness() -> None:
             await pool.stop()
 
     asyncio.run(scenario())
+
+
+def test_numpy_audio_level_is_aiortcs_level() -> None:
+    """The peer processes' audio-level header: the numpy version gives aiortc's value for
+    silence, quiet, loud and clipped frames, and aiortc's senders look it up once installed."""
+    import aiortc.rtcrtpsender
+    import aiortc.rtp
+    import av
+
+    from server.webrtc import audio_level_dbov, use_numpy_audio_level
+
+    original = aiortc.rtp.compute_audio_level_dbov
+    rng = np.random.default_rng(0)
+    chunks = [np.zeros(960), np.full(960, 32767), np.full(960, -32768), rng.normal(0, 1, 960)]
+    chunks += [rng.normal(0, scale, 960).clip(-32768, 32767) for scale in (3, 30, 300, 3000, 30000)]
+    levels = []
+    for chunk in chunks:
+        frame = av.AudioFrame.from_ndarray(chunk.astype(np.int16).reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = 48000
+        assert audio_level_dbov(frame) == original(frame)
+        levels.append(audio_level_dbov(frame))
+    assert levels[0] == -127 and levels[1] == 0 and len(set(levels)) > 4
+    try:
+        use_numpy_audio_level()
+        assert aiortc.rtcrtpsender.rtp.compute_audio_level_dbov is audio_level_dbov
+    finally:
+        aiortc.rtp.compute_audio_level_dbov = original

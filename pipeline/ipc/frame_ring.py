@@ -18,6 +18,7 @@ import threading
 import time
 from multiprocessing import shared_memory
 
+import cv2
 import numpy as np
 
 log = logging.getLogger("lipstream.ipc")
@@ -26,55 +27,77 @@ DEFAULT_SLOTS = 8
 
 
 class FrameRing:
-    """``slots`` uint8 frames of one shape in one shared-memory segment."""
+    """``slots`` frames of one picture shape in one shared-memory segment.
 
-    def __init__(self, shm: shared_memory.SharedMemory, shape: tuple[int, ...], slots: int, owner: bool) -> None:
+    A BGR picture of even width and height is stored as I420 (``yuv420p``: the Y plane, then U
+    and V at half resolution, ``[h * 3 / 2, w]`` bytes), converted by OpenCV as it is written;
+    other pictures are stored as they are (``bgr24`` for BGR). Why: the peers' VP8 encoder takes
+    I420, and aiortc converted every BGR frame with libswscale in its encoding thread (~0.4 ms a
+    512x512 frame on the development CPU against 0.04 ms for OpenCV's conversion); the slot is
+    also half the size, so both processes copy half as much (bench/peer_frame_cost.py).
+    """
+
+    def __init__(
+        self, shm: shared_memory.SharedMemory, shape: tuple[int, ...], slots: int, owner: bool,
+        pixel_format: str = "bgr24", image_shape: tuple[int, ...] | None = None,
+    ) -> None:
         self._shm = shm
-        self.shape = tuple(shape)
+        self.shape = tuple(shape)  # a slot's array (I420: [h * 3 / 2, w])
+        self.image_shape = tuple(image_shape or shape)  # the pictures written
+        self.pixel_format = pixel_format
         self.slots = slots
         self.owner = owner
         self._frames: np.ndarray | None = np.ndarray((slots, *self.shape), dtype=np.uint8, buffer=shm.buf)
 
     @classmethod
-    def create(cls, shape: tuple[int, ...], slots: int = DEFAULT_SLOTS) -> FrameRing:
+    def create(cls, image_shape: tuple[int, ...], slots: int = DEFAULT_SLOTS, i420: bool = True) -> FrameRing:
+        """``i420``: store even BGR pictures as I420 (the class docstring says why)."""
+        image_shape = tuple(image_shape)
+        if i420 and len(image_shape) == 3 and image_shape[2] == 3 and image_shape[0] % 2 == 0 and image_shape[1] % 2 == 0:
+            pixel_format, shape = "yuv420p", (image_shape[0] * 3 // 2, image_shape[1])
+        else:  # I420 halves both sides: odd sizes (and anything not BGR) stay as written
+            pixel_format, shape = ("bgr24" if image_shape[-1:] == (3,) else "raw"), image_shape
         size = slots * int(np.prod(shape))
         shm = shared_memory.SharedMemory(name=f"lipstream-{secrets.token_hex(6)}", create=True, size=size)
-        return cls(shm, shape, slots, owner=True)
+        return cls(shm, shape, slots, owner=True, pixel_format=pixel_format, image_shape=image_shape)
 
     @classmethod
-    def attach(cls, name: str, shape: tuple[int, ...], slots: int) -> FrameRing:
+    def attach(cls, name: str, shape: tuple[int, ...], slots: int, pixel_format: str = "bgr24") -> FrameRing:
         # A spawned peer process shares the server's resource tracker, which keeps one entry
         # per name: attaching registers nothing new, and only the owner's unlink removes it.
         shm = shared_memory.SharedMemory(name=name)
-        return cls(shm, shape, slots, owner=False)
+        return cls(shm, shape, slots, owner=False, pixel_format=pixel_format)
 
     @property
     def name(self) -> str:
         return self._shm.name
 
-    def describe(self) -> tuple[str, tuple[int, ...], int]:
+    def describe(self) -> tuple[str, tuple[int, ...], int, str]:
         """What a reader needs to :meth:`attach`."""
-        return self.name, self.shape, self.slots
+        return self.name, self.shape, self.slots, self.pixel_format
 
     def write(self, index: int, image: np.ndarray) -> int:
-        """Copy frame ``index`` into its slot; returns the slot."""
+        """Convert or copy frame ``index`` into its slot; returns the slot."""
         self.check(image)
         slot = self.slot_of(index)
         frames = self._frames
         if frames is not None:  # closed meanwhile (its session's feed ended): nobody reads it
-            np.copyto(frames[slot], image)
+            if self.pixel_format == "yuv420p":
+                cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420, dst=frames[slot])
+            else:
+                np.copyto(frames[slot], image)
         return slot
 
     def check(self, image: np.ndarray) -> None:
         """Raise ValueError unless ``image`` fits a slot (before handing its copy elsewhere)."""
-        if image.shape != self.shape:
-            raise ValueError(f"frame shape {image.shape} does not fit the ring's {self.shape}")
+        if image.shape != self.image_shape:
+            raise ValueError(f"frame shape {image.shape} does not fit the ring's {self.image_shape}")
 
     def slot_of(self, index: int) -> int:
         return index % self.slots
 
     def view(self, slot: int) -> np.ndarray:
-        """The slot's frame, without a copy (valid until the ring wraps)."""
+        """The slot's frame as stored (:attr:`pixel_format`), without a copy (valid until the ring wraps)."""
         if self._frames is None:
             raise ValueError("the ring is closed")
         return self._frames[slot]
