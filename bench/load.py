@@ -83,6 +83,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import functools
 import json
 import math
 import multiprocessing as mp
@@ -194,6 +195,8 @@ def session_main(spec: dict[str, Any], messages, talk_at, stop) -> None:  # noqa
     index = spec["index"]
     if spec.get("nice"):
         os.nice(spec["nice"])  # --client-nice: the server's processes first when the CPUs are all busy
+    if spec.get("cpus"):
+        os.sched_setaffinity(0, spec["cpus"])  # --client-cpus: off the server's cores
     cpu0 = time.process_time()
     wall0 = time.monotonic()
     try:
@@ -207,6 +210,7 @@ def session_main(spec: dict[str, Any], messages, talk_at, stop) -> None:  # noqa
     wall = max(1e-6, time.monotonic() - wall0)
     result["client_cpu_percent"] = round(100 * (time.process_time() - cpu0) / wall, 1)
     result["client_nice"] = os.nice(0)
+    result["client_cpus"] = sorted(os.sched_getaffinity(0))
     messages.put(("result", index, result))
 
 
@@ -889,11 +893,41 @@ def _die_with_parent() -> None:
         pass
 
 
+def cpu_list(text: str | None) -> list[int] | None:
+    """``"0-10,12"`` -> [0, ..., 10, 12] (Linux's CPU list syntax, as taskset takes it)."""
+    if not text:
+        return None
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError(f"not a CPU list: {text!r} (e.g. 0-10,12)")
+        cpus.update(range(int(first), int(last or first) + 1))
+    unknown = cpus - os.sched_getaffinity(0)
+    if unknown:
+        raise ValueError(f"CPUs {sorted(unknown)} are not this process's to use")
+    return sorted(cpus)
+
+
+def _affinity(pid: int | None) -> list[int] | None:
+    """The CPUs process ``pid`` may run on (None: no such process here)."""
+    try:
+        return sorted(os.sched_getaffinity(pid)) if pid else None
+    except OSError:
+        return None
+
+
+def _server_preexec(cpus: list[int] | None) -> None:
+    _die_with_parent()
+    if cpus:
+        os.sched_setaffinity(0, cpus)  # before exec: every process and thread it starts inherits it
+
+
 class SpawnedServer:
     """``lipstream serve`` with the given config file plus loopback host, a free port and
     loopback-only WebRTC. LIPSTREAM_* environment variables are not passed on: the file decides."""
 
-    def __init__(self, config: Path | None, sessions: int, workdir: Path) -> None:
+    def __init__(self, config: Path | None, sessions: int, workdir: Path, cpus: list[int] | None = None) -> None:
         import yaml
 
         from tests.live_server import free_port
@@ -918,6 +952,7 @@ class SpawnedServer:
         self.log_path = workdir / "server.log"
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
+        self.cpus = cpus
 
     def start(self, timeout: float = 120.0) -> None:
         from tests.live_server import wait_until_ready
@@ -927,7 +962,7 @@ class SpawnedServer:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "--config", str(self.path), "serve"],
             cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=functools.partial(_server_preexec, self.cpus),
         )
         wait_until_ready(self.url, self.process, self.log_path, timeout, poll=0.2)
 
@@ -1292,6 +1327,8 @@ def print_summary(report: dict[str, Any]) -> None:
           f"{fmt(o['server_cpu_percent_per_session'], '%')} per session; clients "
           f"{fmt(o['clients_cpu_percent_mean'], '%')}"
           + (f" at nice {cfg['client_nice']}" if cfg.get("client_nice") else "")
+          + (f" on CPUs {cfg['client_cpus']}" if cfg.get("client_cpus") else "")
+          + (f" (the server on CPUs {cfg['server_cpus']})" if cfg.get("server_cpus") else "")
           + "; other programs "
           f"{fmt(o['other_cpu_percent_mean'], '%')}; taken by a VM host "
           f"{fmt(o['steal_cpu_percent_mean'], '%')}")
@@ -1671,6 +1708,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "server's machine, so when every core is busy (16 cores: ~5 of them the clients' at 26 sessions) "
         "the server's processes run first; each client still reports its own pacing slips (lag)",
     )
+    parser.add_argument("--client-cpus", metavar="LIST",
+                        help="run the client processes on these CPUs only (e.g. 11-15): with --server-cpus, "
+                        "the server's cores are its own, as on a machine that does not host its viewers")
+    parser.add_argument("--server-cpus", metavar="LIST",
+                        help="run the --spawn-server server (all its processes) on these CPUs only (e.g. 0-10)")
     parser.add_argument("--avatar", default="demo")
     parser.add_argument("--avatars-dir", type=Path, help="where the avatar is prepared, for the mouth region "
                         "(default: the spawned server's, else ./avatars)")
@@ -1695,6 +1737,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--duration must be 1..600 s")
     if args.config and not args.spawn_server:
         parser.error("--config goes with --spawn-server")
+    if args.server_cpus and not args.spawn_server:
+        parser.error("--server-cpus goes with --spawn-server")
+    try:
+        cpu_list(args.client_cpus), cpu_list(args.server_cpus)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.config and not args.config.is_file():
         parser.error(f"--config {args.config}: no such file")
     if args.speech_dir and not args.speech_dir.is_dir():
@@ -1852,7 +1900,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
     status = 0
     try:
         if args.spawn_server:
-            server = SpawnedServer(args.config, max(s["sessions"] for s in scenarios), workdir)
+            server = SpawnedServer(args.config, max(s["sessions"] for s in scenarios), workdir, cpu_list(args.server_cpus))
             print(f"starting a server on {server.url} (log: {server.log_path}) ...", flush=True)
             t = time.monotonic()
             server.start(timeout=args.server_timeout)
@@ -1961,7 +2009,7 @@ def run_scenario(args: argparse.Namespace, run: dict[str, Any], url: str, server
                 "ice_addresses": ice,
                 "connect_at": t0 + (args.ramp * i / n if n > 1 else 0.0),
                 "clips16": clips16 if mode == "ws" else [], "clips48": clips48 if mode == "webrtc" else [],
-                "durations": durations, "nice": args.client_nice,
+                "durations": durations, "nice": args.client_nice, "cpus": cpu_list(args.client_cpus),
             }
             p = ctx.Process(
                 target=session_main, args=(spec, messages, talk_at, stop), name=f"load-{i}", daemon=True
@@ -2056,7 +2104,9 @@ def run_scenario(args: argparse.Namespace, run: dict[str, Any], url: str, server
             "spawn_server": bool(args.spawn_server),
             "server_config": str(args.config) if args.config else None,
             "sessions": n, "mode": run["mode"], "talk": run["talk"], "duration": run["duration"],
-            "ramp": args.ramp, "client_nice": args.client_nice, "avatar": args.avatar, "engine": info.get("engine"),
+            "ramp": args.ramp, "client_nice": args.client_nice, "client_cpus": args.client_cpus,
+            "server_cpus": args.server_cpus, "server_affinity": _affinity(server_pid),
+            "avatar": args.avatar, "engine": info.get("engine"),
             "devices": info.get("devices"), "capacity": info.get("capacity"),
             "avatar_size": info.get("avatar_size"), "video_sizes": [list(s) for s in sizes],
             "device": device, "cpu": cpu_name(), "cores": os.cpu_count(), "gpus": gpus, "mouth_roi": roi,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ import yaml
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
+CPUS = sorted(os.sched_getaffinity(0))
 
 
 def test_load_two_websocket_sessions(avatars_root: Path, tmp_path: Path) -> None:
@@ -24,6 +26,8 @@ def test_load_two_websocket_sessions(avatars_root: Path, tmp_path: Path) -> None
     command = [
         sys.executable, str(ROOT / "bench" / "load.py"), "--spawn-server", "--config", str(config),
         "--sessions", "2", "--duration", "6", "--mode", "ws", "--ramp", "0.5", "--out", str(out),
+        # the clients on one CPU, the server on all: each stays where it is put
+        "--client-cpus", str(CPUS[-1]), "--server-cpus", ",".join(map(str, CPUS)),
     ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -45,6 +49,8 @@ def test_load_two_websocket_sessions(avatars_root: Path, tmp_path: Path) -> None
         assert session["server"]["stats"]["latency_ms_p50"] is not None
         # the clients yield the CPU to the server (--client-nice, default 10; it adds to ours)
         assert session["client_nice"] >= 10 and report["config"]["client_nice"] == 10
+        assert session["client_cpus"] == [CPUS[-1]]
+    assert report["config"]["server_affinity"] == CPUS
     overall = report["overall"]
     assert overall["sessions"] == 2 and overall["onsets_measured"] >= 2
     assert overall["latency_ms_p50"] is not None
@@ -309,6 +315,25 @@ def test_a_stand_in_onset_takes_the_cross_correlated_delay_of_its_sound() -> Non
     by_threshold = load.analyse(client, plan, [1.5, 1.5], sent, 0.5, 5.9)
     assert by_threshold["onset_latency_by_echo"] == 0
     assert by_threshold["onset_latency_ms"][1] > with_echo["onset_latency_ms"][1] + 30  # fired late
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--client-cpus", "x"], "not a CPU list"),
+        (["--client-cpus", "0-"], "not a CPU list"),
+        (["--client-cpus", "4096"], "are not this process's to use"),
+        (["--server-cpus", "0"], "--server-cpus goes with --spawn-server"),
+    ],
+)
+def test_a_bad_cpu_list_is_refused_before_anything_starts(argv: list[str], message: str, capsys) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import load
+
+    with pytest.raises(SystemExit) as stopped:
+        load.parse_args(["--sessions", "1", *argv])
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("nice", ["-1", "20", "x"])

@@ -17,6 +17,9 @@
 #   --budget S        seconds this script may take in all (default 570: the run tool's limit is 600)
 #   --client-nice N   niceness of the client processes (bench/load.py --client-nice, default 10; 19 leaves
 #                     the server every CPU it asks for: the clients share the server's 16 cores here)
+#   --client-cpus L   run the clients on these CPUs only, e.g. 11-15 (bench/load.py --client-cpus)
+#   --server-cpus L   run the server, all its processes, on these CPUs only, e.g. 0-10: with --client-cpus
+#                     the server's cores are its own, as on a machine that does not host its viewers
 #   --cpu-dry-run     micro weights on the CPU, no wheels installed: checks the kit on a CPU machine
 #
 # Needs, carried by the `run` call: .whl (wheels of the server stack, bench/device/fetch_wheels.sh),
@@ -27,7 +30,7 @@
 set -uo pipefail
 
 DEVICES=cuda:0 AVATAR=demo DURATION=30 MODE=ws RAMP=5 BUDGET=570 WARMUP=10 DRY=0 NICE=10
-SETS=()
+SETS=() CPUS=()
 SCENARIOS=""
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -40,8 +43,9 @@ while [ $# -gt 0 ]; do
         --set) SETS+=(--set "$2"); shift 2 ;;
         --budget) BUDGET=$2; shift 2 ;;
         --client-nice) NICE=$2; shift 2 ;;
+        --client-cpus|--server-cpus) CPUS+=("$1" "$2"); shift 2 ;;
         --cpu-dry-run) DRY=1; shift ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
         -*) echo "unknown option $1" >&2; exit 2 ;;
         *) SCENARIOS=$1; shift ;;
     esac
@@ -117,6 +121,7 @@ cp "$WORK/server.yaml" "$RES/server.yaml"
 # What the docs rows show as each scenario's command (bench/load.py --report ... --write-doc, here).
 KIT="bash bench/device/gpu_load.sh --devices $DEVICES --avatar $AVATAR --mode $MODE"
 [ "$NICE" != 10 ] && KIT="$KIT --client-nice $NICE"
+[ ${#CPUS[@]} -gt 0 ] && KIT="$KIT ${CPUS[*]}"
 for ((i = 1; i < ${#SETS[@]}; i += 2)); do KIT="$KIT --set ${SETS[i]}"; done
 [ "$DRY" = 1 ] && KIT="$KIT --cpu-dry-run"
 
@@ -129,7 +134,7 @@ step "load test: scenarios $SCENARIOS, $DURATION s each, mode $MODE; ${LEFT} s l
 timeout -s INT -k 30 "$LEFT" $PY bench/load.py --spawn-server --config "$WORK/server.yaml" \
     --avatars-dir "$WORK/avatars" --avatar "$AVATAR" --speech-dir .bench_data/speech \
     --scenarios "$SCENARIOS" --duration "$DURATION" --mode "$MODE" --ramp "$RAMP" --warmup "$WARMUP" \
-    --client-nice "$NICE" \
+    --client-nice "$NICE" "${CPUS[@]}" \
     --server-timeout $((LEFT > 120 ? LEFT - 60 : 60)) --out "$RES" --doc-command "$KIT {scenario}"
 rc=$?
 step "load test exited with $rc"
