@@ -8,8 +8,8 @@ frame of the demo avatar's size, the old and the new way of each step:
 
 - the server's write into the session's ring (its channel thread): a BGR copy, or OpenCV's
   conversion to I420;
-- the peer process's frame out of the ring (its event loop): ``from_ndarray``, or a copy wrapped
-  by ``from_numpy_buffer``;
+- the peer process's frame out of the ring: ``from_ndarray`` on its event loop, or a copy
+  wrapped by ``from_numpy_buffer`` on its channel's receiving thread;
 - the VP8 encode (aiortc's encoding thread): of a BGR frame (aiortc converts it with
   libswscale first), or of the I420 frame as it is;
 - the audio level of each 20 ms Opus frame (the event loop, twice per video frame): aiortc's
@@ -80,7 +80,7 @@ def measure(side: int, frames: int) -> list[tuple[str, str, float, float]]:
         )]
         rows.append((
             "frame out of the ring",
-            "peer process, event loop",
+            "peer process: its event loop before, its channel's receiving thread now",
             per_call(lambda i: av.VideoFrame.from_ndarray(bgr.view(i % 8), format="bgr24"), frames),
             per_call(lambda i: av.VideoFrame.from_numpy_buffer(i420.view(i % 8).copy(), format="yuv420p"), frames),
         ))

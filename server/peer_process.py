@@ -125,20 +125,11 @@ def _audio_frame(chunk: np.ndarray, pts: int) -> av.AudioFrame:
 
 @dataclass
 class _Feed:
-    """What the process holds for one session: its frame ring and its outgoing tracks."""
+    """What the process's loop holds for one session: its outgoing tracks."""
 
-    ring: FrameRing | None = None
     tracks: set[_QueueTrack] = field(default_factory=set)
 
-    def frame(self, index: int, slot: int) -> None:
-        if self.ring is None:
-            return
-        # One copy (the slot is reused), wrapped without another: from_ndarray copied twice
-        # under the GIL, on this loop (47 % of its GIL samples on an H200, run 181148). An
-        # I420 slot goes to the VP8 encoder as it is; BGR is converted there.
-        frame = av.VideoFrame.from_numpy_buffer(self.ring.view(slot).copy(), format=self.ring.pixel_format)
-        frame.pts = index * (VIDEO_CLOCK // 25)
-        frame.time_base = Fraction(1, VIDEO_CLOCK)
+    def picture(self, frame: av.VideoFrame) -> None:
         for track in list(self.tracks):
             if track.kind == "video":
                 track.offer(frame)
@@ -153,9 +144,48 @@ class _Feed:
         for track in list(self.tracks):
             track.offer(None)
         self.tracks.clear()
-        if self.ring is not None:
-            self.ring.close()
-            self.ring = None
+
+
+class _Rings:
+    """The sessions' frame rings, used only on the channel's receiving thread: each frame is
+    copied out of its slot there, the moment its message arrives (long before the ring wraps),
+    instead of on the event loop that runs every peer's RTP. The copy is one (the slot is
+    reused), wrapped without another: ``from_ndarray`` copied twice under the GIL on the loop
+    (47 % of the samples holding a peer process's GIL on an H200, run 181148). An I420 slot
+    goes to the VP8 encoder as it is; BGR is converted there."""
+
+    def __init__(self) -> None:
+        self._rings: dict[str, FrameRing] = {}
+
+    def prepare(self, message: tuple) -> tuple | None:
+        """What of ``message`` the loop should see (a channel ``prepare``)."""
+        kind = message[0]
+        if kind == "frame":
+            session, index, slot = message[1:]
+            ring = self._rings.get(session)
+            if ring is None:
+                return None
+            frame = av.VideoFrame.from_numpy_buffer(ring.view(slot).copy(), format=ring.pixel_format)
+            frame.pts = index * (VIDEO_CLOCK // 25)
+            frame.time_base = Fraction(1, VIDEO_CLOCK)
+            return ("picture", session, frame)
+        if kind == "ring":
+            session, name, shape, slots, pixel_format = message[1:]
+            self.drop(session)
+            self._rings[session] = FrameRing.attach(name, shape, slots, pixel_format)
+            return None
+        if kind == "drop":
+            self.drop(message[1])
+        return message
+
+    def drop(self, session: str) -> None:
+        ring = self._rings.pop(session, None)
+        if ring is not None:
+            ring.close()
+
+    def close(self) -> None:
+        for session in list(self._rings):
+            self.drop(session)
 
 
 @dataclass
@@ -175,27 +205,23 @@ class PeerProcess:
         self.feeds: dict[str, _Feed] = collections.defaultdict(_Feed)  # by session id
         self._done = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
+        self._rings = _Rings()
 
     async def serve(self) -> None:
-        self.channel.listen(asyncio.get_running_loop(), self.handle, self._done.set)
+        self.channel.listen(asyncio.get_running_loop(), self.handle, self._done.set, prepare=self._rings.prepare)
         await self._done.wait()
         await asyncio.gather(*(self._close_peer(peer_id) for peer_id in list(self.peers)), return_exceptions=True)
         for feed in self.feeds.values():
             feed.close()
         self.channel.close()
+        self._rings.close()  # (a copy still running keeps its mapping: closing then raises nothing)
 
     def handle(self, message: tuple) -> None:
         kind, args = message[0], message[1:]
-        if kind in ("frame", "audio"):
-            feed = self.feeds.get(args[0])  # none: the session was dropped meanwhile
+        if kind in ("picture", "audio"):
+            feed = self.feeds.get(args[0])  # none: no viewer yet, or the session was dropped
             if feed is not None:
-                (feed.frame if kind == "frame" else feed.audio)(*args[1:])
-        elif kind == "ring":
-            session, name, shape, slots, pixel_format = args
-            feed = self.feeds[session]
-            if feed.ring is not None:
-                feed.ring.close()
-            feed.ring = FrameRing.attach(name, shape, slots, pixel_format)
+                (feed.picture if kind == "picture" else feed.audio)(*args[1:])
         elif kind == "open":
             self._spawn(self._open(*args))
         elif kind == "close":

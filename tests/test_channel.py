@@ -185,3 +185,58 @@ def test_a_coalescing_channel_queues_a_loop_turns_messages_as_one_item_in_order(
         got.extend(received if isinstance(received, list) else [received])
     assert got == [*(("turn", i) for i in range(5)), ("next", 0), ("thread", 1), ("flushed", 2), ("long", 0), ("long", 1)]
     channel.close()
+
+
+def test_listen_prepares_on_the_receiving_thread_and_wakes_the_loop_once_per_arrival() -> None:
+    """``prepare`` sees every message in order on the receiving thread (a message it fails on, or
+    answers None for, never reaches the loop); what arrived as one batch reaches the loop in one
+    callback, still one message at a time to the handler."""
+    import asyncio
+
+    ours, theirs = Pipe(duplex=True)
+    sender = Channel(ours, "test")
+
+    async def scenario() -> tuple[list, list, set, int]:
+        loop = asyncio.get_running_loop()
+        handled: list = []
+        prepared_on: set = set()
+        wakeups = 0
+        done = asyncio.Event()
+
+        def prepare(message: tuple) -> tuple | None:
+            prepared_on.add(threading.current_thread().name)
+            if message[0] == "bad":
+                raise ValueError("refused")
+            return None if message[0] == "skip" else ("ready", *message[1:])
+
+        def handle(message: tuple) -> None:
+            handled.append(message)
+            if message == ("ready", "last"):
+                done.set()
+
+        original = loop.call_soon_threadsafe
+
+        def counting(callback, *args):  # noqa: ANN001, ANN202
+            nonlocal wakeups
+            wakeups += 1
+            return original(callback, *args)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        reader = Channel(theirs, "reader")
+        reader.listen(loop, handle, lambda: None, prepare=prepare)
+        sender.send(("big", b"x" * (1 << 20)))  # the writer blocks on it: what follows queues up
+        for i in range(20):
+            sender.send(("frame", i))
+        sender.send(("skip", 0))
+        sender.send(("bad", 0))
+        sender.send(("end", "last"))
+        await asyncio.wait_for(done.wait(), WAIT)
+        reader.close()
+        return handled, [m for m in handled if m[1:2] != (b"x" * (1 << 20),)], prepared_on, wakeups
+
+    handled, small, prepared_on, wakeups = asyncio.run(scenario())
+    assert small == [*(("ready", i) for i in range(20)), ("ready", "last")]
+    assert len(handled) == 22 and handled[0][0] == "ready"
+    assert prepared_on == {"channel-in-reader"}
+    assert wakeups <= 3  # 22 messages in at most a few arrivals, not one wake-up each
+    sender.close()

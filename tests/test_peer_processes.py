@@ -272,3 +272,28 @@ def test_numpy_audio_level_is_aiortcs_level() -> None:
         assert aiortc.rtcrtpsender.rtp.compute_audio_level_dbov is audio_level_dbov
     finally:
         aiortc.rtp.compute_audio_level_dbov = original
+
+
+def test_peer_process_copies_frames_out_of_their_ring_as_messages_arrive() -> None:
+    """The receiving thread's side of a peer process: a frame turns into a picture holding its
+    own copy of the slot (the slot may be rewritten at once), frames of a session without a ring
+    are not passed on, and dropping a session closes its ring and still tells the loop."""
+    from server.peer_process import _Rings
+
+    ring = FrameRing.create((4, 6, 3), slots=2)
+    rings = _Rings()
+    try:
+        assert rings.prepare(("frame", "s1", 0, 0)) is None  # no ring yet
+        assert rings.prepare(("ring", "s1", *ring.describe())) is None  # nothing for the loop
+        picture = np.full((4, 6, 3), 200, np.uint8)
+        slot = ring.write(3, picture)
+        kind, session, frame = rings.prepare(("frame", "s1", 3, slot))
+        ring.write(5, np.zeros((4, 6, 3), np.uint8))  # the same slot, rewritten
+        assert (kind, session, frame.format.name, frame.pts) == ("picture", "s1", "yuv420p", 3 * 3600)
+        assert np.abs(frame.to_ndarray(format="bgr24").astype(int) - 200).max() <= 2
+        assert rings.prepare(("audio", "s1", 3, b"", 0.0)) == ("audio", "s1", 3, b"", 0.0)
+        assert rings.prepare(("drop", "s1")) == ("drop", "s1")
+        assert rings.prepare(("frame", "s1", 6, 0)) is None  # its ring is gone
+    finally:
+        rings.close()
+        ring.close()

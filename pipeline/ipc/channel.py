@@ -89,15 +89,26 @@ class Channel:
         self._receiver: threading.Thread | None = None
 
     def listen(
-        self, loop: asyncio.AbstractEventLoop, handler: Callable[[Any], None], on_closed: Callable[[], None]
+        self,
+        loop: asyncio.AbstractEventLoop,
+        handler: Callable[[Any], None],
+        on_closed: Callable[[], None],
+        prepare: Callable[[Any], Any] | None = None,
     ) -> None:
-        """Call ``handler`` on ``loop`` for every message; ``on_closed`` once the other end is gone."""
+        """Call ``handler`` on ``loop`` for every message; ``on_closed`` once the other end is gone.
 
-        def deliver(message: Any) -> None:
-            try:
-                handler(message)
-            except Exception:  # a bad message must not stop the channel
-                log.exception("%s: handling %r failed", self.name, message[:1])
+        ``prepare``, if given, runs on the receiving thread for each message, in order, as it
+        arrives; what it returns is handed to ``handler`` (None: nothing is). Work that need not
+        run on the loop goes there (a peer process copies each frame out of shared memory the
+        moment its message arrives). The messages that arrived together reach the loop in one
+        callback: one wake-up of the loop per arrival, not per message."""
+
+        def deliver(messages: list[Any]) -> None:
+            for message in messages:
+                try:
+                    handler(message)
+                except Exception:  # a bad message must not stop the channel
+                    log.exception("%s: handling %r failed", self.name, message[:1])
 
         def closed() -> None:
             try:
@@ -105,13 +116,26 @@ class Channel:
             except RuntimeError:  # the loop is closed
                 pass
 
-        def hand_over(message: Any) -> None:
+        def hand_over(messages: list[Any]) -> None:
+            if prepare is not None:
+                ready = []
+                for message in messages:
+                    try:
+                        message = prepare(message)
+                    except Exception:  # a bad message must not stop the channel
+                        log.exception("%s: preparing %r failed", self.name, message[:1])
+                        continue
+                    if message is not None:
+                        ready.append(message)
+                messages = ready
+            if not messages:
+                return
             try:
-                loop.call_soon_threadsafe(deliver, message)
+                loop.call_soon_threadsafe(deliver, messages)
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 raise _Deaf from None
 
-        self.listen_in_thread(hand_over, closed)
+        self.listen_batches_in_thread(hand_over, closed)
 
     def listen_in_thread(self, handler: Callable[[Any], None], on_closed: Callable[[], None]) -> None:
         """Call ``handler`` for every message on the receiving thread itself, in order; for ends
