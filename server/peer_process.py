@@ -123,6 +123,21 @@ def _audio_frame(chunk: np.ndarray, pts: int) -> av.AudioFrame:
     return frame
 
 
+def microphone_pcm(frame: av.AudioFrame) -> tuple[np.ndarray, int, str]:
+    """A decoded microphone frame as (float32 planar PCM, rate, layout) for the server.
+
+    aiortc decodes Opus as stereo, also a browser's mono microphone (both channels the same).
+    Stereo is mixed down here, as the mean of the channels: what libswresample's own stereo to
+    mono does (the same 16 kHz features to 2e-8, tests/test_peer_processes.py). The server's
+    48 kHz output of a mono 48 kHz stream is then a copy, not a libswresample call on its event
+    loop (which lets go of the GIL on every chunk: bench/gil_release_cost.py), and the message
+    is half the size."""
+    planar, layout = frame_to_planar(frame), layout_name(frame.layout)
+    if layout == "stereo":
+        planar, layout = planar.mean(axis=0, keepdims=True, dtype=np.float32), "mono"
+    return planar, frame.sample_rate, layout
+
+
 @dataclass
 class _Feed:
     """What the process's loop holds for one session: its outgoing tracks."""
@@ -275,7 +290,7 @@ class PeerProcess:
                 frame = await track.recv()
             except MediaStreamError:
                 return
-            self.channel.send(("mic", peer_id, frame_to_planar(frame), frame.sample_rate, layout_name(frame.layout)))
+            self.channel.send(("mic", peer_id, *microphone_pcm(frame)))
 
     async def _close(self, request: int, peer_id: str) -> None:
         await self._close_peer(peer_id)

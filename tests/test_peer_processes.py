@@ -297,3 +297,29 @@ def test_peer_process_copies_frames_out_of_their_ring_as_messages_arrive() -> No
     finally:
         rings.close()
         ring.close()
+
+
+def test_a_stereo_microphone_reaches_the_server_as_its_mono_mix() -> None:
+    """aiortc's decoded Opus is stereo; the peer process sends the channels' mean, which gives
+    the session the features libswresample's own downmix of the stereo frame gives."""
+    import av
+
+    from pipeline.audio.decode import MonoResampler, frame_to_planar
+    from server.peer_process import microphone_pcm
+
+    rng = np.random.default_rng(0)
+    stereo = (rng.normal(0, 3000, (2, 4800))).astype(np.int16)
+    frame = av.AudioFrame.from_ndarray(stereo.T.reshape(1, -1).copy(), format="s16", layout="stereo")
+    frame.sample_rate = 48000
+    planar, rate, layout = microphone_pcm(frame)
+    assert (planar.shape, planar.dtype, rate, layout) == ((1, 4800), np.float32, 48000, "mono")
+    np.testing.assert_allclose(planar[0], stereo.mean(axis=0) / 32768, atol=1e-6)
+
+    def features_input(pcm: np.ndarray, layout: str) -> np.ndarray:
+        resampler = MonoResampler(16000)
+        return np.concatenate([resampler.push_planar(pcm, 48000, layout), resampler.flush()])
+
+    np.testing.assert_allclose(features_input(planar, "mono"), features_input(frame_to_planar(frame), "stereo"), atol=1e-6)
+    mono = av.AudioFrame.from_ndarray(stereo[:1].copy(), format="s16", layout="mono")
+    mono.sample_rate = 16000
+    assert microphone_pcm(mono)[1:] == (16000, "mono")  # other layouts pass as they are
