@@ -1709,10 +1709,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the server's processes run first; each client still reports its own pacing slips (lag)",
     )
     parser.add_argument("--client-cpus", metavar="LIST",
-                        help="run the client processes on these CPUs only (e.g. 11-15): with --server-cpus, "
+                        help="run the client processes on these CPUs only (e.g. 10-15): with --server-cpus, "
                         "the server's cores are its own, as on a machine that does not host its viewers")
     parser.add_argument("--server-cpus", metavar="LIST",
-                        help="run the --spawn-server server (all its processes) on these CPUs only (e.g. 0-10)")
+                        help="run the --spawn-server server (all its processes) on these CPUs only (e.g. 0-9)")
     parser.add_argument("--avatar", default="demo")
     parser.add_argument("--avatars-dir", type=Path, help="where the avatar is prepared, for the mouth region "
                         "(default: the spawned server's, else ./avatars)")

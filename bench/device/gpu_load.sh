@@ -17,8 +17,8 @@
 #   --budget S        seconds this script may take in all (default 570: the run tool's limit is 600)
 #   --client-nice N   niceness of the client processes (bench/load.py --client-nice, default 10; 19 leaves
 #                     the server every CPU it asks for: the clients share the server's 16 cores here)
-#   --client-cpus L   run the clients on these CPUs only, e.g. 11-15 (bench/load.py --client-cpus)
-#   --server-cpus L   run the server, all its processes, on these CPUs only, e.g. 0-10: with --client-cpus
+#   --client-cpus L   run the clients on these CPUs only, e.g. 10-15 (bench/load.py --client-cpus)
+#   --server-cpus L   run the server, all its processes, on these CPUs only, e.g. 0-9: with --client-cpus
 #                     the server's cores are its own, as on a machine that does not host its viewers
 #   --cpu-dry-run     micro weights on the CPU, no wheels installed: checks the kit on a CPU machine
 #
