@@ -51,6 +51,7 @@ from server.webrtc import (
     apply_offer,
     configure_host_addresses,
     new_peer,
+    limit_audio_prefetch,
     use_numpy_audio_level,
 )
 
@@ -320,6 +321,7 @@ def run(conn: Connection, webrtc: WebRtcConfig, log_level: str) -> None:
     if webrtc.host_addresses:
         configure_host_addresses(webrtc.host_addresses)
     use_numpy_audio_level()
+    limit_audio_prefetch(webrtc.mic_prefetch_packets)
     # Imports (aiortc, PyAV, numpy: ~60k objects, an 11 ms walk on a 2-core box) live as long
     # as the process: out of the garbage collector's walks, which stop every session's sending.
     freeze_startup()

@@ -15,6 +15,7 @@ import logging
 import math
 
 import aioice.ice
+import aiortc.rtcrtpreceiver
 import aiortc.rtp
 import av
 import numpy as np
@@ -146,6 +147,27 @@ def use_numpy_audio_level() -> None:
     """Make aiortc's senders in this process take :func:`audio_level_dbov` (they look it up in
     ``aiortc.rtp`` for every audio frame)."""
     aiortc.rtp.compute_audio_level_dbov = audio_level_dbov
+
+
+# ------------------------------------------------------------------ microphone jitter buffer
+_AiortcJitterBuffer = aiortc.rtcrtpreceiver.JitterBuffer
+
+
+def limit_audio_prefetch(packets: int) -> None:
+    """Make aiortc's audio receivers in this process hold ``packets`` 20 ms packets after the
+    one they release (aiortc holds 4: 80 ms before a microphone's audio reaches the session).
+
+    Why: that hold smooths playback on a speaker, which we have none of; the session has its
+    own jitter allowance (``sessions.jitter_seconds``). Each packet held is 20 ms more between
+    a caller's words and the avatar's mouth. Reordered packets are still put in order (the
+    buffer waits for a missing one whatever the hold), and a lost one still costs what it did.
+    Video receivers hold nothing in aiortc and are not touched."""
+
+    class MicJitterBuffer(_AiortcJitterBuffer):
+        def __init__(self, capacity: int, prefetch: int = 0, is_video: bool = False) -> None:
+            super().__init__(capacity, prefetch if is_video else min(prefetch, packets), is_video)
+
+    aiortc.rtcrtpreceiver.JitterBuffer = MicJitterBuffer
 
 
 # ---------------------------------------------------------------------------------- output

@@ -323,3 +323,30 @@ def test_a_stereo_microphone_reaches_the_server_as_its_mono_mix() -> None:
     mono = av.AudioFrame.from_ndarray(stereo[:1].copy(), format="s16", layout="mono")
     mono.sample_rate = 16000
     assert microphone_pcm(mono)[1:] == (16000, "mono")  # other layouts pass as they are
+
+
+def test_microphone_jitter_buffers_hold_the_configured_packets() -> None:
+    """``webrtc.mic_prefetch_packets``: aiortc's audio receivers hold that many packets instead
+    of 4; its video receivers are untouched; a packet is still released once the next arrives."""
+    import aiortc.rtcrtpreceiver
+    from aiortc.rtp import RtpPacket
+
+    from server.webrtc import limit_audio_prefetch
+
+    original = aiortc.rtcrtpreceiver.JitterBuffer
+    try:
+        limit_audio_prefetch(1)
+        audio = aiortc.rtcrtpreceiver.JitterBuffer(capacity=16, prefetch=4)
+        video = aiortc.rtcrtpreceiver.JitterBuffer(capacity=512, is_video=True)
+        assert (audio._prefetch, video._prefetch) == (1, 0)
+        released = []
+        for n in range(4):
+            packet = RtpPacket(sequence_number=n, timestamp=960 * n, payload=bytes([n]))
+            packet._data = packet.payload  # what the receiver sets: the depacketized frame data
+            released.append(audio.add(packet)[1])
+        assert released[0] is None and [f.data for f in released[1:]] == [b"\x00", b"\x01", b"\x02"]
+        # the received audio takes them: a receiver built now gets the patched buffer
+        assert issubclass(aiortc.rtcrtpreceiver.JitterBuffer, original)
+    finally:
+        aiortc.rtcrtpreceiver.JitterBuffer = original
+    assert original(capacity=16, prefetch=4)._prefetch == 4
