@@ -1739,8 +1739,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--config goes with --spawn-server")
     if args.server_cpus and not args.spawn_server:
         parser.error("--server-cpus goes with --spawn-server")
-    try:
-        cpu_list(args.client_cpus), cpu_list(args.server_cpus)
+    try:  # parsed once, here: a bad list stops the run before anything starts
+        args.client_cpu_list, args.server_cpu_list = cpu_list(args.client_cpus), cpu_list(args.server_cpus)
     except ValueError as exc:
         parser.error(str(exc))
     if args.config and not args.config.is_file():
@@ -1900,7 +1900,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
     status = 0
     try:
         if args.spawn_server:
-            server = SpawnedServer(args.config, max(s["sessions"] for s in scenarios), workdir, cpu_list(args.server_cpus))
+            server = SpawnedServer(args.config, max(s["sessions"] for s in scenarios), workdir, args.server_cpu_list)
             print(f"starting a server on {server.url} (log: {server.log_path}) ...", flush=True)
             t = time.monotonic()
             server.start(timeout=args.server_timeout)
@@ -2009,7 +2009,7 @@ def run_scenario(args: argparse.Namespace, run: dict[str, Any], url: str, server
                 "ice_addresses": ice,
                 "connect_at": t0 + (args.ramp * i / n if n > 1 else 0.0),
                 "clips16": clips16 if mode == "ws" else [], "clips48": clips48 if mode == "webrtc" else [],
-                "durations": durations, "nice": args.client_nice, "cpus": cpu_list(args.client_cpus),
+                "durations": durations, "nice": args.client_nice, "cpus": args.client_cpu_list,
             }
             p = ctx.Process(
                 target=session_main, args=(spec, messages, talk_at, stop), name=f"load-{i}", daemon=True

@@ -50,8 +50,8 @@ from server.webrtc import (
     answer,
     apply_offer,
     configure_host_addresses,
-    new_peer,
     limit_audio_prefetch,
+    new_peer,
     use_numpy_audio_level,
 )
 

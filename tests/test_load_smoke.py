@@ -320,13 +320,19 @@ def test_a_stand_in_onset_takes_the_cross_correlated_delay_of_its_sound() -> Non
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
+        # --client-nice takes 0-19 (what os.nice can add without privileges)
+        (["--client-nice", "-1"], "--client-nice"),
+        (["--client-nice", "20"], "--client-nice"),
+        (["--client-nice", "x"], "--client-nice"),
         (["--client-cpus", "x"], "not a CPU list"),
         (["--client-cpus", "0-"], "not a CPU list"),
         (["--client-cpus", "4096"], "are not this process's to use"),
         (["--server-cpus", "0"], "--server-cpus goes with --spawn-server"),
     ],
 )
-def test_a_bad_cpu_list_is_refused_before_anything_starts(argv: list[str], message: str, capsys) -> None:
+def test_bad_client_placement_is_refused_before_anything_starts(argv: list[str], message: str, capsys) -> None:
+    """A niceness or CPU list the clients or the server cannot take exits 2, naming what is
+    wrong, before a client is started."""
     sys.path.insert(0, str(ROOT / "bench"))
     import load
 
@@ -334,19 +340,6 @@ def test_a_bad_cpu_list_is_refused_before_anything_starts(argv: list[str], messa
         load.parse_args(["--sessions", "1", *argv])
     assert stopped.value.code == 2
     assert message in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("nice", ["-1", "20", "x"])
-def test_a_client_niceness_out_of_range_is_refused(nice: str, capsys) -> None:
-    """--client-nice takes 0-19 (what os.nice can add without privileges); anything else exits 2
-    naming the option, before a client is started."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import load
-
-    with pytest.raises(SystemExit) as stopped:
-        load.parse_args(["--sessions", "1", "--client-nice", nice])
-    assert stopped.value.code == 2
-    assert "--client-nice" in capsys.readouterr().err
 
 
 def test_echo_delay_finds_the_returned_utterance_to_a_step() -> None:
