@@ -114,6 +114,7 @@ async def _start(state: AppState) -> None:
             skip_late=engine.skip_late_frames,
             skip_keep=engine.skip_keep_frames,
             gather_seconds=engine.batch_gather_ms / 1000,
+            max_burst_overload=engine.max_burst_overload_percent / 100,
         )
         state.metrics.set_device_source(state.pool.describe)
         # Off the loop: a GPU engine compiles and captures CUDA graphs at start (minutes, cold),

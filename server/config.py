@@ -58,6 +58,9 @@ class EngineConfig(Section):
     # talking sessions per device; 0: measured at start (pipeline/live/calibration.py)
     capacity_sessions: int = Field(0, ge=0)
     capacity_headroom: float = Field(0.9, gt=0, le=1)
+    # admission: the share of talking frames (%) a device may be expected to lack time for when
+    # sessions that each talk part of the time talk at once (pipeline/live/bursts.py); 100: off
+    max_burst_overload_percent: float = Field(1.0, ge=0, le=100)
     vad_aggressiveness: int = Field(2, ge=0, le=3)
     models_dir: Path = Path("models")
     # musetalk: how each Whisper window is encoded ("trimmed": over the positions its audio

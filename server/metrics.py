@@ -101,6 +101,7 @@ class _DeviceCollector(Collector):
         ("lipstream_device_sessions", "Sessions bound to the device", lambda d: d["sessions"]),
         ("lipstream_device_demand_sessions", "Demand in talking-session equivalents", lambda d: d["demand"]["talking_sessions"]),
         ("lipstream_device_demand_fps", "Demand in frames/s", lambda d: d["demand"]["frames_per_second"]),
+        ("lipstream_device_burst_overload_percent", "Expected % of talking frames past capacity when sessions talk at once", lambda d: d["demand"]["burst_overload_percent"]),
         ("lipstream_device_queued_frames", "Frame requests waiting for the device", lambda d: d["queued_frames"]),
         ("lipstream_device_utilisation", "Share of the last 10 s the device spent in batches", lambda d: d["utilisation"]),
     )

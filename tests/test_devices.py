@@ -99,12 +99,16 @@ def test_devices_endpoint_reports_a_calibrated_device(avatars_root: Path) -> Non
             assert all(row["seconds"] > 0 and row["frames_per_second"] > 0 for row in table)
             assert device["avatars"] == ["demo"]
             assert device["process"] is None  # a cpu device works in the server process by default
-            assert device["sessions"] == 0 and device["demand"] == {"talking_sessions": 0.0, "frames_per_second": 0.0}
+            assert device["sessions"] == 0 and device["demand"] == {
+                "talking_sessions": 0.0, "frames_per_second": 0.0, "burst_overload_percent": 0.0
+            }
 
             await create(http)
             device = (await devices(http))["cpu"]
             assert device["sessions"] == 1
-            assert device["demand"] == {"talking_sessions": 1.0, "frames_per_second": 25.0}
+            assert device["demand"] == {
+                "talking_sessions": 1.0, "frames_per_second": 25.0, "burst_overload_percent": 0.0
+            }
 
             metrics = (await http.get("/metrics")).text
             assert f'lipstream_device_capacity_sessions{{device="cpu"}} {float(device["capacity"])}' in metrics
@@ -185,9 +189,13 @@ def test_admission_refuses_past_a_calibrated_capacity(avatars_root: Path) -> Non
 
 
 def test_expected_talk_fraction_and_measured_talk_count_towards_demand(avatars_root: Path) -> None:
+    """The average alone (the burst limit off: test_bursts_past_the_limit_refuse_a_session)."""
+
     async def scenario() -> None:
         async with server(
-            avatars_root, engine={"capacity_sessions": 2}, sessions={"expected_talk_fraction": 0.5}
+            avatars_root,
+            engine={"capacity_sessions": 2, "max_burst_overload_percent": 100},
+            sessions={"expected_talk_fraction": 0.5},
         ) as (state, http):
             ids = [(await create(http))["id"] for _ in range(3)]  # 1.5 of 2
             assert (await devices(http))["cpu"]["demand"]["talking_sessions"] == 1.5
@@ -201,6 +209,29 @@ def test_expected_talk_fraction_and_measured_talk_count_towards_demand(avatars_r
             state.manager.sessions[ids[0]].live.stats.talk_fraction = 0.2
             await create(http)
             assert (await devices(http))["cpu"]["demand"]["talking_sessions"] == 2.0
+
+    run(scenario())
+
+
+def test_bursts_past_the_limit_refuse_a_session(avatars_root: Path) -> None:
+    """Capacity 2, half-talking sessions: a third fits the average (1.5 of 2) but all three talk at
+    once an eighth of the time, 8.3 % of their talking frames past capacity (default limit 1 %)."""
+
+    async def scenario() -> None:
+        async with server(
+            avatars_root, engine={"capacity_sessions": 2}, sessions={"expected_talk_fraction": 0.5}
+        ) as (_, http):
+            for _ in range(2):
+                await create(http)
+            assert (await devices(http))["cpu"]["demand"]["burst_overload_percent"] == 0.0
+            refused = await http.post("/v1/sessions", json={})
+            assert refused.status_code == 503
+            assert refused.json()["detail"] == (
+                "at capacity: devices cpu 1.0/2 talking sessions, with it 8.3 % of talking frames past "
+                "capacity when sessions talk at once (limit 1 %); a new session needs 0.5"
+            )
+            metrics = (await http.get("/metrics")).text
+            assert 'lipstream_device_burst_overload_percent{device="cpu"} 0.0' in metrics
 
     run(scenario())
 

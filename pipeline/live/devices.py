@@ -16,9 +16,12 @@ avatar that listens half the time costs half, but one that turns out to talk mor
 it behaves.
 
 Admission (:meth:`DevicePool.admit`): candidates are the ready devices where current demand plus
-the new session's fits the capacity. Among them, those where the avatar is already resident win
-(no latents to load, no second copy in device memory), then the least utilised (demand over
-capacity, so devices of different sizes fill evenly). None: :class:`AtCapacity` (HTTP 503) with a
+the new session's fits the capacity, and where the sessions' talking overlaps rarely enough that
+bursts past the capacity stay under ``max_burst_overload`` of the talking frames
+(:mod:`pipeline.live.bursts`: half-talking sessions whose average fits still overlap). Among
+them, those where the avatar is already resident win (no latents to load, no second copy in
+device memory), then the least utilised (demand over capacity, so devices of different sizes
+fill evenly). None: :class:`AtCapacity` (HTTP 503) with a
 reason naming every device's load or failure. Running sessions are never degraded to make room.
 The choice and the reservation happen in one call under a lock, so concurrent creations cannot
 both take the last place.
@@ -40,6 +43,7 @@ from typing import Any
 from pipeline.avatar.model import Avatar
 from pipeline.engines.base import Engine
 from pipeline.errors import EngineUnavailable, LipstreamError
+from pipeline.live.bursts import overload_share
 from pipeline.live.calibration import FPS, HEADROOM, Calibration, calibrate
 from pipeline.live.device_link import DeviceLink
 from pipeline.live.faults import DeviceFailed, describe_fault, is_device_fault
@@ -90,9 +94,19 @@ class Device:
     def ready(self) -> bool:
         return self.state == READY
 
+    def demands(self) -> list[float]:
+        """Each bound session's (and each being created) talking-session equivalent, now."""
+        return [binding.demand() for binding in self.bindings.values()]
+
     def demand(self) -> float:
         """Talking-session equivalents of the sessions bound here (and being created)."""
-        return sum(binding.demand() for binding in self.bindings.values())
+        return sum(self.demands())
+
+    def burst_overload(self, extra: float | None = None) -> float:
+        """Expected share of talking frames past the capacity when sessions overlap (0..1),
+        with a session of demand ``extra`` added when given (:mod:`pipeline.live.bursts`)."""
+        demands = self.demands() + ([extra] if extra is not None else [])
+        return overload_share(demands, self.capacity) if self.capacity > 0 else 0.0
 
     def describe(self) -> dict[str, Any]:
         demand = self.demand()
@@ -112,7 +126,11 @@ class Device:
             "capacity_source": self.capacity_source,
             "calibration": calibration,
             "sessions": len(self.bindings),
-            "demand": {"talking_sessions": round(demand, 3), "frames_per_second": round(FPS * demand, 1)},
+            "demand": {
+                "talking_sessions": round(demand, 3),
+                "frames_per_second": round(FPS * demand, 1),
+                "burst_overload_percent": round(100 * self.burst_overload(), 2),
+            },
             "avatars": sorted(self.avatars),
             "queued_frames": worker.queued if worker else 0,
             "batches": stats.batches if stats else 0,
@@ -150,8 +168,11 @@ class DevicePool:
         skip_late: bool = False,
         skip_keep: int = 0,
         gather_seconds: float = 0.0,
+        max_burst_overload: float = 1.0,
     ) -> None:
-        """``make_link``: run each device in a process of its own (``make_engine`` then unused)."""
+        """``make_link``: run each device in a process of its own (``make_engine`` then unused).
+        ``max_burst_overload``: the share of talking frames (0..1) a device may be expected to
+        lack time for when its sessions happen to talk at once; 1 admits by the average alone."""
         if not names:
             raise ValueError("a device pool needs at least one device")
         self.devices: dict[str, Device] = {name: Device(name, engine_name) for name in names}
@@ -164,6 +185,7 @@ class DevicePool:
         self.skip_late = skip_late  # EngineWorker(skip_late, skip_keep) (worker.py docstring)
         self.skip_keep = skip_keep
         self.gather_seconds = gather_seconds  # EngineWorker(gather_seconds)
+        self.max_burst_overload = max_burst_overload
         self._on_batch = on_batch
         self._lock = threading.RLock()
         self._listeners: list[FailureListener] = []
@@ -341,7 +363,9 @@ class DevicePool:
             order = {name: i for i, name in enumerate(self.devices)}
             loads = {d.name: d.demand() for d in self.devices.values() if d.ready}
             candidates = [
-                d for d in self.devices.values() if d.ready and loads[d.name] + demand <= d.capacity + 1e-9
+                d
+                for d in self.devices.values()
+                if d.ready and loads[d.name] + demand <= d.capacity + 1e-9 and self._bursts_fit(d, demand)
             ]
             if not candidates:
                 raise AtCapacity(self._refusal(loads, demand))
@@ -353,12 +377,23 @@ class DevicePool:
             device.bindings[owner] = _Binding(avatar_id, lambda: demand)
             return device
 
+    def _bursts_fit(self, device: Device, demand: float) -> bool:
+        if self.max_burst_overload >= 1.0:
+            return True
+        return device.burst_overload(demand) <= self.max_burst_overload + 1e-12
+
     def _refusal(self, loads: dict[str, float], demand: float) -> str:
         if not loads:
             return f"no device available: {self._failures()}"
         parts = []
         for d in self.devices.values():
-            if d.ready:
+            if d.ready and loads[d.name] + demand <= d.capacity + 1e-9:  # the average fits, bursts do not
+                parts.append(
+                    f"{d.name} {loads[d.name]:.1f}/{d.capacity} talking sessions, with it "
+                    f"{100 * d.burst_overload(demand):.1f} % of talking frames past capacity when sessions "
+                    f"talk at once (limit {100 * self.max_burst_overload:g} %)"
+                )
+            elif d.ready:
                 parts.append(f"{d.name} {loads[d.name]:.1f}/{d.capacity} talking sessions")
             else:
                 parts.append(f"{d.name} {d.state}" + (f": {d.error}" if d.error else ""))
