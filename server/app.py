@@ -239,10 +239,12 @@ def create_app(settings: Settings, boot: BootSession | None = None, freeze_gc: b
 def run_server(settings: Settings, boot: BootSession | None = None) -> None:
     import uvicorn
 
+    from pipeline.opencv_threads import use_serial_opencv
     from server.logs import configure_logging
 
     configure_logging(settings.server.log_level, settings.server.log_format)
     sys.setswitchinterval(settings.server.switch_interval_ms / 1000)
+    use_serial_opencv()
     app = create_app(settings, boot, freeze_gc=True)
 
     class DrainingServer(uvicorn.Server):

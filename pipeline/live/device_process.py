@@ -59,6 +59,7 @@ from pipeline.live.faults import DeviceFailed, describe_fault, is_device_fault
 from pipeline.live.feature_worker import FeatureWorker
 from pipeline.live.gc_pauses import GcPauses
 from pipeline.live.worker import SKIPPED, EngineWorker
+from pipeline.opencv_threads import use_serial_opencv
 
 log = logging.getLogger("lipstream.device")
 #: Seconds between two ``stages`` messages (the engine worker's stage percentiles).
@@ -395,6 +396,7 @@ def run(conn: Connection, spec: DeviceSpec) -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the server asks when we stop answering
     logging.basicConfig(level=spec.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sys.setswitchinterval(spec.switch_interval_ms / 1000)
+    use_serial_opencv()  # its paste threads resize faces side by side (pipeline/opencv_threads.py)
     channel = Channel(conn, f"device-{spec.name}")
     process = DeviceProcess(spec, channel)
     process.gc_pauses.install()
