@@ -98,18 +98,14 @@ class Device:
         """Each bound session's (and each being created) talking-session equivalent, now."""
         return [binding.demand() for binding in self.bindings.values()]
 
-    def demand(self) -> float:
-        """Talking-session equivalents of the sessions bound here (and being created)."""
-        return sum(self.demands())
-
-    def burst_overload(self, extra: float | None = None) -> float:
-        """Expected share of talking frames past the capacity when sessions overlap (0..1),
-        with a session of demand ``extra`` added when given (:mod:`pipeline.live.bursts`)."""
-        demands = self.demands() + ([extra] if extra is not None else [])
+    def burst_overload(self, demands: Sequence[float]) -> float:
+        """Expected share of talking frames past the capacity (0..1) when sessions of these
+        demands talk independently (:mod:`pipeline.live.bursts`)."""
         return overload_share(demands, self.capacity) if self.capacity > 0 else 0.0
 
     def describe(self) -> dict[str, Any]:
-        demand = self.demand()
+        demands = self.demands()
+        demand = sum(demands)
         worker = self.worker or self.link
         stats = worker.stats if worker else None
         calibration = None
@@ -129,7 +125,7 @@ class Device:
             "demand": {
                 "talking_sessions": round(demand, 3),
                 "frames_per_second": round(FPS * demand, 1),
-                "burst_overload_percent": round(100 * self.burst_overload(), 2),
+                "burst_overload_percent": round(100 * self.burst_overload(demands), 2),
             },
             "avatars": sorted(self.avatars),
             "queued_frames": worker.queued if worker else 0,
@@ -361,14 +357,19 @@ class DevicePool:
         (module docstring); raises :class:`AtCapacity` naming every device's load or failure."""
         with self._lock:
             order = {name: i for i, name in enumerate(self.devices)}
-            loads = {d.name: d.demand() for d in self.devices.values() if d.ready}
-            candidates = [
-                d
+            demands = {d.name: d.demands() for d in self.devices.values() if d.ready}
+            loads = {name: sum(values) for name, values in demands.items()}
+            # the devices where the average fits with the new session, and their burst overload with it
+            bursts = {
+                d.name: d.burst_overload([*demands[d.name], demand])
                 for d in self.devices.values()
-                if d.ready and loads[d.name] + demand <= d.capacity + 1e-9 and self._bursts_fit(d, demand)
+                if d.ready and loads[d.name] + demand <= d.capacity + 1e-9
+            }
+            candidates = [
+                d for d in self.devices.values() if d.name in bursts and self._bursts_fit(bursts[d.name])
             ]
             if not candidates:
-                raise AtCapacity(self._refusal(loads, demand))
+                raise AtCapacity(self._refusal(loads, bursts, demand))
             resident = [d for d in candidates if avatar_id in d.avatars]
             device = min(
                 resident or candidates,
@@ -377,20 +378,18 @@ class DevicePool:
             device.bindings[owner] = _Binding(avatar_id, lambda: demand)
             return device
 
-    def _bursts_fit(self, device: Device, demand: float) -> bool:
-        if self.max_burst_overload >= 1.0:
-            return True
-        return device.burst_overload(demand) <= self.max_burst_overload + 1e-12
+    def _bursts_fit(self, overload: float) -> bool:
+        return self.max_burst_overload >= 1.0 or overload <= self.max_burst_overload + 1e-12
 
-    def _refusal(self, loads: dict[str, float], demand: float) -> str:
+    def _refusal(self, loads: dict[str, float], bursts: dict[str, float], demand: float) -> str:
         if not loads:
             return f"no device available: {self._failures()}"
         parts = []
         for d in self.devices.values():
-            if d.ready and loads[d.name] + demand <= d.capacity + 1e-9:  # the average fits, bursts do not
+            if d.name in bursts:  # the average fits, bursts do not
                 parts.append(
                     f"{d.name} {loads[d.name]:.1f}/{d.capacity} talking sessions, with it "
-                    f"{100 * d.burst_overload(demand):.1f} % of talking frames past capacity when sessions "
+                    f"{100 * bursts[d.name]:.1f} % of talking frames past capacity when sessions "
                     f"talk at once (limit {100 * self.max_burst_overload:g} %)"
                 )
             elif d.ready:
