@@ -72,9 +72,20 @@ def measure(pool: int, writers: int, rate: float, seconds: float, side: int) -> 
     return 1e6 * cpu / (per_writer * writers), 1e6 * float(np.median(walls))
 
 
+def pool_sizes(text: str) -> list[int]:
+    """``--pools``: comma-separated thread counts, each at least 1."""
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"not a list of thread counts >= 1: {text!r}")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pools", default=f"{os.cpu_count()},1", help="OpenCV pool sizes to compare")
+    parser.add_argument("--pools", type=pool_sizes, default=f"{os.cpu_count()},1", help="OpenCV pool sizes to compare")
     parser.add_argument("--writers", type=int, default=4, help="writing threads (the peer processes' channels)")
     parser.add_argument("--rate", type=float, default=650.0, help="frames/s over all writers (26 sessions: 650)")
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -82,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-doc", action="store_true", help="update its section of docs/benchmarks.md")
     args = parser.parse_args(argv)
     rows = []
-    for pool in (int(p) for p in args.pools.split(",")):
+    for pool in args.pools:
         cpu_us, wall_us = measure(pool, args.writers, args.rate, args.seconds, args.side)
         rows.append((pool, cpu_us, wall_us, cpu_us * args.rate / 1e4))
         print(f"pool {pool:>3}: {cpu_us:8.0f} us CPU per frame, write {wall_us:6.0f} us (median), "
