@@ -15,6 +15,11 @@ the engine runs it:
               all its launch configurations (more autotuning, longer compile)
   coordinate  default + ``coordinate_descent_tuning``: each kernel's configuration refined by
               coordinate descent after the first choice
+  autotune    default + ``max_autotune``: convolutions benchmarked against inductor's Triton
+              templates too (much longer compile)
+  folded      default with the upsamplers as 2x2 phase convolutions (engine.vae_upsample: folded)
+  transposed  default with the upsamplers as stride-2 transposed convolutions (engine.vae_upsample:
+              transposed); transposed-coordinate: and coordinate descent
 
 Each run reports GPU ms per batch (median of 30 graph replays) at the batches asked and the
 kernels that took the most GPU time in three un-graphed calls (torch.profiler), so a fast and a
@@ -40,9 +45,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("default", "eager", "pointwise", "coordinate")
+VARIANTS = ("default", "eager", "pointwise", "coordinate", "autotune", "folded", "transposed", "transposed-coordinate")
 SECTION = "VAE decode: compile to compile (H200)"
-INDUCTOR_OPTIONS = {"pointwise": {"max_autotune_pointwise": True}, "coordinate": {"coordinate_descent_tuning": True}}
+INDUCTOR_OPTIONS = {
+    "pointwise": {"max_autotune_pointwise": True},
+    "coordinate": {"coordinate_descent_tuning": True},
+    "autotune": {"max_autotune": True},
+    "transposed-coordinate": {"coordinate_descent_tuning": True},
+}
+UPSAMPLE_FORM = {"folded": "phases", "transposed": "transposed", "transposed-coordinate": "transposed"}  # else as loaded
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
@@ -57,6 +68,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     for key, value in INDUCTOR_OPTIONS.get(variant, {}).items():
         setattr(torch._inductor.config, key, value)
     vae = load_vae(Path(args.models), device, dtype)[0]
+    if variant in UPSAMPLE_FORM:
+        from pipeline.engines.musetalk.upsample import fold_upsamplers
+
+        vae = fold_upsamplers(vae, UPSAMPLE_FORM[variant])[0]
     channels_last = device.type == "cuda"
     if channels_last:
         vae.to(memory_format=torch.channels_last)
@@ -84,12 +99,22 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         for n in batches:
             z = latents(n)
             result["ms"][str(n)] = round(replayed_ms(lambda z=z: decode(z), device)[0], 2)
-        result["kernels"] = top_kernels(decode, latents(batches[0]), device) if device.type == "cuda" else []
+        if device.type == "cuda":
+            result["kernels"], result["kernel_kinds"] = top_kernels(decode, latents(batches[0]), device)
     return result
 
 
-def top_kernels(decode, z, device, count: int = 14) -> list[dict[str, Any]]:
-    """The kernels with the most GPU time over three un-graphed calls, ms per call."""
+def kernel_kind(name: str) -> str:
+    """cuDNN's convolutions (implicit GEMMs, forward and the transposed ones' dgrad) vs the rest."""
+    lowered = name.lower()
+    if any(mark in lowered for mark in ("xmma", "implicit_gemm", "fprop", "dgrad", "cudnn", "conv2d_", "triton_tem")):
+        return "convolution"
+    return "triton" if lowered.startswith("triton") else "other"
+
+
+def top_kernels(decode, z, device, count: int = 14) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """The kernels with the most GPU time over three un-graphed calls, ms per call; and all
+    kernels' ms per call by :func:`kernel_kind`."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -100,14 +125,17 @@ def top_kernels(decode, z, device, count: int = 14) -> list[dict[str, Any]]:
             decode(z)
         torch.cuda.synchronize(device)
     rows = []
+    kinds: dict[str, float] = {}
     for event in prof.key_averages():
         total = getattr(event, "device_time_total", None)
         if total is None:
             total = getattr(event, "cuda_time_total", 0)
         if total > 0:
             rows.append({"name": event.key[:120], "ms_per_call": round(total / 3 / 1000, 3), "calls": event.count // 3})
+            kind = kernel_kind(event.key)
+            kinds[kind] = round(kinds.get(kind, 0.0) + total / 3 / 1000, 3)
     rows.sort(key=lambda r: -r["ms_per_call"])
-    return rows[:count]
+    return rows[:count], kinds
 
 
 def parent(args: argparse.Namespace) -> int:
@@ -168,15 +196,21 @@ def summary(res: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append({
                 "variant": variant, "batch": int(batch), "runs": values, "median": statistics.median(values),
                 "spread": max(values) / min(values), "compile_s": statistics.median(r["compile_s"] for r in runs),
+                "kinds": runs[0].get("kernel_kinds") if batch == next(iter(runs[0]["ms"])) else None,
             })
     return rows
 
 
 def summary_lines(res: dict[str, Any]) -> list[str]:
-    lines = ["| variant | batch | runs (GPU ms per batch, each a fresh compile) | median | max / min | compile s (median) |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | batch | runs (GPU ms per batch, each a fresh compile) | median | max / min | compile s (median) | un-graphed ms: convolutions / Triton / other (first run) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in summary(res):
         runs = ", ".join(f"{v:.1f}" for v in row["runs"])
-        lines.append(f"| {row['variant']} | {row['batch']} | {runs} | {row['median']:.1f} | {row['spread']:.2f}x | {row['compile_s']:.0f} |")
+        kinds = row.get("kinds")
+        split = " / ".join(f"{kinds.get(k, 0.0):.1f}" for k in ("convolution", "triton", "other")) if kinds else "-"
+        lines.append(f"| {row['variant']} | {row['batch']} | {runs} | {row['median']:.1f} | {row['spread']:.2f}x | {row['compile_s']:.0f} | {split} |")
     return lines
 
 

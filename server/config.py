@@ -75,9 +75,10 @@ class EngineConfig(Section):
     whisper_crop_seconds: float | None = Field(None, gt=0, lt=30)
     # musetalk: the VAE decoder's three upsampling layers (nearest 2x, then a 3x3 convolution)
     # as "folded" 2x2 convolutions on the small input, one per output phase: the same function
-    # (up to rounding) with 0.45x their arithmetic; "reference" runs diffusers' layers as loaded.
-    # Folding did not make the compiled engine faster on an H200 (docs/design-notes.md).
-    vae_upsample: Literal["folded", "reference"] = "reference"
+    # (up to rounding) with 0.45x their arithmetic; "transposed" the same taps as one stride-2
+    # transposed convolution (no interleaving copy); "reference" runs diffusers' layers as
+    # loaded. Folding did not make the compiled engine faster on an H200 (docs/design-notes.md).
+    vae_upsample: Literal["folded", "transposed", "reference"] = "reference"
     # A speech frame its device cannot make before its release time is skipped (the session
     # holds its last picture for it) instead of made late: frames go out in order, so one made
     # late delays every frame after it, and a burst above capacity would otherwise leave a

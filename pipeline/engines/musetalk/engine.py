@@ -75,7 +75,8 @@ class MuseTalkEngine(Engine):
     (trimmed windows cut to their last this many seconds, at their place in the segment; None:
     the whole segment so far), ``vae_upsample`` ("folded":
     the VAE decoder's nearest-2x + 3x3 convolutions as one 2x2 convolution per output phase, the
-    same function with 0.45x the arithmetic, :mod:`.upsample`; "reference", the default:
+    same function with 0.45x the arithmetic, :mod:`.upsample`; "transposed": the same taps as
+    one stride-2 transposed convolution; "reference", the default:
     diffusers' layers as loaded. Folding did not make the compiled engine faster on an H200,
     nor oneDNN on a CPU: docs/design-notes.md), ``latents_batch`` (frames per VAE
     encode when an avatar's cache is built), ``gpu_blend`` (blend on the engine's device in
@@ -443,7 +444,7 @@ class MuseTalkEngine(Engine):
     def _prepare_models(self) -> None:
         unet, vae = self.models.unet, self.models.vae
         # the decode path's own view of the VAE; models.vae stays as loaded
-        decoder_vae = fold_upsamplers(vae)[0] if self.vae_upsample == "folded" else vae
+        decoder_vae = vae if self.vae_upsample == "reference" else fold_upsamplers(vae, UPSAMPLE_FORMS[self.vae_upsample])[0]
         if self.attention == "classic":
             from diffusers.models.attention_processor import AttnProcessor
 
@@ -510,7 +511,9 @@ class MuseTalkEngine(Engine):
 CUDA_DEFAULTS: dict[str, Any] = {"channels_last": True, "cuda_graphs": True, "compile": "default"}
 PASTE_THREADS = 4
 WHISPER_WINDOWS = ("trimmed", "padded")
-VAE_UPSAMPLE = ("folded", "reference")
+# engine.vae_upsample -> the upsample module's form (reference: diffusers' layers as loaded)
+UPSAMPLE_FORMS = {"folded": "phases", "transposed": "transposed"}
+VAE_UPSAMPLE = ("reference", *UPSAMPLE_FORMS)
 COMPILE_MODES = ("none", "default", "static", "max-autotune")
 #: Batch sizes compiled or captured; a batch is padded up to the next one.
 PADDED_SIZES = (1, 2, 4, 8, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128, 192, 256)

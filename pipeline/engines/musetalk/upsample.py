@@ -12,12 +12,18 @@ Because the upsampled picture is piecewise constant, each of the four output pha
     rows, phase a = 0:  x[i - 1] * W[0]          + x[i] * (W[1] + W[2])
     rows, phase a = 1:  x[i] * (W[0] + W[1])     + x[i + 1] * W[2]
 
-(columns alike, zero padding at the borders on both sides). So the four phases are one 2x2
-convolution with 4x the output channels over ``x`` padded by one pixel, whose outputs, offset
-by the phase, interleave into ``y``: 4 x 4 = 16 multiply-adds per input pixel and channel pair
-instead of 4 x 9 = 36 (0.45x), and the 4x larger upsampled tensor is never written. The result
-is the official layer's up to floating-point rounding (the summed weights are added in fp32
-and rounded once to the model's dtype); tests/test_musetalk_upsample.py checks both.
+(columns alike, zero padding at the borders on both sides). Two forms compute that:
+
+- ``phases``: one 2x2 convolution with 4x the output channels over ``x`` padded by one pixel,
+  whose outputs, offset by the phase, interleave into ``y`` (a copy of the full-size output).
+- ``transposed``: the same taps as one transposed convolution, stride 2, with the 4x4 kernel
+  ``[W[2], W[1] + W[2], W[0] + W[1], W[0]]`` per axis (padding 1): the library writes ``y``
+  directly, no interleave.
+
+Both take 4 x 4 = 16 multiply-adds per input pixel and channel pair instead of 4 x 9 = 36
+(0.45x), and the 4x larger upsampled input is never written. The result is the official
+layer's up to floating-point rounding (the summed weights are added in fp32 and rounded once
+to the model's dtype); tests/test_musetalk_upsample.py checks both forms.
 """
 
 from __future__ import annotations
@@ -39,6 +45,19 @@ _PHASE_TAPS = torch.tensor(
         [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]],  # a = 1: rows i, i+1
     ]
 )
+
+
+# Transposed-convolution taps: _TRANSPOSED_TAPS[k][kh] says whether the 3x3 kernel's row kh
+# belongs to the stride-2 4-tap kernel's tap k (y[p] = sum_i x[i] K[p - 2 i + 1]).
+_TRANSPOSED_TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+
+
+def transposed_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """[O, C, 3, 3] -> [C, O, 4, 4]: conv_transpose2d's weight (stride 2, padding 1) for
+    nearest 2x then this 3x3 convolution, summed in fp32 (or the weight's dtype, if wider)."""
+    w = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
+    taps = _TRANSPOSED_TAPS.to(device=w.device, dtype=w.dtype)
+    return torch.einsum("hk,wl,ockl->cohw", taps, taps, w).contiguous()
 
 
 def phase_kernels(weight: torch.Tensor) -> torch.Tensor:
@@ -77,6 +96,29 @@ class FoldedUpsample2D(nn.Module):
         return y
 
 
+class TransposedUpsample2D(nn.Module):
+    """Drop-in for diffusers' ``Upsample2D`` as one stride-2 transposed convolution: see the
+    module docstring. Built from a loaded layer; it keeps no reference to it."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.channels = conv.in_channels
+        self.out_channels = conv.out_channels
+        self.weight = nn.Parameter(transposed_kernel(conv.weight).to(conv.weight.dtype), requires_grad=False)
+        self.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False) if conv.bias is not None else None
+
+    def forward(self, hidden_states: torch.Tensor, output_size: object = None, *args: object, **kwargs: object) -> torch.Tensor:
+        if output_size is not None:
+            raise ValueError("TransposedUpsample2D only upsamples by 2 (no output_size)")
+        y = F.conv_transpose2d(hidden_states, self.weight, self.bias, stride=2, padding=1)
+        if hidden_states.is_contiguous(memory_format=torch.channels_last):  # a no-op where it already is
+            y = y.contiguous(memory_format=torch.channels_last)
+        return y
+
+
+FORMS: dict[str, type[nn.Module]] = {"phases": FoldedUpsample2D, "transposed": TransposedUpsample2D}
+
+
 def foldable(module: nn.Module) -> nn.Conv2d | None:
     """The 3x3 convolution of a nearest-2x ``Upsample2D`` this module can replace, else None."""
     if type(module).__name__ != "Upsample2D":
@@ -95,18 +137,20 @@ def foldable(module: nn.Module) -> nn.Conv2d | None:
     return conv
 
 
-def fold_upsamplers(model: nn.Module) -> tuple[nn.Module, int]:
-    """``model`` with every foldable ``Upsample2D`` replaced, and how many were.
+def fold_upsamplers(model: nn.Module, form: str = "phases") -> tuple[nn.Module, int]:
+    """``model`` with every foldable ``Upsample2D`` replaced by ``form`` (:data:`FORMS`), and
+    how many were.
 
     ``model`` itself is left as loaded (the avatar-latents encoder, the reference test and the
     official-style bench use it): the result is a copy of the modules on the path to each
     replaced layer, sharing every other module and weight with ``model``.
     """
+    layer = FORMS[form]
     targets = [(name, conv) for name, module in model.named_modules() if (conv := foldable(module)) is not None]
     for name, conv in targets:
-        model = _with_replaced(model, name.split("."), FoldedUpsample2D(conv))
+        model = _with_replaced(model, name.split("."), layer(conv))
     if targets:
-        log.info("folded %d nearest-2x upsampling convolutions into 2x2 phase convolutions", len(targets))
+        log.info("folded %d nearest-2x upsampling convolutions (%s)", len(targets), form)
     return model, len(targets)
 
 
