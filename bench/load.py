@@ -84,6 +84,7 @@ import argparse
 import asyncio
 import datetime
 import functools
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -98,7 +99,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -149,41 +150,75 @@ SENTENCES = [
 
 
 # =========================================================================================
-# Talk plans: (start seconds after the talk moment, sentence index), both modes alike
+# Talk plans: what each session says, and when (seconds after the talk moment)
 # =========================================================================================
-def make_plan(
-    talk: str, durations: list[float], duration: float, seed: int
-) -> tuple[list[tuple[float, int]], float]:
-    """Utterances fitting in ``duration`` seconds; returns (plan, lead-in seconds)."""
+class Utterance(NamedTuple):
+    """One sentence of a plan: sent from ``start``, ``skip`` seconds into its clip, for ``length``
+    seconds. Only a conversational plan's first and last utterances are ever cut (``skip`` > 0 or
+    ``length`` short of the clip): a session found mid-sentence when the window opens, or still
+    talking when it closes. A cut start is no onset: it is sent but not timed."""
+
+    start: float
+    index: int
+    skip: float
+    length: float
+
+    @property
+    def onset(self) -> bool:
+        return self.skip == 0.0
+
+
+def make_plan(talk: str, durations: list[float], duration: float, seed: int) -> list[Utterance]:
+    """Utterances filling ``duration`` seconds (all talking, or conversational)."""
     rng = np.random.default_rng(seed)
-    lead = LEAD_SECONDS + float(rng.uniform(0.0, 1.0))
     if talk == "conversational":
-        # Each session enters its talk/silence cycle at a random point, as independent callers
-        # do: about half of them talk at any moment. (Before 2026-12-03 every session opened
-        # with an utterance within the same second: a burst of all-talking that left a GPU
-        # sized for the average with a backlog it never drained; docs/benchmarks.md.)
-        lead = LEAD_SECONDS + float(rng.uniform(0.0, CONVERSATION_CYCLE))
+        return _conversation(durations, duration, rng)
+    plan: list[Utterance] = []
+    t = LEAD_SECONDS + float(rng.uniform(0.0, 1.0))
     order = list(rng.permutation(len(durations)))
-    plan: list[tuple[float, int]] = []
-    t = lead
-    k = 0
-    while True:
+    for k in itertools.count():
         index = int(order[k % len(order)])
-        k += 1
-        if talk == "conversational":
-            # 1-4 s utterances (the sentences' own lengths) alternating with equal silences.
-            candidates = [i for i, d in enumerate(durations) if 1.0 <= d <= 4.0]
-            candidates = candidates or list(range(len(durations)))
-            index = int(rng.choice(candidates))
         if t + durations[index] > duration - 0.2:  # near the end: the longest sentence that still fits
             fitting = [i for i, d in enumerate(durations) if t + d <= duration - 0.2]
             if not fitting:
                 break
             index = max(fitting, key=lambda i: durations[i])
+        plan.append(Utterance(round(t, 3), index, 0.0, durations[index]))
+        t += durations[index] + PAUSE_ALL
+    return plan
+
+
+def _conversation(durations: list[float], duration: float, rng: np.random.Generator) -> list[Utterance]:
+    """1-4 s sentences, each followed by a silence as long, seen from a random moment of that
+    alternation: at every moment of the window about half the sessions talk, as with
+    independent callers who were talking before the test looked.
+
+    Each session joins its cycle in its steady state: the cycle it is in is picked with a
+    chance in proportion to its length (a long cycle covers more moments), the moment within it
+    uniformly; so it may join mid-sentence (sent from there, not timed) or in a silence. Until
+    2026-12-04 every session opened with a whole sentence started within the first 5 s, and
+    56 % of sessions talked 4-8 s in against 50 % later: a burst the GPU had to absorb on top of
+    the steady state's (docs/benchmarks.md, "Load test on the H200: findings").
+    """
+    candidates = [i for i, d in enumerate(durations) if 1.0 <= d <= 4.0] or list(range(len(durations)))
+    lengths = np.array([durations[i] for i in candidates])
+    first = candidates[int(rng.choice(len(candidates), p=lengths / lengths.sum()))]
+    d = durations[first]
+    t0 = LEAD_SECONDS  # the window's first second is silent for everyone: the streams settle
+    into = float(rng.uniform(0.0, 2 * d))
+    plan: list[Utterance] = []
+    if into < d:
+        plan.append(Utterance(t0, first, into, d - into))
+        t = t0 + (d - into) + d
+    else:
+        t = t0 + (2 * d - into)
+    end = duration - 0.2
+    while t < end - 0.2:
+        index = int(rng.choice(candidates))
         d = durations[index]
-        plan.append((round(t, 3), index))
-        t += d + (PAUSE_ALL if talk == "all" else d)
-    return plan, lead
+        plan.append(Utterance(t, index, 0.0, min(d, end - t)))  # cut at the window's end
+        t += 2 * d
+    return plan
 
 
 # =========================================================================================
@@ -231,7 +266,7 @@ async def _run_session(spec: dict[str, Any], messages, talk_at, stop) -> dict[st
     index, mode = spec["index"], spec["mode"]
     clips = spec["clips16"] if mode == "ws" else spec["clips48"]
     durations = spec["durations"]
-    plan, _ = make_plan(spec["talk"], durations, spec["duration"], spec["seed"])
+    plan = make_plan(spec["talk"], durations, spec["duration"], spec["seed"])
     roi = spec["roi"]
 
     class LoadClient(Client):
@@ -263,12 +298,14 @@ async def _run_session(spec: dict[str, Any], messages, talk_at, stop) -> dict[st
         def __init__(self) -> None:
             super().__init__()
             self.signal = np.zeros(int((spec["duration"] + 1) * RATE), np.float32)
-            self.onset_samples = []
-            for start, i in plan:
-                s = int(round(start * RATE))
-                clip = clips[i][: len(self.signal) - s]
+            self.onset_samples: dict[int, int] = {}  # plan index -> its first sample, for onsets only
+            for k, u in enumerate(plan):
+                s = int(round(u.start * RATE))
+                skip = int(round(u.skip * RATE))
+                clip = clips[u.index][skip : skip + int(round(u.length * RATE))][: len(self.signal) - s]
                 self.signal[s : s + len(clip)] = clip
-                self.onset_samples.append(s)
+                if u.onset:
+                    self.onset_samples[k] = s
             self.onset_sent: dict[int, float] = {}
             self.max_lag = 0.0
             self._t0: float | None = None
@@ -291,7 +328,7 @@ async def _run_session(spec: dict[str, Any], messages, talk_at, stop) -> dict[st
                 lo, hi = max(p, 0), min(p + CHUNK, len(self.signal))
                 if hi > lo:
                     chunk[lo - p : hi - p] = self.signal[lo:hi]
-                for k, s in enumerate(self.onset_samples):
+                for k, s in self.onset_samples.items():
                     if k not in self.onset_sent and p <= s < p + CHUNK:
                         self.onset_sent[k] = sent + (s - p) / RATE
             pcm = np.clip(chunk * 32767, -32768, 32767).astype(np.int16).reshape(1, -1)
@@ -387,10 +424,11 @@ async def _run_session(spec: dict[str, Any], messages, talk_at, stop) -> dict[st
             try:
                 if mode == "ws":
                     chunk_bytes = 640  # 20 ms of s16le 16 kHz mono
-                    for k, (start, i) in enumerate(plan):
-                        pcm = clips[i]
+                    for k, u in enumerate(plan):
+                        skip = 2 * int(round(u.skip * 16000))
+                        pcm = clips[u.index][skip : skip + 2 * int(round(u.length * 16000))]
                         for j, offset in enumerate(range(0, len(pcm), chunk_bytes)):
-                            due = t_talk + start + j * 0.02
+                            due = t_talk + u.start + j * 0.02
                             while due - time.monotonic() > 0.1 and not stop.is_set():  # silences
                                 await asyncio.sleep(0.1)
                             delay = due - time.monotonic()
@@ -398,7 +436,7 @@ async def _run_session(spec: dict[str, Any], messages, talk_at, stop) -> dict[st
                                 await asyncio.sleep(delay)
                             else:
                                 push_lag = max(push_lag, -delay)
-                            if j == 0:
+                            if j == 0 and u.onset:
                                 sent_onsets[k] = time.monotonic()
                             await ws.send(pcm[offset : offset + chunk_bytes])
                             if stop.is_set():
@@ -444,10 +482,10 @@ async def _run_session(spec: dict[str, Any], messages, talk_at, stop) -> dict[st
         sent_audio = [(np.frombuffer(c, "<i2").astype(np.float32) / 32768, 16000) for c in spec["clips16"]]
     else:
         sent_audio = [(np.asarray(c, np.float32), 48000) for c in spec["clips48"]]
-    result.update(analyse(client, plan, durations, sent_onsets, t_talk, t_end, sent_audio))
+    result.update(analyse(client, plan, sent_onsets, t_talk, t_end, sent_audio))
     judge(result, t_end - t_talk)
     result["plan_utterances"] = len(plan)
-    result["talk_fraction"] = round(sum(durations[i] for _, i in plan) / spec["duration"], 3)
+    result["talk_fraction"] = round(sum(u.length for u in plan) / spec["duration"], 3)
     result["max_send_lag_ms"] = round(push_lag * 1000, 1)
     result["ws_errors"] = [e for e in events if e.get("type") == "error"][:5]
     result["speaking_started_events"] = sum(1 for e in events if e.get("type") == "speaking_started")
@@ -503,7 +541,7 @@ def _smooth_envelope(signal: np.ndarray, rate: int, width: float = 0.01) -> np.n
     return np.sqrt((power[starts + n] - power[starts]) / n)
 
 
-def analyse(client, plan, durations, sent_onsets, t_talk, t_end, sent_audio=None) -> dict[str, Any]:  # noqa: ANN001, C901
+def analyse(client, plan, sent_onsets, t_talk, t_end, sent_audio=None) -> dict[str, Any]:  # noqa: ANN001, C901
     """``sent_audio``: per sentence, (its samples, their rate), for the returned audio's
     cross-correlated delay (:func:`echo_delay`)."""
     from tests.rtc_client import RATE, envelope, motion
@@ -547,7 +585,10 @@ def analyse(client, plan, durations, sent_onsets, t_talk, t_end, sent_audio=None
     # Onsets sent in the last half second may not have played out before the window closed:
     # they steer the search for the next one but are not counted.
     counted_onsets = {k for k, u in onset_list if u <= t_end - 0.5}
-    spans = [(sent_onsets[k], sent_onsets[k] + durations[plan[k][1]]) for k in sent_onsets]
+    # Every utterance's span, a conversation's cut first one too (sent from its plan time, no
+    # onset): frames inside any are no resting mouth.
+    starts = {k: sent_onsets.get(k, t_talk + u.start) for k, u in enumerate(plan)}
+    spans = [(starts[k], starts[k] + u.length) for k, u in enumerate(plan) if k in sent_onsets or not u.onset]
     quiet = times > times[0] + 0.5
     for a, b in spans:
         quiet &= ~((times > a - 0.1) & (times < b + 0.8))
@@ -591,7 +632,7 @@ def analyse(client, plan, durations, sent_onsets, t_talk, t_end, sent_audio=None
     if sent_audio and len(signal_):
         for k, u in onset_list:
             if k in counted_onsets:
-                samples, rate = sent_audio[plan[k][1]]
+                samples, rate = sent_audio[plan[k].index]
                 found = echo_delay(samples, rate, signal_, RATE, u - t0, ONSET_WINDOW)
                 if found is not None:
                     echo_at[k] = found[0] * 1000
@@ -602,7 +643,7 @@ def analyse(client, plan, durations, sent_onsets, t_talk, t_end, sent_audio=None
     video_free = audio_free = -np.inf  # when the previous utterance has played out, video / audio
     sounding = env > env_threshold if len(env) else np.zeros(0, bool)
     for n, (k, u) in enumerate(onset_list):
-        length = durations[plan[k][1]]
+        length = plan[k].length
         limit = u + ONSET_WINDOW
         if n + 1 < len(onset_list):
             limit = min(limit, onset_list[n + 1][1] + 0.1)

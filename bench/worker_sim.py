@@ -129,9 +129,8 @@ def talking(talk: str, seconds: float, seed: int, hangover: float = 0.2) -> np.n
     """Per 40 ms frame: does the session need a picture? The load test's own talk plan
     (bench/load.py ``make_plan``) with its sentences' lengths, plus the VAD hangover."""
     active = np.zeros(int(seconds / FRAME), bool)
-    plan, _ = make_plan(talk, SENTENCE_SECONDS, seconds, seed)
-    for start, index in plan:
-        active[int(start / FRAME) : int((start + SENTENCE_SECONDS[index] + hangover) / FRAME)] = True
+    for u in make_plan(talk, SENTENCE_SECONDS, seconds, seed):
+        active[int(u.start / FRAME) : int((u.start + u.length + hangover) / FRAME)] = True
     return active
 
 

@@ -264,7 +264,8 @@ def test_a_mouth_rise_far_from_its_sound_is_not_the_utterances_onset() -> None:
         video_times=lambda: times, audio_signal=lambda: (signal.astype(np.float32), 0.0),
         video_clock=SimpleNamespace(unwrap=lambda x: x, rtp=lambda p: p, first_arrival={p: t + 0.04 for p, t in enumerate(times)}),
     )
-    out = load.analyse(SimpleNamespace(recording=recording), [(0, 0), (1, 0)], [1.5], sent, 0.5, 5.9)
+    plan = [load.Utterance(0.5, 0, 0.0, 1.5), load.Utterance(2.1, 0, 0.0, 1.5)]
+    out = load.analyse(SimpleNamespace(recording=recording), plan, sent, 0.5, 5.9)
     assert out["latency_ms"] == [pytest.approx(160, abs=20)]  # the first onset, by the mouth
     assert out["onset_latency_ms"] == [pytest.approx(160, abs=20), pytest.approx(150, abs=20)]
     assert out["onset_latency_by_audio"] == 1
@@ -290,7 +291,7 @@ def test_a_stand_in_onset_takes_the_cross_correlated_delay_of_its_sound() -> Non
     sentence = (0.5 * syllables * np.sin(2 * np.pi * 170 * t16)).astype(np.float32)
     soft = sentence * np.clip(t16 / 0.45, 0.0, 1.0) ** 2  # a quiet first 450 ms: the threshold fires late
     sent = {0: 1.0, 1: 2.6}
-    plan = [(0, 0), (1, 1)]
+    plan = [load.Utterance(0.5, 0, 0.0, 1.5), load.Utterance(2.1, 1, 0.0, 1.5)]
     clock = np.arange(int(6.0 * RATE)) / RATE
     signal = np.zeros(len(clock), np.float32)
     for (k, u), audio in zip(sent.items(), (sentence, soft), strict=True):
@@ -305,16 +306,82 @@ def test_a_stand_in_onset_takes_the_cross_correlated_delay_of_its_sound() -> Non
         video_clock=SimpleNamespace(unwrap=lambda x: x, rtp=lambda p: p, first_arrival={p: x + 0.04 for p, x in enumerate(times)}),
     )
     client = SimpleNamespace(recording=recording)
-    with_echo = load.analyse(client, plan, [1.5, 1.5], sent, 0.5, 5.9, [(sentence, 16000), (soft, 16000)])
+    with_echo = load.analyse(client, plan, sent, 0.5, 5.9, [(sentence, 16000), (soft, 16000)])
     assert with_echo["echo_latency_ms"] == [pytest.approx(200, abs=4), pytest.approx(200, abs=4)]
     assert with_echo["onset_latency_by_echo"] == 1
     mouth = with_echo["onset_latency_ms"][0]
     assert mouth == pytest.approx(140, abs=40)  # a frame's resolution
     # the second onset: its sound's delay plus the mouth's lead over the sound in the first
     assert with_echo["onset_latency_ms"][1] == pytest.approx(200 + mouth - with_echo["echo_latency_ms"][0], abs=4)
-    by_threshold = load.analyse(client, plan, [1.5, 1.5], sent, 0.5, 5.9)
+    by_threshold = load.analyse(client, plan, sent, 0.5, 5.9)
     assert by_threshold["onset_latency_by_echo"] == 0
     assert by_threshold["onset_latency_ms"][1] > with_echo["onset_latency_ms"][1] + 30  # fired late
+
+
+def test_a_cut_first_utterance_is_no_resting_mouth() -> None:
+    """A conversational session may join mid-sentence: that cut utterance is sent but has no
+    onset, and its frames must not count as the resting mouth (they did on 2026-12-04: the
+    moving mouth set the motion threshold and six sessions of 29 had no onset measured)."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import load
+    from tests.rtc_client import RATE
+
+    latency, fps, t_talk = 0.15, 25, 0.5
+    plan = [load.Utterance(0.5, 0, 0.8, 1.7), load.Utterance(3.5, 1, 0.0, 1.5)]  # cut first, then a whole one
+    sent = {1: t_talk + 3.5}
+    moving = [(t_talk + 0.5 + latency, t_talk + 2.2 + latency), (sent[1] + latency, sent[1] + 1.5 + latency)]
+    times = np.arange(0, 7.0, 1 / fps)
+    rng = np.random.default_rng(1)
+    # a talking mouth changes every frame; a resting one hardly at all
+    frames = [
+        (rng.uniform(60, 140, (8, 8, 3)) if any(a <= t < b for a, b in moving) else np.full((8, 8, 3), 100.0) + rng.normal(0, 0.2, (8, 8, 3))).astype(np.uint8)
+        for t in times
+    ]
+    recording = SimpleNamespace(
+        frames=frames, video_arrival=list(times + 0.05), video_pts=list(range(len(times))),
+        video_times=lambda: times, audio_signal=lambda: (np.zeros(int(7.0 * RATE), np.float32), 0.0),
+        video_clock=SimpleNamespace(unwrap=lambda x: x, rtp=lambda p: p, first_arrival={p: t + 0.04 for p, t in enumerate(times)}),
+    )
+    out = load.analyse(SimpleNamespace(recording=recording), plan, sent, t_talk, 6.9)
+    assert out["latency_ms"] == [pytest.approx(160, abs=45)], out
+
+
+def test_conversational_plans_talk_half_the_time_at_every_moment() -> None:
+    """Independent callers seen from any moment: about half talk, from the window's first
+    seconds to its last, not a burst of first sentences (56 % talking 4-8 s in before
+    2026-12-04, 5 % in the first 2 s); and every plan stays inside its window."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import load
+
+    durations = [0.8, 1.2, 1.6, 2.0, 2.5, 3.0, 3.5, 3.9, 4.5]
+    seconds, step = 24.0, 0.04
+    grid = np.arange(0, seconds, step)
+    talking = np.zeros(len(grid))
+    cut = 0
+    plans = 1500
+    for seed in range(plans):
+        plan = load.make_plan("conversational", durations, seconds, seed)
+        for u in plan:
+            assert 1.0 <= durations[u.index] <= 4.0  # the conversation's sentences
+            assert u.skip + u.length <= durations[u.index] + 1e-9 and u.length > 0
+            assert u.start >= load.LEAD_SECONDS and u.start + u.length <= seconds - 0.2 + 1e-9
+            talking += (grid >= u.start) & (grid < u.start + u.length)
+        cut += not plan[0].onset
+        starts = [u.start for u in plan]
+        assert starts == sorted(starts)
+    share = talking / plans
+    for begin in np.arange(2.0, seconds - 2.0, 2.0):
+        window = share[(grid >= begin) & (grid < begin + 2.0)].mean()
+        assert 0.45 < window < 0.55, (begin, window)
+    assert share[(grid >= load.LEAD_SECONDS) & (grid < load.LEAD_SECONDS + 0.5)].mean() > 0.4  # talking from the start
+    assert 0.35 < cut / plans < 0.65  # about half join mid-sentence
+    # all talking: whole sentences, one after another with a short pause
+    plan = load.make_plan("all", durations, seconds, 3)
+    assert all(u.onset and u.length == durations[u.index] for u in plan)
+    for a, b in zip(plan, plan[1:], strict=False):
+        assert b.start == pytest.approx(a.start + a.length + load.PAUSE_ALL, abs=1e-3)
 
 
 @pytest.mark.parametrize(
