@@ -237,7 +237,7 @@ def kernel_lines(res: dict[str, Any]) -> list[str]:
     return lines
 
 
-def report(path: Path, doc: Path) -> int:
+def report(path: Path, doc: Path, section: str = SECTION) -> int:
     from bench import _report
 
     res = json.loads(path.read_text())
@@ -249,8 +249,8 @@ def report(path: Path, doc: Path) -> int:
         "",
         *kernel_lines(res),
     ]
-    _report.write_section(SECTION, "\n".join(body).rstrip(), doc)
-    print(f"wrote section {SECTION!r} of {doc}")
+    _report.write_section(section, "\n".join(body).rstrip(), doc)
+    print(f"wrote section {section!r} of {doc}")
     return 0
 
 
@@ -269,9 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--report", type=Path, help="write the docs/benchmarks.md section from a vae_compile.json")
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    p.add_argument("--section", default=SECTION, help="the docs/benchmarks.md section --report writes (a new one keeps earlier runs' tables)")
     args = p.parse_args(argv)
     if args.report:
-        return report(args.report, args.doc)
+        return report(args.report, args.doc, args.section)
     if args.child:
         print(json.dumps(child(args)))
         return 0

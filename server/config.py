@@ -77,8 +77,11 @@ class EngineConfig(Section):
     # as "folded" 2x2 convolutions on the small input, one per output phase: the same function
     # (up to rounding) with 0.45x their arithmetic; "transposed" the same taps as one stride-2
     # transposed convolution (no interleaving copy); "reference" runs diffusers' layers as
-    # loaded. Folding did not make the compiled engine faster on an H200 (docs/design-notes.md).
-    vae_upsample: Literal["folded", "transposed", "reference"] = "reference"
+    # loaded. None: transposed on a GPU (11 % faster decode on an H200), reference on a CPU.
+    vae_upsample: Literal["folded", "transposed", "reference"] | None = None
+    # musetalk: "coordinate" refines the compiled VAE decode's kernels by coordinate descent (5 %
+    # faster timed alone on an H200; ~100 s more compiling at start; not load-tested), "none".
+    compile_tuning: Literal["none", "coordinate"] = "none"
     # A speech frame its device cannot make before its release time is skipped (the session
     # holds its last picture for it) instead of made late: frames go out in order, so one made
     # late delays every frame after it, and a burst above capacity would otherwise leave a
@@ -179,6 +182,7 @@ def engine_options(engine: EngineConfig, device: str | None = None) -> dict[str,
             "whisper_windows": engine.whisper_windows,
             "whisper_crop_seconds": engine.whisper_crop_seconds,
             "vae_upsample": engine.vae_upsample,
+            "compile_tuning": engine.compile_tuning,
             "whisper_batch": engine.whisper_batch,
         }
     return {}

@@ -52,6 +52,7 @@ def test_yaml_then_environment_override(tmp_path: Path, monkeypatch: pytest.Monk
         ("engine:\n  whisper_batch: 0\n", "engine.whisper_batch"),
         ("engine:\n  skip_late_frames: sometimes\n", "engine.skip_late_frames"),
         ("engine:\n  vae_upsample: bilinear\n", "engine.vae_upsample"),
+        ("engine:\n  compile_tuning: max\n", "engine.compile_tuning"),
         ("engine:\n  skip_keep_frames: -1\n", "engine.skip_keep_frames"),
         ("engine:\n  device_switch_interval_ms: 0\n", "engine.device_switch_interval_ms"),
         ("engine:\n  batch_gather_ms: -1\n", "engine.batch_gather_ms"),

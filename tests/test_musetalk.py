@@ -841,6 +841,35 @@ def test_feature_worker_without_batcher_and_errors() -> None:
         worker.submit(feat, [AudioFrame(7, window, True)], 1)
 
 
+def test_compile_tuning_reaches_both_compiles(tiny_dir: Path, monkeypatch) -> None:
+    """engine.compile_tuning becomes torch.compile's inductor options for the decode (the UNet
+    tuned too took minutes more); the max-autotune mode (which tunes by itself, and excludes
+    options) gets none."""
+    import torch
+
+    from pipeline.engines.musetalk.engine import MuseTalkEngine
+
+    calls: list[dict] = []
+
+    def fake_compile(fn, **kwargs):  # noqa: ANN001, ANN202
+        calls.append(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    for compile_mode, tuning, want in (
+        ("default", "coordinate", {"coordinate_descent_tuning": True}),
+        ("default", "none", None),
+        ("max-autotune", "coordinate", None),
+    ):
+        calls.clear()
+        eng = MuseTalkEngine(models_dir=tiny_dir, device="cpu", dtype="fp32", compile=compile_mode, compile_tuning=tuning, warmup=False)
+        try:
+            unet, decode = calls
+            assert unet.get("options") is None and decode["options"] == want, (compile_mode, tuning, calls)
+        finally:
+            eng.close()
+
+
 def test_engine_speed_options_and_gpu_config(tiny_dir: Path) -> None:
     from pipeline.engines.musetalk.engine import CUDA_DEFAULTS, MuseTalkEngine, padded_size
     from pipeline.errors import ConfigError
@@ -859,7 +888,11 @@ def test_engine_speed_options_and_gpu_config(tiny_dir: Path) -> None:
         assert (eng.channels_last, eng.cuda_graphs, eng.compile_mode, eng.vae_upsample) == (False, False, "none", "reference")
     finally:
         eng.close()
-    assert set(CUDA_DEFAULTS) == {"channels_last", "cuda_graphs", "compile"}
+    assert set(CUDA_DEFAULTS) == {"channels_last", "cuda_graphs", "compile", "vae_upsample"}
+    with pytest.raises(ConfigError, match="compile_tuning must be one of"):
+        MuseTalkEngine(models_dir=tiny_dir, device="cpu", compile="default", compile_tuning="exhaustive")
+    with pytest.raises(ConfigError, match="needs compile"):
+        MuseTalkEngine(models_dir=tiny_dir, device="cpu", compile_tuning="coordinate")
     assert [padded_size(n) for n in (1, 3, 17, 33, 48, 300)] == [1, 4, 20, 40, 48, 300]
     assert padded_size(1, minimum=2) == 2
     assert [padded_size(n, 2, exact_up_to=24) for n in (1, 3, 17, 24, 25, 33)] == [2, 3, 17, 24, 32, 40]

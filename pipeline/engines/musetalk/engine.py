@@ -82,7 +82,9 @@ class MuseTalkEngine(Engine):
     encode when an avatar's cache is built), ``gpu_blend`` (blend on the engine's device in
     :meth:`compose`; default True), ``channels_last`` / ``cuda_graphs`` / ``compile`` /
     ``attention`` (speed, module docstring; None picks :data:`CUDA_DEFAULTS` on a GPU and off on
-    a CPU). Unknown options are logged and ignored, so a newer config still starts an older engine.
+    a CPU; ``vae_upsample`` None likewise: transposed on a GPU, reference on a CPU),
+    ``compile_tuning`` (:data:`COMPILE_TUNING`: more tuning of the compiled decode's kernels, a
+    longer start). Unknown options are logged and ignored, so a newer config still starts an older engine.
     """
 
     name = "musetalk"
@@ -100,12 +102,13 @@ class MuseTalkEngine(Engine):
         whisper_batch: int = 8,
         whisper_windows: str = "trimmed",
         whisper_crop_seconds: float | None = None,
-        vae_upsample: str = "reference",
+        vae_upsample: str | None = None,
         latents_batch: int = 8,
         gpu_blend: bool = True,
         channels_last: bool | None = None,
         cuda_graphs: bool | None = None,
         compile: str | None = None,  # the option's name in configs (shadows the builtin here only)
+        compile_tuning: str = "none",
         attention: str = "sdpa",
         warmup: bool | None = None,
         **options: Any,
@@ -139,8 +142,14 @@ class MuseTalkEngine(Engine):
         crop_positions = None
         if whisper_crop_seconds is not None:
             crop_positions = _crop_positions(whisper_crop_seconds, whisper_windows, context_seconds, frames_per_run)
+        if vae_upsample is None:
+            vae_upsample = CUDA_DEFAULTS["vae_upsample"] if on_cuda else "reference"
         if vae_upsample not in VAE_UPSAMPLE:
             raise ConfigError(f"musetalk vae_upsample must be one of {', '.join(VAE_UPSAMPLE)}, got {vae_upsample!r}")
+        if compile_tuning not in COMPILE_TUNING:
+            raise ConfigError(f"musetalk compile_tuning must be one of {', '.join(COMPILE_TUNING)}, got {compile_tuning!r}")
+        if compile_tuning != "none" and compile == "none":
+            raise ConfigError(f"musetalk compile_tuning {compile_tuning!r} tunes compiled kernels: it needs compile, which is 'none'")
         if attention not in ("sdpa", "classic"):
             raise ConfigError(f"musetalk attention must be 'sdpa' or 'classic', got {attention!r}")
         if cuda_graphs and not on_cuda:
@@ -159,6 +168,7 @@ class MuseTalkEngine(Engine):
         self.channels_last = bool(channels_last)
         self.cuda_graphs = bool(cuda_graphs)
         self.compile_mode = compile
+        self.compile_tuning = compile_tuning
         self.attention = attention
         self.vae_upsample = vae_upsample
         self.batch_size = batch_size
@@ -458,8 +468,13 @@ class MuseTalkEngine(Engine):
         if self.compile_mode != "none":
             mode = "max-autotune-no-cudagraphs" if self.compile_mode == "max-autotune" else None
             dynamic = None if self.compile_mode == "default" else False  # default: marked dims only
+            # Tuning is for the decode only (~70 % of a frame's GPU time): with the UNet tuned
+            # too, an H200 had not compiled the first batch size after 260 s (against 95 s for
+            # every size untuned). torch.compile takes a mode or inductor options, not both;
+            # max-autotune's mode already refines its kernels by coordinate descent.
+            options = COMPILE_TUNING[self.compile_tuning] if mode is None else None
             self._unet = torch.compile(unet, mode=mode, dynamic=dynamic)
-            self._decode = torch.compile(lambda z: decoder_vae.decode(z).sample, mode=mode, dynamic=dynamic)
+            self._decode = torch.compile(lambda z: decoder_vae.decode(z).sample, mode=mode, dynamic=dynamic, options=options)
 
     def _tokens(self, features: Any) -> torch.Tensor:
         t = torch.as_tensor(features)
@@ -508,13 +523,21 @@ class MuseTalkEngine(Engine):
 
 
 #: What a cuda device gets when an option is left unset (chosen by bench/musetalk_engine.py).
-CUDA_DEFAULTS: dict[str, Any] = {"channels_last": True, "cuda_graphs": True, "compile": "default"}
+# The VAE's upsamplers as stride-2 transposed convolutions: the decode 11 % faster on an H200 and
+# 2.4 -> 2.1-2.2 ms of GPU per frame in the server (docs/benchmarks.md, "Load test on the H200:
+# findings", 2026-12-04 morning); the same function up to fp16 rounding (tests/test_musetalk_upsample.py).
+CUDA_DEFAULTS: dict[str, Any] = {"channels_last": True, "cuda_graphs": True, "compile": "default", "vae_upsample": "transposed"}
 PASTE_THREADS = 4
 WHISPER_WINDOWS = ("trimmed", "padded")
 # engine.vae_upsample -> the upsample module's form (reference: diffusers' layers as loaded)
 UPSAMPLE_FORMS = {"folded": "phases", "transposed": "transposed"}
 VAE_UPSAMPLE = ("reference", *UPSAMPLE_FORMS)
 COMPILE_MODES = ("none", "default", "static", "max-autotune")
+# engine.compile_tuning -> torch.compile's inductor options for the VAE decode. "coordinate": each
+# generated kernel's launch configuration refined by coordinate descent (the decode 5 % faster
+# on an H200 timed alone, its compile 20 -> 120 s: docs/benchmarks.md, "VAE decode: compile to
+# compile"; not yet load-tested).
+COMPILE_TUNING: dict[str, dict[str, Any] | None] = {"none": None, "coordinate": {"coordinate_descent_tuning": True}}
 #: Batch sizes compiled or captured; a batch is padded up to the next one.
 PADDED_SIZES = (1, 2, 4, 8, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128, 192, 256)
 
