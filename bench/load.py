@@ -115,7 +115,6 @@ FRAME_SECONDS = 1 / 25  # the server's frame interval
 GAP_MS = 100.0
 LEAD_SECONDS = 1.0  # silence before each session's first utterance (+ up to 1 s, per session)
 PAUSE_ALL = 0.3  # pause between sentences for --talk all
-CONVERSATION_CYCLE = 5.0  # seconds of one utterance and its silence, on average, for --talk conversational
 TAIL_SECONDS = 1.2  # keep receiving after the window, so the last utterances' frames arrive
 SETUP_TIMEOUT = 40.0  # for one session to connect and receive video
 ONSET_WINDOW = 1.5  # a mouth onset more than this after the sent onset is "missed"
