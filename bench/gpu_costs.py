@@ -19,9 +19,9 @@ The load test found one GPU holding 14 all-talking sessions, not 16 (docs/benchm
             while another thread runs the engine's batches back to back at batch B, and those
             batches' ms alone and beside the passes: whether a pass beside the engine's work
             costs what it costs alone (the load test's ``feature_pass`` stage, in the server)
-  upsample  VAE decode with diffusers' upsampling layers vs the engine's folded ones
-            (pipeline/engines/musetalk/upsample.py): GPU ms per batch and how many 8-bit pixel
-            levels the two decodes differ by in fp16
+  upsample  VAE decode with diffusers' upsampling layers vs the engine's folded and transposed
+            ones (pipeline/engines/musetalk/upsample.py): GPU ms per batch and how many 8-bit
+            pixel levels each differs from the reference by in fp16
 
 Run on the device (full-size random weights, synthetic.py), figures as JSON in --out:
 
@@ -371,22 +371,26 @@ def section_engine(engine, avatar, res: dict[str, Any], batches: list[int], labe
 
 
 def section_upsample(engine, res: dict[str, Any], batches: list[int], compiled: bool) -> None:
-    """VAE decode with diffusers' upsampling layers vs folded ones (pipeline/engines/musetalk/
-    upsample.py), each compiled as the engine compiles it (dynamic batch, channels_last) and
-    replayed from a CUDA graph per batch; and how far apart the two decodes are in fp16."""
+    """VAE decode with diffusers' upsampling layers vs the engine's other forms of them
+    (pipeline/engines/musetalk/upsample.py: ``folded`` phases, ``transposed``), each compiled as
+    the engine compiles it (dynamic batch, channels_last) and replayed from a CUDA graph per
+    batch; and how far each form's fp16 pixels are from the reference's. Row keys without a
+    prefix are the folded form's (the first rows had only it)."""
     from pipeline.engines.musetalk.upsample import fold_upsamplers
 
     vae = engine.models.vae
-    folded = fold_upsamplers(vae)[0]
+    forms = {"folded": fold_upsamplers(vae, "phases")[0], "transposed": fold_upsamplers(vae, "transposed")[0]}
     if engine.channels_last:
-        folded.to(memory_format=torch.channels_last)
+        for model in forms.values():
+            model.to(memory_format=torch.channels_last)
 
     def decoder(model):
         fn = lambda z: model.decode(z).sample  # noqa: E731
         return torch.compile(fn, dynamic=None) if compiled else fn
 
-    variants = {"reference": decoder(vae), "folded": decoder(folded)}
+    variants = {"reference": decoder(vae), **{name: decoder(model) for name, model in forms.items()}}
     gen = torch.Generator(device="cpu").manual_seed(3)
+    pixels = lambda x: ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round()  # noqa: E731
     rows = []
     for n in batches:
         z = (torch.randn(n, 4, 32, 32, generator=gen) / 0.18215).to(engine.device, engine.dtype)
@@ -398,14 +402,16 @@ def section_upsample(engine, res: dict[str, Any], batches: list[int], compiled: 
                 if compiled:
                     torch._dynamo.maybe_mark_dynamic(z, 0)
                 row[f"{name}_ms"], outputs[name] = replayed_ms(lambda f=fn: f(z), engine.device)
-        pixels = lambda x: ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round()  # noqa: E731
-        diff = (pixels(outputs["folded"]) - pixels(outputs["reference"])).abs()
-        row["max_pixel_diff"] = float(diff.max())
-        row["mean_pixel_diff"] = float(diff.mean())
-        row["speedup"] = row["reference_ms"] / row["folded_ms"]
+        for name in forms:
+            prefix = "" if name == "folded" else f"{name}_"
+            diff = (pixels(outputs[name]) - pixels(outputs["reference"])).abs()
+            row[f"{prefix}max_pixel_diff"] = float(diff.max())
+            row[f"{prefix}mean_pixel_diff"] = float(diff.mean())
+            row[f"{prefix}speedup"] = row["reference_ms"] / row[f"{name}_ms"]
         rows.append(row)
         log(f"upsample batch {n}: reference {row['reference_ms']:.1f} ms, folded {row['folded_ms']:.1f} ms "
-            f"(x{row['speedup']:.2f}); pixels differ by {row['mean_pixel_diff']:.4f} mean, {row['max_pixel_diff']:.0f} max")
+            f"(x{row['speedup']:.2f}), transposed {row['transposed_ms']:.1f} ms (x{row['transposed_speedup']:.2f}); "
+            f"pixels differ by {row['mean_pixel_diff']:.4f} / {row['transposed_mean_pixel_diff']:.4f} mean")
     res["upsample"] = rows
 
 
@@ -584,16 +590,22 @@ def report(paths: list[Path], doc: Path, command: str) -> int:
     if r.get("upsample"):
         lines += [
             "VAE decode with diffusers' upsampling layers (nearest 2x + 3x3 convolution) vs the engine's folded "
-            "2x2 phase convolutions (pipeline/engines/musetalk/upsample.py), both compiled and replayed from a CUDA "
-            "graph, GPU ms per batch; and how far the two decodes' 8-bit pixels are apart (random latents, fp16):",
+            "2x2 phase convolutions and stride-2 transposed convolutions (pipeline/engines/musetalk/upsample.py), "
+            "each compiled and replayed from a CUDA graph, GPU ms per batch; and how far each decode's 8-bit pixels "
+            "are from the reference's (random latents, fp16; transposed: runs from 2026-12-04 on):",
             "",
-            "| run | batch | reference ms | folded ms | speed-up | pixel levels apart: mean / max |",
-            "|---|---|---|---|---|---|",
+            "| run | batch | reference ms | folded ms | speed-up | pixel levels apart: mean / max | transposed ms | speed-up | pixel levels apart: mean / max |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for x in r["upsample"]:
+            transposed = (
+                f"{x['transposed_ms']:.1f} | {x['transposed_speedup']:.2f}x | "
+                f"{x['transposed_mean_pixel_diff']:.4f} / {x['transposed_max_pixel_diff']:.0f}"
+                if "transposed_ms" in x else "- | - | -"
+            )
             lines.append(
                 f"| {x['run']} | {x['batch']} | {x['reference_ms']:.1f} | {x['folded_ms']:.1f} | {x['speedup']:.2f}x | "
-                f"{x['mean_pixel_diff']:.4f} / {x['max_pixel_diff']:.0f} |"
+                f"{x['mean_pixel_diff']:.4f} / {x['max_pixel_diff']:.0f} | {transposed} |"
             )
         lines.append("")
     _report.write_section(SECTION, "\n".join(lines), doc)
