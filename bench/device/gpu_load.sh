@@ -14,6 +14,8 @@
 #                     seconds as it does, unmeasured (default 10; on an H200 the first speech after the start
 #                     stalled every session ~2 s, and more sessions stalled them once more)
 #   --set K=V         server config override, repeatable (e.g. --set sessions.processing_seconds=0.3)
+#   --seed N          talk plans from seed N + session index (bench/load.py --seed, default 0): another
+#                     draw of who talks when (conversational)
 #   --budget S        seconds this script may take in all (default 570: the run tool's limit is 600)
 #   --client-nice N   niceness of the client processes (bench/load.py --client-nice, default 10; 19 leaves
 #                     the server every CPU it asks for: the clients share the server's 16 cores here)
@@ -29,7 +31,7 @@
 # its config) and the scenarios' JSON files. Prints a table of the scenarios last.
 set -uo pipefail
 
-DEVICES=cuda:0 AVATAR=demo DURATION=30 MODE=ws RAMP=5 BUDGET=570 WARMUP=10 DRY=0 NICE=10
+DEVICES=cuda:0 AVATAR=demo DURATION=30 MODE=ws RAMP=5 BUDGET=570 WARMUP=10 DRY=0 NICE=10 SEED=0
 SETS=() CPUS=()
 SCENARIOS=""
 while [ $# -gt 0 ]; do
@@ -41,11 +43,12 @@ while [ $# -gt 0 ]; do
         --ramp) RAMP=$2; shift 2 ;;
         --warmup) WARMUP=$2; shift 2 ;;
         --set) SETS+=(--set "$2"); shift 2 ;;
+        --seed) SEED=$2; shift 2 ;;
         --budget) BUDGET=$2; shift 2 ;;
         --client-nice) NICE=$2; shift 2 ;;
         --client-cpus|--server-cpus) CPUS+=("$1" "$2"); shift 2 ;;
         --cpu-dry-run) DRY=1; shift ;;
-        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
         -*) echo "unknown option $1" >&2; exit 2 ;;
         *) SCENARIOS=$1; shift ;;
     esac
@@ -121,6 +124,7 @@ cp "$WORK/server.yaml" "$RES/server.yaml"
 # What the docs rows show as each scenario's command (bench/load.py --report ... --write-doc, here).
 KIT="bash bench/device/gpu_load.sh --devices $DEVICES --avatar $AVATAR --mode $MODE"
 [ "$NICE" != 10 ] && KIT="$KIT --client-nice $NICE"
+[ "$SEED" != 0 ] && KIT="$KIT --seed $SEED"
 [ ${#CPUS[@]} -gt 0 ] && KIT="$KIT ${CPUS[*]}"
 for ((i = 1; i < ${#SETS[@]}; i += 2)); do KIT="$KIT --set ${SETS[i]}"; done
 [ "$DRY" = 1 ] && KIT="$KIT --cpu-dry-run"
@@ -134,7 +138,7 @@ step "load test: scenarios $SCENARIOS, $DURATION s each, mode $MODE; ${LEFT} s l
 timeout -s INT -k 30 "$LEFT" $PY bench/load.py --spawn-server --config "$WORK/server.yaml" \
     --avatars-dir "$WORK/avatars" --avatar "$AVATAR" --speech-dir .bench_data/speech \
     --scenarios "$SCENARIOS" --duration "$DURATION" --mode "$MODE" --ramp "$RAMP" --warmup "$WARMUP" \
-    --client-nice "$NICE" "${CPUS[@]}" \
+    --client-nice "$NICE" --seed "$SEED" "${CPUS[@]}" \
     --server-timeout $((LEFT > 120 ? LEFT - 60 : 60)) --out "$RES" --doc-command "$KIT {scenario}"
 rc=$?
 step "load test exited with $rc"
