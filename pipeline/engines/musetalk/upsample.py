@@ -70,50 +70,56 @@ def phase_kernels(weight: torch.Tensor) -> torch.Tensor:
     return k.reshape(4 * w.shape[0], w.shape[1], 2, 2)
 
 
-class FoldedUpsample2D(nn.Module):
+class _FoldedForm(nn.Module):
     """Drop-in for diffusers' ``Upsample2D`` (nearest 2x, then a 3x3 convolution with padding
-    1): see the module docstring. Built from a loaded layer; it keeps no reference to it."""
+    1), built from a loaded layer's convolution without keeping a reference to it. A form
+    supplies ``_upsample``; the output keeps the input's channels-last layout."""
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
         self.channels = conv.in_channels
         self.out_channels = conv.out_channels
+
+    def forward(self, hidden_states: torch.Tensor, output_size: object = None, *args: object, **kwargs: object) -> torch.Tensor:
+        if output_size is not None:
+            raise ValueError(f"{type(self).__name__} only upsamples by 2 (no output_size)")
+        y = self._upsample(hidden_states)
+        if hidden_states.is_contiguous(memory_format=torch.channels_last):  # a no-op where it already is
+            y = y.contiguous(memory_format=torch.channels_last)
+        return y
+
+    def _upsample(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class FoldedUpsample2D(_FoldedForm):
+    """The ``phases`` form: one 2x2 convolution per output phase, interleaved (module docstring)."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__(conv)
         kernels = phase_kernels(conv.weight).to(conv.weight.dtype)
         self.weight = nn.Parameter(kernels, requires_grad=False)
         bias = conv.bias.detach().repeat(4) if conv.bias is not None else None
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
-    def forward(self, hidden_states: torch.Tensor, output_size: object = None, *args: object, **kwargs: object) -> torch.Tensor:
-        if output_size is not None:
-            raise ValueError("FoldedUpsample2D only upsamples by 2 (no output_size)")
-        b, _, h, w = hidden_states.shape
+    def _upsample(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
         o = self.out_channels
-        z = F.conv2d(F.pad(hidden_states, (1, 1, 1, 1)), self.weight, self.bias)  # [B, 4O, H+1, W+1]
+        z = F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias)  # [B, 4O, H+1, W+1]
         phases = [z[:, k * o : (k + 1) * o, a : a + h, c : c + w] for k, (a, c) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1)))]
-        y = torch.stack(phases, dim=-1).view(b, o, h, w, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(b, o, 2 * h, 2 * w)
-        if hidden_states.is_contiguous(memory_format=torch.channels_last):
-            y = y.contiguous(memory_format=torch.channels_last)
-        return y
+        return torch.stack(phases, dim=-1).view(b, o, h, w, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(b, o, 2 * h, 2 * w)
 
 
-class TransposedUpsample2D(nn.Module):
-    """Drop-in for diffusers' ``Upsample2D`` as one stride-2 transposed convolution: see the
-    module docstring. Built from a loaded layer; it keeps no reference to it."""
+class TransposedUpsample2D(_FoldedForm):
+    """The ``transposed`` form: one stride-2 transposed convolution (module docstring)."""
 
     def __init__(self, conv: nn.Conv2d) -> None:
-        super().__init__()
-        self.channels = conv.in_channels
-        self.out_channels = conv.out_channels
+        super().__init__(conv)
         self.weight = nn.Parameter(transposed_kernel(conv.weight).to(conv.weight.dtype), requires_grad=False)
         self.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False) if conv.bias is not None else None
 
-    def forward(self, hidden_states: torch.Tensor, output_size: object = None, *args: object, **kwargs: object) -> torch.Tensor:
-        if output_size is not None:
-            raise ValueError("TransposedUpsample2D only upsamples by 2 (no output_size)")
-        y = F.conv_transpose2d(hidden_states, self.weight, self.bias, stride=2, padding=1)
-        if hidden_states.is_contiguous(memory_format=torch.channels_last):  # a no-op where it already is
-            y = y.contiguous(memory_format=torch.channels_last)
-        return y
+    def _upsample(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv_transpose2d(x, self.weight, self.bias, stride=2, padding=1)
 
 
 FORMS: dict[str, type[nn.Module]] = {"phases": FoldedUpsample2D, "transposed": TransposedUpsample2D}
