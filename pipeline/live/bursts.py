@@ -5,9 +5,10 @@ capacity) lets a device fill with conversational sessions whose *average* fits, 
 talking overlaps: 29 sessions that each talk half the time are 14.5 talking sessions on
 average, yet 18 or more talk at once 13 % of the time. A device that can make 16 sessions'
 frames then skips the rest (the mouth holds), and every session admitted after the average
-filled pays for it. On an H200 (16 all-talking sessions) the load test's skipped frames
-followed this: 0.8 % at 24-26 conversational sessions, 3.1 % at 29 (docs/benchmarks.md,
-2026-12-04, "Load test on the H200: findings").
+filled pays for it. On an H200 the load test's skipped frames followed this: per talking
+frame, exactly what the talk plans replayed predict for a device of the GPU's measured
+throughput, 1000 / (25 x GPU ms per frame) sessions (docs/benchmarks.md, 2026-12-04, "Load
+test on the H200: findings").
 
 The model: each session ``i`` talks in a frame with probability ``p_i`` (its demand, clipped to
 [0, 1]), independently of the others, so the number of talking sessions ``L`` is
@@ -16,10 +17,9 @@ Poisson-binomial. A device with capacity ``C`` talking sessions lacks GPU time f
 frames that get none, ``E[max(0, L - C)] / E[L]``. Sessions that talk all the time (``p = 1``)
 make ``L`` certain, and the rule is the plain one: no overload while they fit.
 
-It is conservative in one way and optimistic in another: a device absorbs short overlaps in its
-latency slack (the load test's skips matched a capacity of 16.7-17.9 simultaneous talkers on a
-device configured for 16), but callers are not independent when a show's audience reacts at
-once. Computed exactly, O(n^2) for n sessions: a few hundred microseconds at 64.
+It is conservative in one way and optimistic in another: a configured capacity is usually
+below the GPU's throughput (16 all-talking sessions configured on an H200 that makes ~18
+sessions' frames), but callers are not independent when a show's audience reacts at once. Computed exactly, O(n^2) for n sessions: a few hundred microseconds at 64.
 """
 
 from __future__ import annotations

@@ -75,10 +75,10 @@ class MuseTalkEngine(Engine):
     (trimmed windows cut to their last this many seconds, at their place in the segment; None:
     the whole segment so far), ``vae_upsample`` ("folded":
     the VAE decoder's nearest-2x + 3x3 convolutions as one 2x2 convolution per output phase, the
-    same function with 0.45x the arithmetic, :mod:`.upsample`; "transposed": the same taps as
-    one stride-2 transposed convolution; "reference", the default:
-    diffusers' layers as loaded. Folding did not make the compiled engine faster on an H200,
-    nor oneDNN on a CPU: docs/design-notes.md), ``latents_batch`` (frames per VAE
+    same function with 0.45x the arithmetic, :mod:`.upsample`, no faster on an H200 for its
+    interleave; "transposed": the same taps as one stride-2 transposed convolution, the CUDA
+    default; "reference": diffusers' layers as loaded, the CPU default: docs/design-notes.md),
+    ``latents_batch`` (frames per VAE
     encode when an avatar's cache is built), ``gpu_blend`` (blend on the engine's device in
     :meth:`compose`; default True), ``channels_last`` / ``cuda_graphs`` / ``compile`` /
     ``attention`` (speed, module docstring; None picks :data:`CUDA_DEFAULTS` on a GPU and off on
