@@ -84,6 +84,7 @@ import argparse
 import asyncio
 import datetime
 import functools
+import gzip
 import itertools
 import json
 import math
@@ -2190,11 +2191,18 @@ def finish_report(args: argparse.Namespace, report: dict[str, Any], json_path: P
         write_doc(report, args.doc_title or doc_title(report), args.doc)
 
 
+def read_report(path: Path) -> dict[str, Any]:
+    """A saved report, plain or gzipped: the stored ones in bench/results/load are gzipped (a tenth
+    of the size), which keeps the working tree small enough to travel to the lent GPU machine."""
+    blob = path.read_bytes()
+    return json.loads(gzip.decompress(blob) if path.suffix == ".gz" else blob)
+
+
 def report_files(args: argparse.Namespace) -> int:
     """``--report``: the summaries of saved reports, their docs rows with --write-doc."""
     reports = []
     for path in args.report:
-        report = json.loads(path.read_text())
+        report = read_report(path)
         reports.append(report)
         print_summary(report)
         if args.write_doc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -79,9 +80,12 @@ def test_load_two_websocket_sessions(avatars_root: Path, tmp_path: Path) -> None
     assert 120 < overall["echo_latency_ms_p50"] < 1500, overall
     assert "returned audio by cross-correlation" in done.stdout
 
-    # several reports: one line each, with the device's mean batch and stage figures
+    # several reports, plain and gzipped (as bench/results/load stores them): one line each, with
+    # the device's mean batch and stage figures
+    gzipped = tmp_path / (reports[0].name + ".gz")
+    gzipped.write_bytes(gzip.compress(reports[0].read_bytes()))
     again = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "load.py"), "--report", str(reports[0]), str(reports[0])],
+        [sys.executable, str(ROOT / "bench" / "load.py"), "--report", str(reports[0]), str(gzipped)],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert again.returncode == 0, again.stderr[-2000:]
