@@ -179,7 +179,7 @@ def section_contention(
         ``pageable`` UNet + VAE ending in a pageable ``.cpu()`` copy, as the blend did before;
         ``gpu`` UNet + VAE waited for on a blocking event, nothing copied."""
         if mode == "compose":
-            engine.compose_staged(reqs)
+            engine.compose_staged(reqs).wait()  # the device part, waited for (overlapped or not)
             return
         faces = engine.generate_float(reqs)
         if mode == "pageable":

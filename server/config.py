@@ -80,8 +80,13 @@ class EngineConfig(Section):
     # loaded. None: transposed on a GPU (11 % faster decode on an H200), reference on a CPU.
     vae_upsample: Literal["folded", "transposed", "reference"] | None = None
     # musetalk: "coordinate" refines the compiled VAE decode's kernels by coordinate descent (5 %
-    # faster timed alone on an H200; ~100 s more compiling at start; not load-tested), "none".
+    # faster timed alone on an H200, but no less GPU time per frame in the load test, and a start
+    # of 264 s instead of ~100), "none".
     compile_tuning: Literal["none", "coordinate"] = "none"
+    # musetalk: the device's batching worker prepares the next batch while the GPU runs the one
+    # before (picking frames, stacking inputs, launching), instead of leaving the GPU idle for it
+    # (pipeline/live/worker.py, "Overlapped batches"). None: on a GPU (with the GPU blend).
+    overlap_batches: bool | None = None
     # A speech frame its device cannot make before its release time is skipped (the session
     # holds its last picture for it) instead of made late: frames go out in order, so one made
     # late delays every frame after it, and a burst above capacity would otherwise leave a
@@ -183,6 +188,7 @@ def engine_options(engine: EngineConfig, device: str | None = None) -> dict[str,
             "whisper_crop_seconds": engine.whisper_crop_seconds,
             "vae_upsample": engine.vae_upsample,
             "compile_tuning": engine.compile_tuning,
+            "overlap_batches": engine.overlap_batches,
             "whisper_batch": engine.whisper_batch,
         }
     return {}

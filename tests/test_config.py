@@ -53,6 +53,7 @@ def test_yaml_then_environment_override(tmp_path: Path, monkeypatch: pytest.Monk
         ("engine:\n  skip_late_frames: sometimes\n", "engine.skip_late_frames"),
         ("engine:\n  vae_upsample: bilinear\n", "engine.vae_upsample"),
         ("engine:\n  compile_tuning: max\n", "engine.compile_tuning"),
+        ("engine:\n  overlap_batches: sometimes\n", "engine.overlap_batches"),
         ("engine:\n  skip_keep_frames: -1\n", "engine.skip_keep_frames"),
         ("engine:\n  device_switch_interval_ms: 0\n", "engine.device_switch_interval_ms"),
         ("engine:\n  batch_gather_ms: -1\n", "engine.batch_gather_ms"),
@@ -113,3 +114,8 @@ def test_devices_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     cropped = load_settings().engine
     cropped.name = "musetalk"
     assert engine_options(cropped)["whisper_crop_seconds"] == 5
+    assert engine_options(cropped)["overlap_batches"] is None  # the engine's choice: on on a GPU
+    monkeypatch.setenv("LIPSTREAM_ENGINE__OVERLAP_BATCHES", "false")
+    waited = load_settings().engine
+    waited.name = "musetalk"
+    assert engine_options(waited)["overlap_batches"] is False

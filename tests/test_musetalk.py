@@ -741,8 +741,33 @@ def test_gpu_blend_path_equals_cpu_compositor(tiny_dir: Path, tmp_path: Path) ->
             eng.compose_staged(requests)(into[:1])
         memory = eng.memory_bytes(avatar)
         assert memory["latents"] > 0 and memory["blend"] > 0
+        assert not eng.overlapped_staging  # on a CPU the default waits in stage one
     finally:
         eng.close()
+    # overlapped: stage one only queues (on a CPU it is done anyway); stage two waits, then
+    # pastes the same frames; through a worker too
+    from pipeline.live.worker import EngineWorker
+
+    over = MuseTalkEngine(models_dir=tiny_dir, device="cpu", dtype="fp32", batch_size=3, overlap_batches=True)
+    worker = EngineWorker(over, batch_size=3, name="overlap")
+    try:
+        over.load_avatar(avatar)
+        over.load_avatar(other)
+        staged = over.compose_staged(requests)
+        staged.wait()
+        for g, o in zip(got, staged(), strict=True):
+            assert np.array_equal(g, o)
+        assert worker.overlapped
+        futures = [worker.submit(r, time.monotonic() + 1000, f"s{k}") for k, r in enumerate(requests)]
+        for g, f in zip(got, futures, strict=True):
+            assert np.array_equal(g, f.result(timeout=120))
+    finally:
+        worker.close()
+        over.close()
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="overlap_batches needs gpu_blend"):
+        MuseTalkEngine(models_dir=tiny_dir, device="cpu", dtype="fp32", overlap_batches=True, gpu_blend=False)
 
 
 # --- features off the event loop: the FeatureWorker -----------------------------------------------------
@@ -886,9 +911,10 @@ def test_engine_speed_options_and_gpu_config(tiny_dir: Path) -> None:
     eng = MuseTalkEngine(models_dir=tiny_dir, device="cpu", dtype="fp32")
     try:  # a CPU gets none of the GPU speed options unless asked
         assert (eng.channels_last, eng.cuda_graphs, eng.compile_mode, eng.vae_upsample) == (False, False, "none", "reference")
+        assert not eng.overlapped_staging
     finally:
         eng.close()
-    assert set(CUDA_DEFAULTS) == {"channels_last", "cuda_graphs", "compile", "vae_upsample"}
+    assert set(CUDA_DEFAULTS) == {"channels_last", "cuda_graphs", "compile", "vae_upsample", "overlap_batches"}
     with pytest.raises(ConfigError, match="compile_tuning must be one of"):
         MuseTalkEngine(models_dir=tiny_dir, device="cpu", compile="default", compile_tuning="exhaustive")
     with pytest.raises(ConfigError, match="needs compile"):

@@ -173,6 +173,11 @@ class AvatarBlendCache:
     def blend(self, frame_indices: list[int], faces: torch.Tensor) -> np.ndarray:
         """uint8 [B, Rh, Rw, 3] finished blend regions (on the CPU) for RGB faces in [0, 1]
         ``faces`` [B, 3, 256, 256] (any float dtype, on the device)."""
+        return to_host(self.blend_on_device(frame_indices, faces))
+
+    def blend_on_device(self, frame_indices: list[int], faces: torch.Tensor) -> torch.Tensor:
+        """:meth:`blend`'s regions left on the device (uint8, queued on its current stream), for
+        a caller that copies them out without waiting (the engine's overlapped batches)."""
         idx = index_tensor(frame_indices, self.region.device)
         with torch.inference_mode():
             # the CPU path rounds the decoded face to uint8 first; so do we (exact in float32)
@@ -185,7 +190,7 @@ class AvatarBlendCache:
             alpha = torch.floor((m * 256 + 127) / 255)[..., None]  # 0..256
             orig = self.region[idx].float()
             out = torch.floor((gen * alpha + orig * (256 - alpha) + 128) / 256)
-            return to_host(out.to(torch.uint8))
+            return out.to(torch.uint8)
 
     def paste(self, frame_index: int, region: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """A copy of the avatar frame with ``region`` (from :meth:`blend`) pasted in; made in

@@ -55,7 +55,7 @@ from pipeline.engines.musetalk.features import (
     run_positions,
 )
 from pipeline.engines.musetalk.loader import DTYPES, load_models, resolve_device
-from pipeline.engines.musetalk.transfer import index_tensor, take_asleep, to_host
+from pipeline.engines.musetalk.transfer import index_tensor, start_to_host, take_asleep, to_host, wait_event_asleep
 from pipeline.engines.musetalk.upsample import fold_upsamplers
 from pipeline.engines.musetalk.vae_cache import SCALING_FACTOR, load_or_compute_latents
 from pipeline.errors import ConfigError
@@ -84,7 +84,9 @@ class MuseTalkEngine(Engine):
     ``attention`` (speed, module docstring; None picks :data:`CUDA_DEFAULTS` on a GPU and off on
     a CPU; ``vae_upsample`` None likewise: transposed on a GPU, reference on a CPU),
     ``compile_tuning`` (:data:`COMPILE_TUNING`: more tuning of the compiled decode's kernels, a
-    longer start). Unknown options are logged and ignored, so a newer config still starts an older engine.
+    longer start), ``overlap_batches`` (:meth:`compose_staged` returns once a batch is queued on
+    the device, so the batching worker prepares the next one meanwhile; None: on a GPU with
+    ``gpu_blend``). Unknown options are logged and ignored, so a newer config still starts an older engine.
     """
 
     name = "musetalk"
@@ -109,6 +111,7 @@ class MuseTalkEngine(Engine):
         cuda_graphs: bool | None = None,
         compile: str | None = None,  # the option's name in configs (shadows the builtin here only)
         compile_tuning: str = "none",
+        overlap_batches: bool | None = None,
         attention: str = "sdpa",
         warmup: bool | None = None,
         **options: Any,
@@ -154,10 +157,17 @@ class MuseTalkEngine(Engine):
             raise ConfigError(f"musetalk attention must be 'sdpa' or 'classic', got {attention!r}")
         if cuda_graphs and not on_cuda:
             raise ConfigError("musetalk cuda_graphs needs a cuda device")
+        if overlap_batches is None:
+            overlap_batches = on_cuda and bool(gpu_blend) and CUDA_DEFAULTS["overlap_batches"]
+        if overlap_batches and not gpu_blend:
+            raise ConfigError("musetalk overlap_batches needs gpu_blend: a CPU blend waits for the device anyway")
         self.device = dev
         self.dtype = DTYPES[dtype]
         self.gpu_blend = bool(gpu_blend)
-        # seconds the last compose_staged slept on the GPU (cuda only; the worker's batch_host stage)
+        # the batching worker's cue (pipeline/live/worker.py, "Overlapped batches"): stage one
+        # returns with the batch queued on the device, its finish waits for it
+        self.overlapped_staging = bool(overlap_batches)
+        # seconds the last batch's wait slept on the GPU (cuda only; the worker's batch_host stage)
         self.last_batch_asleep: float | None = None
         # and, from CUDA events on its stream, how long the GPU took for it and how long the
         # stream sat idle between the previous batch and this one (the worker's gpu_batch and
@@ -230,18 +240,21 @@ class MuseTalkEngine(Engine):
         return self.compose_staged(requests)()
 
     def compose_staged(self, requests: Sequence[FrameRequest]) -> Callable[..., list[np.ndarray]]:
-        """Stage one: UNet, VAE and the blend on the device, the blended face boxes to the CPU.
-        Stage two (returned): paste each box into a copy of its avatar frame (made in the
-        frame's ``into`` array where one is given)."""
+        """Stage one: UNet, VAE and the blend on the device, the blended face boxes copied to the
+        CPU. Stage two (returned, a :class:`_QueuedBatch`): wait for the device, then paste each
+        box into a copy of its avatar frame (made in the frame's ``into`` array where one is
+        given). With ``overlap_batches`` stage one returns as soon as the batch is queued on the
+        device; otherwise it waits for it, and the timings are the engine thread's."""
         if not self.gpu_blend:
             return super().compose_staged(requests)
-        take_asleep()  # from here on: this batch's sleep on the GPU (last_batch_asleep)
+        if not self.overlapped_staging:
+            take_asleep()  # from here on: this batch's sleep on the GPU (last_batch_asleep)
         begun = self._gpu_mark()
-        pastes: list[tuple[AvatarBlendCache, int, np.ndarray]] = []
+        pastes: list[tuple[AvatarBlendCache, int, torch.Tensor, int]] = []  # (cache, frame, host regions, row)
         for lo in range(0, len(requests), self.batch_size):
             chunk = requests[lo : lo + self.batch_size]
             faces = self.generate_float(chunk)
-            regions: list[np.ndarray | None] = [None] * len(chunk)
+            places: list[tuple[AvatarBlendCache, torch.Tensor, int] | None] = [None] * len(chunk)
             groups: dict[int, list[int]] = {}
             caches: dict[int, AvatarBlendCache] = {}
             for k, r in enumerate(chunk):
@@ -251,47 +264,35 @@ class MuseTalkEngine(Engine):
             for key, members in groups.items():
                 cache = caches[key]
                 picked = faces if len(members) == len(chunk) else faces[index_tensor(members, faces.device)]
-                blended = cache.blend([chunk[k].frame_index for k in members], picked)
+                with self._on_device():
+                    host = start_to_host(cache.blend_on_device([chunk[k].frame_index for k in members], picked))
                 for row, k in enumerate(members):
-                    regions[k] = blended[row]
-            pastes.extend(
-                (self._avatar_blend(r.avatar), r.frame_index, region)  # type: ignore[misc]
-                for r, region in zip(chunk, regions, strict=True)
-            )
+                    places[k] = (cache, host, row)
+            for r, place in zip(chunk, places, strict=True):
+                assert place is not None
+                pastes.append((place[0], r.frame_index, place[1], place[2]))
+        queued = _QueuedBatch(self, pastes, begun, self._gpu_mark(blocking=True))
+        if not self.overlapped_staging:
+            queued.wait()
+        return queued
 
-        self.last_batch_asleep = take_asleep() if self.device.type == "cuda" else None
-        self._time_batch(begun)
-
-        def finish(into: Sequence[np.ndarray | None] | None = None) -> list[np.ndarray]:
-            outs = [None] * len(pastes) if into is None else list(into)
-            if len(outs) != len(pastes):
-                raise ValueError(f"{len(outs)} destinations for {len(pastes)} frames")
-            jobs = [(*paste, out) for paste, out in zip(pastes, outs, strict=True)]
-            # full-frame copies are memory-bound numpy copies (the GIL is released): a few threads
-            if len(jobs) > 2:
-                return list(self._paste_pool().map(lambda job: job[0].paste(job[1], job[2], job[3]), jobs))
-            return [cache.paste(index, region, out) for cache, index, region, out in jobs]
-
-        return finish
-
-    def _gpu_mark(self) -> Any:
-        """A timing event recorded now on the engine's stream (None off CUDA)."""
+    def _gpu_mark(self, blocking: bool = False) -> Any:
+        """A timing event recorded now on the engine's stream (None off CUDA); ``blocking``: one
+        that a thread waits for asleep (:func:`~.transfer.wait_asleep`)."""
         if self.device.type != "cuda":
             return None
         with self._on_device():
-            event = torch.cuda.Event(enable_timing=True)
+            event = torch.cuda.Event(enable_timing=True, blocking=blocking)
             event.record()
         return event
 
-    def _time_batch(self, begun: Any) -> None:
-        """``last_batch_gpu`` / ``last_batch_idle`` from the batch's first event and one recorded
-        now: stage one ends waiting for its faces, so the stream is idle and the event marks the
-        batch's end (a wake-up later: the idle time reads a little short)."""
+    def _time_batch(self, begun: Any, ended: Any) -> None:
+        """``last_batch_gpu`` / ``last_batch_idle`` from a batch's first and last events (the
+        last one done): its time on the stream, and the stream's idle time before it. Called in
+        batch order (the batches' waits run on one thread)."""
         if begun is None:
             return
         try:
-            ended = self._gpu_mark()
-            ended.synchronize()
             self.last_batch_gpu = begun.elapsed_time(ended) / 1000
             previous, self._last_batch_end = self._last_batch_end, ended
             self.last_batch_idle = None if previous is None else max(0.0, previous.elapsed_time(begun) / 1000)
@@ -526,7 +527,12 @@ class MuseTalkEngine(Engine):
 # The VAE's upsamplers as stride-2 transposed convolutions: the decode 11 % faster on an H200 and
 # 2.4 -> 2.1-2.2 ms of GPU per frame in the server (docs/benchmarks.md, "Load test on the H200:
 # findings", 2026-12-04 morning); the same function up to fp16 rounding (tests/test_musetalk_upsample.py).
-CUDA_DEFAULTS: dict[str, Any] = {"channels_last": True, "cuda_graphs": True, "compile": "default", "vae_upsample": "transposed"}
+# Overlapped batches: the worker prepares a batch while the GPU runs the one before, instead of
+# leaving it idle for its host side (see pipeline/live/worker.py).
+CUDA_DEFAULTS: dict[str, Any] = {
+    "channels_last": True, "cuda_graphs": True, "compile": "default", "vae_upsample": "transposed",
+    "overlap_batches": True,
+}
 PASTE_THREADS = 4
 WHISPER_WINDOWS = ("trimmed", "padded")
 # engine.vae_upsample -> the upsample module's form (reference: diffusers' layers as loaded)
@@ -588,3 +594,44 @@ class _Graph:
     latents: torch.Tensor
     tokens: torch.Tensor
     output: torch.Tensor
+
+
+class _QueuedBatch:
+    """A batch's stage two (:meth:`MuseTalkEngine.compose_staged`): its blended face boxes are on
+    their way to pinned host memory, ``ended`` marks the stream past their copy."""
+
+    def __init__(
+        self, engine: MuseTalkEngine, pastes: list[tuple[AvatarBlendCache, int, torch.Tensor, int]], begun: Any, ended: Any
+    ) -> None:
+        self._engine = engine
+        self._pastes = pastes
+        self._begun = begun
+        self._ended = ended
+        self._waited = False
+
+    def wait(self) -> None:
+        """Block, asleep, until the device is done with the batch; then set the engine's
+        ``last_batch_asleep`` / ``last_batch_gpu`` / ``last_batch_idle`` for it (on this thread:
+        the worker reads them here, after the wait). Idempotent."""
+        if self._waited:
+            return
+        self._waited = True
+        engine = self._engine
+        if self._ended is None:  # a CPU device: done when stage one returned
+            engine.last_batch_asleep = None
+            return
+        take_asleep()
+        wait_event_asleep(self._ended)
+        engine.last_batch_asleep = take_asleep()
+        engine._time_batch(self._begun, self._ended)
+
+    def __call__(self, into: Sequence[np.ndarray | None] | None = None) -> list[np.ndarray]:
+        self.wait()
+        outs = [None] * len(self._pastes) if into is None else list(into)
+        if len(outs) != len(self._pastes):
+            raise ValueError(f"{len(outs)} destinations for {len(self._pastes)} frames")
+        jobs = [(cache, index, host.numpy()[row], out) for (cache, index, host, row), out in zip(self._pastes, outs, strict=True)]
+        # full-frame copies are memory-bound numpy copies (the GIL is released): a few threads
+        if len(jobs) > 2:
+            return list(self._engine._paste_pool().map(lambda job: job[0].paste(job[1], job[2], job[3]), jobs))
+        return [cache.paste(index, region, out) for cache, index, region, out in jobs]

@@ -34,12 +34,21 @@ def index_tensor(values: Sequence[int], device: torch.device) -> torch.Tensor:
 def to_host(tensor: torch.Tensor) -> np.ndarray:
     """``tensor`` (finished on the current stream) as a numpy array, waited for on a blocking
     event. The array keeps its pinned buffer alive (the host allocator reuses it once freed)."""
+    host = start_to_host(tensor)
+    if tensor.device.type == "cuda":
+        wait_asleep(torch.cuda.current_stream(tensor.device))
+    return host.numpy()
+
+
+def start_to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy of ``tensor`` that a GPU's current stream fills later: pinned memory, the copy
+    queued behind the work that makes ``tensor``. Read it only once the stream has got there (an
+    event recorded after this call). On a CPU, ``tensor`` itself."""
     if tensor.device.type != "cuda":
-        return tensor.numpy()
+        return tensor
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     host.copy_(tensor, non_blocking=True)
-    wait_asleep(torch.cuda.current_stream(tensor.device))
-    return host.numpy()
+    return host
 
 
 def wait_asleep(stream: torch.cuda.Stream) -> None:
@@ -48,8 +57,14 @@ def wait_asleep(stream: torch.cuda.Stream) -> None:
     threads waiting on its GPU most of the time."""
     done = torch.cuda.Event(blocking=True)
     done.record(stream)
+    wait_event_asleep(done)
+
+
+def wait_event_asleep(event: torch.cuda.Event) -> None:
+    """Wait for a recorded ``event`` (made with ``blocking=True``: asleep), counted for
+    :func:`take_asleep`."""
     started = time.perf_counter()
-    done.synchronize()
+    event.synchronize()
     _asleep.seconds = getattr(_asleep, "seconds", 0.0) + time.perf_counter() - started
 
 
