@@ -1007,6 +1007,19 @@ class SpawnedServer:
         )
         wait_until_ready(self.url, self.process, self.log_path, timeout, poll=0.2)
 
+    def gone(self) -> str | None:
+        """How the server process ended, if it did ("exited with code 1", "killed by SIGKILL");
+        None while it runs."""
+        code = None if self.process is None else self.process.poll()
+        if code is None:
+            return None
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exited with code {code}"
+
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
@@ -1879,6 +1892,10 @@ def fetch_json(url: str, path: str, headers: dict[str, str]) -> Any:
         return {"error": f"{type(exc).__name__}: {exc}"[:200]}
 
 
+class ServerGone(RuntimeError):
+    """The spawned server process ended during the run."""
+
+
 def settle(url: str, headers: dict[str, str], ours: set[str], seconds: float) -> None:
     """Between scenarios: delete our sessions that are still listed, wait (up to 30 s) until the
     server lists none of them, then ``seconds`` more for the engine's queues to drain."""
@@ -1979,6 +1996,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
         for k, scenario in enumerate(scenarios):
             if k or args.warmup > 0:
                 settle(url, headers, ours, args.settle)
+            ended = server.gone() if server is not None else None
+            if ended is not None:  # no scenario against a dead server (its clients would only fail to connect)
+                raise ServerGone(f"the server {ended} before scenario {k + 1} (its log: the end of "
+                                 f"load-{stamp}-server.log in {args.out})")
             name = f"load-{stamp}" if len(scenarios) == 1 else (
                 f"load-{stamp}-{k + 1}-{scenario['sessions']}-{scenario['talk']}-{scenario['mode']}")
             if len(scenarios) > 1:

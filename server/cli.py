@@ -92,7 +92,14 @@ def serve(
     ] = None,
 ) -> None:
     """Start the HTTP/WebRTC server."""
+    import faulthandler
+
     from server.app import run_server
+
+    # A fatal signal (a crash in a native library: SIGSEGV, SIGBUS, SIGABRT) writes every thread's
+    # Python stack into the log instead of ending the process without a word (a load test's
+    # server once vanished between two scenarios, and its log said nothing).
+    faulthandler.enable(all_threads=True)
 
     settings = state.settings
     if host is not None:

@@ -317,6 +317,7 @@ def run(conn: Connection, webrtc: WebRtcConfig, log_level: str) -> None:
     if webrtc.peer_nice:
         os.nice(webrtc.peer_nice)  # before any thread starts: threads inherit it (config.py says why)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the server asks when we stop answering
+    faulthandler.enable(all_threads=True)  # a crash in native code leaves its stacks in the log
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if webrtc.host_addresses:
         configure_host_addresses(webrtc.host_addresses)

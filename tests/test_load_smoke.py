@@ -461,3 +461,27 @@ def test_gil_release_cost_times_every_step_alone_and_beside_a_rival(capsys) -> N
     with pytest.raises(SystemExit) as exit_info:
         gil_release_cost.main(["--calls", "0"])
     assert exit_info.value.code == 2 and "--calls must be >= 1" in capsys.readouterr().err
+
+
+def test_a_spawned_server_that_ended_is_reported_with_its_signal_or_code() -> None:
+    """bench/load.py checks its server before each scenario: one that died (a crash between two
+    scenarios) stops the run with how it ended, instead of clients failing to connect."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import load
+
+    server = object.__new__(load.SpawnedServer)
+    server.process = None
+    assert server.gone() is None
+    for code, said in (
+        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "killed by SIGKILL"),
+        ("raise SystemExit(3)", "exited with code 3"),
+    ):
+        server.process = subprocess.Popen([sys.executable, "-c", code])
+        server.process.wait(timeout=60)
+        assert server.gone() == said
+    server.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert server.gone() is None
+    finally:
+        server.process.kill()
+        server.process.wait()

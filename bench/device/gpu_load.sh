@@ -153,6 +153,10 @@ for log in "$RES"/load-*-server.log; do
     grep -vE "uvicorn.access|connection (open|closed)|WebSocket /v1" "$log" \
         | grep -iE "warm|compil|graph|calibrat|capacity|ready|device|error|exception|traceback|refused|failed" \
         | head -40 | cut -c1-300
+    if grep -q "Fatal Python error" "$log"; then  # a crash: faulthandler's stacks (server/cli.py)
+        echo "--- the crash:"
+        grep -A60 "Fatal Python error" "$log" | head -80 | cut -c1-300
+    fi
 done
 tar czf "$OUT/results.tgz" -C "$RES" .
 jsons=("$RES"/load-*.json)

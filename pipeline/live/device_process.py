@@ -394,6 +394,7 @@ def run(conn: Connection, spec: DeviceSpec) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server stops us (Ctrl-C reaches the whole group)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the server asks when we stop answering
+    faulthandler.enable(all_threads=True)  # a crash in native code leaves its stacks in the log
     logging.basicConfig(level=spec.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sys.setswitchinterval(spec.switch_interval_ms / 1000)
     use_serial_opencv()  # its paste threads resize faces side by side (pipeline/opencv_threads.py)
