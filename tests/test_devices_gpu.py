@@ -68,7 +68,8 @@ def test_a_pool_of_every_gpu(tmp_path: Path) -> None:
         pool.add_failure_listener(lambda name, reason: heard.append((name, reason)))
         last = pool.devices[names[-1]]
         engine = last.engine
-        engine.compose = lambda r: [torch.empty(1 << 46, dtype=torch.uint8, device=engine.device)]  # type: ignore[method-assign]
+        # the worker runs a batch through compose_staged (stage one on its thread): out of memory there
+        engine.compose_staged = lambda r: [torch.empty(1 << 46, dtype=torch.uint8, device=engine.device)]  # type: ignore[method-assign]
         with pytest.raises(DeviceFailed, match=f"device {last.name} failed: OutOfMemoryError: CUDA out of memory"):
             last.worker.submit(requests[0], time.monotonic(), "s").result(60)
         assert last.state == "failed" and heard and heard[0][0] == last.name
