@@ -75,8 +75,9 @@ Overlapped batches. An engine whose stage one only queues the batch on its devic
 a ``wait()``; the finisher thread waits there, asleep, then pastes. The engine thread meanwhile
 picks and stages the next batch, so the GPU runs it straight after the one before instead of
 idling through the batch's host side (picking, stacking inputs, launching: on an H200 at 29
-conversational sessions, 6 ms of each ~35 ms batch at p50, plus 2 ms between batches; run
-``101116``). Picking early has a price: frames that arrive after the pick wait for the batch
+conversational sessions, 7 ms of each ~38 ms batch at p50, plus 2 ms between batches; with the
+overlap, frames held for want of GPU time fell from 0.9 % to 0.1 %: runs ``103258`` and
+``102927``, docs/benchmarks.md). Picking early has a price: frames that arrive after the pick wait for the batch
 after. So the engine thread picks when the batch on the device is expected to have about the
 host side's recent time left (x LEAD_SAFETY, + LEAD_MARGIN): its expected end is its start (the
 end of the batch before it, if that was still running) plus the recent device time of batches of
