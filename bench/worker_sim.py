@@ -27,6 +27,13 @@ frames over one by one, each costing ``callback_us`` of Python with the GIL held
 process's 0.5 ms switch interval), ``bursts`` (the same inside ``EngineWorker.burst()``, as the
 server does since 2026-12-03: an idle worker waits for the whole pass).
 
+Engines (``--engines``): ``waited`` (stage one returns when the batch is done on the GPU, as the
+server's before 2026-12-04), ``overlapped`` (stage one returns once the batch is queued; the
+worker's "Overlapped batches", ``engine.overlap_batches``). ``--host-ms``: the host side of each
+batch before its GPU work starts (picking, stacking inputs, launching; ~7 ms at p50 on an H200 at
+29 conversational sessions), during which a waited engine's GPU idles and an overlapped one's
+runs the batch before. 0 (the default) leaves it out, as the figures before it did.
+
 Policies: ``none`` (never skip), ``batch`` (the server's default: skip doomed frames, earliest
 first, while more than a batch is queued), ``one`` (down to a single queued frame:
 ``engine.skip_keep_frames: 1``).
@@ -38,8 +45,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import heapq
+import itertools
 import json
 import random
+import shlex
 import sys
 import threading
 import time
@@ -60,19 +69,33 @@ FRAME = 0.04
 #: espeak-ng's lengths of bench/load.py's SENTENCES (the load test's speech), seconds
 SENTENCE_SECONDS = [0.79, 0.73, 1.57, 2.06, 1.62, 3.42, 3.18, 3.72, 2.54, 2.67]
 POLICIES = ("none", "batch", "one")
+ENGINES = ("waited", "overlapped")
 HANDOVERS = ("frame", "passes", "bursts")
 SECTION = "Late-frame policies, simulated (the server's EngineWorker, a modelled H200)"
+OVERLAP_CAVEAT = (
+    " Overlapped against waited on an H200 (runs `102927` and `103258`, docs: \"2026-12-04, late morning\"):"
+    " 29 conversational 0.1 % against 0.9 % late or held, mean batch 13.2 against 16.6; the model's host"
+    " side and batch times are that run's stages (7 ms at p50 before each batch's GPU work), and it"
+    " overstates the degraded shares but not the direction or the smaller batches."
+)
 
 
 class SimulatedGPU(Engine):
-    """Stage one (the engine thread) takes the batch's GPU time, as MuseTalk's does (it waits for
-    the blended face boxes to reach the CPU); stage two (the finisher thread) the pasting."""
+    """Stage one (the engine thread) takes the batch's host side, then queues its GPU time on a
+    simulated device timeline and, unless ``overlapped``, waits for it, as MuseTalk's does (the
+    blended face boxes reach the CPU); stage two (the finisher thread) waits for it if it has not,
+    then pastes."""
 
     name = "simulated"
 
-    def __init__(self, base_ms: float, per_frame_ms: float, paste_ms: float) -> None:
-        self.base_ms, self.per_frame_ms, self.paste_ms = base_ms, per_frame_ms, paste_ms
+    def __init__(
+        self, base_ms: float, per_frame_ms: float, paste_ms: float, host_ms: float = 0.0, overlapped: bool = False
+    ) -> None:
+        self.base_ms, self.per_frame_ms, self.paste_ms, self.host_ms = base_ms, per_frame_ms, paste_ms, host_ms
+        self.overlapped_staging = overlapped  # the worker's cue (pipeline/live/worker.py)
         self.busy = 0.0
+        self._device_free = 0.0  # time.perf_counter() when the device is done with what is queued
+        self.last_batch_gpu: float | None = None
 
     def new_featurizer(self):  # pragma: no cover - not used
         raise NotImplementedError
@@ -87,10 +110,31 @@ class SimulatedGPU(Engine):
         return self.compose_staged(requests)()
 
     def compose_staged(self, requests):
+        _sleep(self.host_ms / 1000)  # the host side: the device runs only what was queued before
         seconds = (self.base_ms + self.per_frame_ms * len(requests)) / 1000
-        _sleep(seconds)
+        end = max(time.perf_counter(), self._device_free) + seconds
+        self._device_free = end
         self.busy += seconds
-        return lambda: (_sleep(self.paste_ms / 1000), [None] * len(requests))[1]
+        queued = _QueuedBatch(self, end, seconds, len(requests))
+        if not self.overlapped_staging:
+            queued.wait()
+        return queued
+
+
+class _QueuedBatch:
+    """A simulated batch on the device: ``wait()`` sleeps until its end; calling it pastes."""
+
+    def __init__(self, gpu: SimulatedGPU, end: float, seconds: float, size: int) -> None:
+        self.gpu, self.end, self.seconds, self.size = gpu, end, seconds, size
+
+    def wait(self) -> None:
+        _sleep(self.end - time.perf_counter())
+        self.gpu.last_batch_gpu = self.seconds  # as MuseTalk's wait reports its GPU time
+
+    def __call__(self, into=None):
+        self.wait()
+        _sleep(self.gpu.paste_ms / 1000)
+        return [None] * self.size
 
 
 def _sleep(seconds: float) -> None:
@@ -122,6 +166,7 @@ class Trial:
     talk: str
     policy: str
     handover: str = "frame"
+    engine: str = "waited"
     frames: list[Frame] = field(default_factory=list)
 
 
@@ -135,10 +180,13 @@ def talking(talk: str, seconds: float, seed: int, hangover: float = 0.2) -> np.n
 
 
 def run_trial(
-    args: argparse.Namespace, sessions: int, talk: str, seconds: float, policy: str, seed: int, handover: str = "frame"
+    args: argparse.Namespace, sessions: int, talk: str, seconds: float, policy: str, seed: int, handover: str = "frame",
+    engine: str = "waited",
 ) -> dict[str, Any]:
     rng = random.Random(seed)
-    gpu = SimulatedGPU(args.base_ms, args.per_frame_ms + args.whisper_ms, args.paste_ms)
+    gpu = SimulatedGPU(
+        args.base_ms, args.per_frame_ms + args.whisper_ms, args.paste_ms, args.host_ms, overlapped=engine == "overlapped"
+    )
     worker = EngineWorker(
         gpu, batch_size=args.batch, name="sim", skip_late=policy != "none", skip_keep=1 if policy == "one" else 0,
         gather_seconds=args.gather_ms / 1000,
@@ -154,7 +202,7 @@ def run_trial(
                 ready = complete + (args.feature_ms / 1000 if handover == "frame" else 0.0)
                 events.append((ready, len(events), frame))
     heapq.heapify(events)
-    trial = Trial(sessions, talk, policy, handover)
+    trial = Trial(sessions, talk, policy, handover, engine)
     lock = threading.Lock()
 
     def finished(frame: Frame, future) -> None:
@@ -221,6 +269,7 @@ def summarise(trial: Trial, busy: float, warmup: float) -> dict[str, Any]:
         shares.append(100 * (late + skipped) / max(n, 1))
     return {
         "sessions": trial.sessions, "talk": trial.talk, "policy": trial.policy, "handover": trial.handover,
+        "engine": trial.engine,
         "late_pct": 100 * late_total / max(counted, 1), "skipped_pct": 100 * skipped_total / max(counted, 1),
         "degraded_pct": 100 * (late_total + skipped_total) / max(counted, 1),
         "worst_session_pct": max(shares) if shares else 0.0, "gpu_busy": busy,
@@ -229,21 +278,24 @@ def summarise(trial: Trial, busy: float, warmup: float) -> dict[str, Any]:
 
 def report(rows: list[dict[str, Any]], args: argparse.Namespace, argv: list[str]) -> str:
     lines = [
-        f"Command: `python -m bench.worker_sim {' '.join(argv)}` ({time.strftime('%Y-%m-%d')}, on this "
+        f"Command: `python -m bench.worker_sim {shlex.join(argv)}` ({time.strftime('%Y-%m-%d')}, on this "
         f"machine's CPU: the GPU is a model). Batches take {args.base_ms} + {args.per_frame_ms + args.whisper_ms:.2f} n ms "
-        f"(UNet + VAE + Whisper per frame, H200); frames reach the worker {args.feature_ms} ms after their audio "
+        f"(UNet + VAE + Whisper per frame, H200) after {args.host_ms} ms of host side; frames reach the worker {args.feature_ms} ms after their audio "
         f"and are due {args.budget * 1000:.0f} ms after it; batch {args.batch}; {args.seconds:.0f} s per trial (unless a scenario says), the first "
         f"{args.warmup:.0f} s not counted; degraded = late + skipped frames, mean of {args.repeats} trials.",
         "",
-        "| sessions | talk | policy | hand-over | late % | skipped % | degraded % | worst session % | GPU busy | mean batch |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| sessions | talk | policy | hand-over | engine | late % | skipped % | degraded % | worst session % | GPU busy | mean batch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     caveat = (
         "Checked on an H200 (docs: \"16 all-talking did not repeat; keeping one frame is worse on the GPU\", run `071645`): `one` was worse there, not better (16 all-talking 13.3 % degraded, 29 conversational 78 %): its small batches cost more GPU time per frame and the model lacks how frames bunch (sessions' clocks, batched Whisper passes) and the server's CPU contention. Use it to compare rules, not to predict a GPU."
     )
+    if any(r.get("engine") == "overlapped" for r in rows):
+        caveat += OVERLAP_CAVEAT
     for r in rows:
         lines.append(
-            f"| {r['sessions']} | {r['talk']} | {r['policy']} | {r.get('handover', 'frame')} | {r['late_pct']:.1f} | "
+            f"| {r['sessions']} | {r['talk']} | {r['policy']} | {r.get('handover', 'frame')} | {r.get('engine', 'waited')} | "
+            f"{r['late_pct']:.1f} | "
             f"{r['skipped_pct']:.1f} | {r['degraded_pct']:.1f} | {r['worst_session_pct']:.1f} | {r['gpu_busy']:.2f} | "
             f"{r.get('mean_batch', float('nan')):.1f} |"
         )
@@ -270,8 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pass-window-ms", type=float, default=0.4, help="a feature pass's time per frame (passes, bursts)")
     p.add_argument("--callback-us", type=float, default=60.0, help="Python per handed-over frame, GIL held (passes, bursts)")
     p.add_argument("--switch-interval-ms", type=float, default=0.5, help="this process's GIL switch interval (a device process's)")
+    p.add_argument("--engines", default="waited", help=f"comma-separated: {', '.join(ENGINES)} (module docstring)")
+    p.add_argument("--host-ms", type=float, default=0.0, help="each batch's host side before its GPU work (module docstring)")
     p.add_argument("--json", type=Path)
     p.add_argument("--doc", action="store_true", help="write the docs/benchmarks.md section")
+    p.add_argument("--section", default=SECTION, help="the docs section --doc writes")
     args = p.parse_args(argv)
     if args.gather_ms < 0 or args.switch_interval_ms <= 0:
         p.error("--gather-ms must be >= 0 and --switch-interval-ms > 0")
@@ -285,10 +340,15 @@ def main(argv: list[str] | None = None) -> int:
     handovers = args.handovers.split(",")
     if unknown := [x for x in handovers if x not in HANDOVERS]:
         p.error(f"unknown hand-overs {unknown}: choose from {', '.join(HANDOVERS)}")
+    engines = args.engines.split(",")
+    if unknown := [x for x in engines if x not in ENGINES]:
+        p.error(f"unknown engines {unknown}: choose from {', '.join(ENGINES)}")
+    if args.host_ms < 0:
+        p.error("--host-ms must be >= 0")
     previous = sys.getswitchinterval()
     sys.setswitchinterval(args.switch_interval_ms / 1000)
     try:
-        rows = simulate(args, scenarios, policies, handovers)
+        rows = simulate(args, scenarios, policies, handovers, engines)
     finally:
         sys.setswitchinterval(previous)  # (main() also runs inside the test process)
     text = report(rows, args, argv if argv is not None else sys.argv[1:])
@@ -298,22 +358,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.doc:
         from bench import _report
 
-        _report.write_section(SECTION, text)
+        _report.write_section(args.section, text)
     return 0
 
 
 def simulate(
-    args: argparse.Namespace, scenarios: list[dict[str, Any]], policies: list[str], handovers: list[str]
+    args: argparse.Namespace, scenarios: list[dict[str, Any]], policies: list[str], handovers: list[str],
+    engines: list[str] = ["waited"],  # noqa: B006 - read only
 ) -> list[dict[str, Any]]:
     rows = []
     for scenario in scenarios:
         n, talk, seconds = scenario["sessions"], scenario["talk"], scenario["duration"]
-        for policy in policies:
-            for handover in handovers:
-                trials = [run_trial(args, n, talk, seconds, policy, seed, handover) for seed in range(args.repeats)]
-                row = {k: (float(np.mean([t[k] for t in trials])) if isinstance(v, float) else v) for k, v in trials[0].items()}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+        for policy, handover, engine in itertools.product(policies, handovers, engines):
+            trials = [run_trial(args, n, talk, seconds, policy, seed, handover, engine) for seed in range(args.repeats)]
+            row = {k: (float(np.mean([t[k] for t in trials])) if isinstance(v, float) else v) for k, v in trials[0].items()}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 

@@ -154,6 +154,24 @@ def test_worker_sim_counts_late_and_skipped_frames(tmp_path: Path) -> None:
     assert batch["skipped_pct"] > 10, batch
 
 
+def test_worker_sim_overlapped_engine_hides_the_host_side(tmp_path: Path) -> None:
+    """--engines / --host-ms: with 30 ms of host side per batch before 8 ms per frame of device
+    time, an engine that waits for each batch leaves the device idle through the host side and
+    its frames miss the 110 ms budget; an overlapped one prepares the next batch meanwhile."""
+    from bench import worker_sim
+
+    out = tmp_path / "sim.json"
+    worker_sim.main(
+        ["--scenarios", "4:all", "--policies", "batch", "--engines", "waited,overlapped", "--seconds", "3",
+         "--warmup", "1", "--base-ms", "0", "--per-frame-ms", "8", "--whisper-ms", "0", "--host-ms", "30",
+         "--json", str(out)]
+    )
+    waited, overlapped = json.loads(out.read_text())
+    assert (waited["engine"], overlapped["engine"]) == ("waited", "overlapped")
+    assert waited["degraded_pct"] > 20, waited
+    assert overlapped["degraded_pct"] < waited["degraded_pct"] / 4, (waited, overlapped)
+
+
 def test_worker_sim_hands_frames_over_in_feature_passes(tmp_path: Path) -> None:
     """--handovers passes / bursts: frames reach the worker in feature passes (one by one, or as
     one burst); every frame is still made and counted, and the process's GIL switch interval is
