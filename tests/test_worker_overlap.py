@@ -87,6 +87,21 @@ def request(tag: str) -> FrameRequest:
     return FrameRequest(None, 0, tag)  # type: ignore[arg-type]
 
 
+FAR = 1000.0  # seconds to a frame's deadline: never due
+
+
+def submit(worker: EngineWorker, tag: str, owner: str):
+    return worker.submit(request(tag), time.monotonic() + FAR, owner)
+
+
+def eventually(condition) -> bool:
+    """``condition()`` turned true within WAIT (figures recorded on the finisher thread)."""
+    deadline = time.monotonic() + WAIT
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
 @contextmanager
 def device_worker(engine: DeviceEngine) -> Iterator[EngineWorker]:
     worker = EngineWorker(engine, batch_size=BATCH, name="test")
@@ -102,16 +117,15 @@ def device_worker(engine: DeviceEngine) -> Iterator[EngineWorker]:
 def test_the_next_batch_is_staged_while_the_device_runs_one_and_at_most_two_are_in_flight() -> None:
     engine = DeviceEngine()
     with device_worker(engine) as worker:
-        far = time.monotonic() + 1000
-        a = worker.submit(request("a"), far, "s1")
+        a = submit(worker, "a", "s1")
         first = engine.next_staged()
         assert first.tags == ["a"]
         # the first batch is still on the device: no measured device time yet, so the next frame
         # is staged behind it at once
-        b = worker.submit(request("b"), far, "s2")
+        b = submit(worker, "b", "s2")
         second = engine.next_staged()
         assert second.tags == ["b"] and not first.done.is_set()
-        c = worker.submit(request("c"), far, "s3")
+        c = submit(worker, "c", "s3")
         assert engine.quiet(), f"more than {MAX_IN_FLIGHT} batches staged"
         first.done.set()
         third = engine.next_staged()  # the device finished one: room for the next
@@ -125,10 +139,8 @@ def test_the_next_batch_is_staged_while_the_device_runs_one_and_at_most_two_are_
         # the device's figures come from the wait (the engine's last_batch_gpu), the host side
         # from the staging
         assert stages["gpu_batch"]["p50"] == 10.0 and "batch_host" in stages and "batch" in stages
-        deadline = time.monotonic() + WAIT
-        while worker.stats.batches < 3 and time.monotonic() < deadline:  # recorded after delivery
-            time.sleep(0.01)
-        assert worker.stats.batches == 3 and worker.stats.frames == 3
+        assert eventually(lambda: worker.stats.batches == 3)  # recorded after delivery
+        assert worker.stats.frames == 3
 
 
 def test_the_pick_waits_for_the_end_of_the_batch_on_the_device_and_wakes_when_it_ends_early() -> None:
@@ -137,14 +149,13 @@ def test_the_pick_waits_for_the_end_of_the_batch_on_the_device_and_wakes_when_it
     them would miss it): the pick comes near its expected end, or as soon as it is done."""
     engine = DeviceEngine(device_seconds=100.0)
     with device_worker(engine) as worker:
-        far = time.monotonic() + 1000
-        done = worker.submit(request("m"), far, "s1")
+        done = submit(worker, "m", "s1")
         measured = engine.next_staged()
         measured.done.set()  # the device time of a batch of 1 is now known: 100 s
         done.result(WAIT)
-        worker.submit(request("a"), far, "s1")
+        submit(worker, "a", "s1")
         running = engine.next_staged()  # the device is idle: staged at once
-        late = [worker.submit(request(t), far, f"s{t}") for t in ("x", "y", "z")]
+        late = [submit(worker, t, f"s{t}") for t in ("x", "y", "z")]
         assert engine.quiet(), "picked while the batch on the device had ~100 s to run"
         running.done.set()  # done long before expected
         together = engine.next_staged()
@@ -156,19 +167,15 @@ def test_the_pick_waits_for_the_end_of_the_batch_on_the_device_and_wakes_when_it
 def test_a_device_fault_in_the_wait_fails_the_batch_and_the_worker() -> None:
     engine = DeviceEngine()
     with device_worker(engine) as worker:
-        far = time.monotonic() + 1000
-        made = worker.submit(request("a"), far, "s1")
+        made = submit(worker, "a", "s1")
         batch = engine.next_staged()
         batch.fault = DeviceFailure("CUDA error: an illegal memory access was encountered")
         batch.done.set()
         with pytest.raises(DeviceFailed, match="illegal memory access"):
             made.result(WAIT)
-        deadline = time.monotonic() + WAIT
-        while worker.failed is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert worker.failed is not None
+        assert eventually(lambda: worker.failed is not None)
         with pytest.raises(DeviceFailed):
-            worker.submit(request("b"), far, "s1")
+            submit(worker, "b", "s1")
 
 
 def test_an_engine_that_waits_in_stage_one_is_not_overlapped() -> None:

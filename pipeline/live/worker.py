@@ -141,6 +141,11 @@ UTILISATION_WINDOW = 10.0
 BATCH_TIME_WEIGHT = 0.2
 
 
+def _recent(previous: float | None, value: float) -> float:
+    """A running estimate (batch, host and device times) moved toward ``value`` by BATCH_TIME_WEIGHT."""
+    return value if previous is None else previous + BATCH_TIME_WEIGHT * (value - previous)
+
+
 class _Skipped:
     """What a skipped frame's future resolves to (a singleton: compare with ``is``)."""
 
@@ -506,10 +511,7 @@ class EngineWorker:
             asleep = getattr(self.engine, "last_batch_asleep", None)
             if asleep is not None:  # an engine that waits for its device asleep tells how long
                 self.stages.add("batch_host", max(0.0, elapsed - asleep), len(batch))
-            for stage, attribute in (("gpu_batch", "last_batch_gpu"), ("gpu_idle", "last_batch_idle")):
-                seconds = getattr(self.engine, attribute, None)  # an engine that times its device
-                if seconds is not None:
-                    self.stages.add(stage, seconds, len(batch))
+            self._record_device_stages(len(batch))
             try:
                 self._finisher.submit(self._finish, batch, finish, started, made)
             except RuntimeError:  # closed while this batch ran longer than close() waits for it
@@ -560,8 +562,7 @@ class EngineWorker:
         host = staged - started
         self.stages.add("batch_host", host, size)
         with self._cv:
-            previous = self._host_seconds
-            self._host_seconds = host if previous is None else previous + BATCH_TIME_WEIGHT * (host - previous)
+            self._host_seconds = _recent(self._host_seconds, host)
             start = max(started, self._busy_until) if self._in_flight else started
             self._in_flight.append(size)
             self._busy_until = start + self._device_estimate(size)
@@ -570,10 +571,7 @@ class EngineWorker:
         """The device finished the oldest staged batch (of ``size``) at ``done``."""
         with self._cv:
             if device_seconds is not None:
-                previous = self._device_seconds.get(size)
-                self._device_seconds[size] = (
-                    device_seconds if previous is None else previous + BATCH_TIME_WEIGHT * (device_seconds - previous)
-                )
+                self._device_seconds[size] = _recent(self._device_seconds.get(size), device_seconds)
             if self._in_flight:
                 self._in_flight.popleft()
             self._busy_until = done + sum(self._device_estimate(n) for n in self._in_flight)
@@ -596,17 +594,21 @@ class EngineWorker:
         own = done - max(started, self._last_done)  # from its start, or the previous batch's end
         self._last_done = done
         gpu = getattr(self.engine, "last_batch_gpu", None)  # set by the wait, on this thread
-        self._batch_done(size, done, gpu if gpu is not None else own)
         busy = gpu if gpu is not None else own
+        self._batch_done(size, done, busy)
         self.stats.record(size, busy)
         self.stages.add("batch", own, size)
+        self._record_device_stages(size)
+        if self._on_batch is not None:
+            self._on_batch(size, busy)
+        return done
+
+    def _record_device_stages(self, size: int) -> None:
+        """``gpu_batch`` / ``gpu_idle`` of the batch just made, from an engine that times its device."""
         for stage, attribute in (("gpu_batch", "last_batch_gpu"), ("gpu_idle", "last_batch_idle")):
             seconds = getattr(self.engine, attribute, None)
             if seconds is not None:
                 self.stages.add(stage, seconds, size)
-        if self._on_batch is not None:
-            self._on_batch(size, busy)
-        return done
 
     def _stage_one(self, requests: list[FrameRequest]) -> Callable[[], list[Any]]:
         staged = getattr(self.engine, "compose_staged", None)
@@ -654,8 +656,7 @@ class EngineWorker:
         self.stages.add_each("slack", [job.deadline - delivered for job in batch])
         seconds = delivered - max(started, self._last_delivery)
         self._last_delivery = delivered
-        previous = self.batch_seconds
-        self.batch_seconds = seconds if previous is None else previous + BATCH_TIME_WEIGHT * (seconds - previous)
+        self.batch_seconds = _recent(self.batch_seconds, seconds)
 
     def _failed_batch(self, batch: list[_Job], exc: Exception) -> bool:
         """Fail ``batch``'s frames; True when ``exc`` was a device fault (the worker is done)."""

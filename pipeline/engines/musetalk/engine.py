@@ -247,8 +247,6 @@ class MuseTalkEngine(Engine):
         device; otherwise it waits for it, and the timings are the engine thread's."""
         if not self.gpu_blend:
             return super().compose_staged(requests)
-        if not self.overlapped_staging:
-            take_asleep()  # from here on: this batch's sleep on the GPU (last_batch_asleep)
         begun = self._gpu_mark()
         pastes: list[tuple[AvatarBlendCache, int, torch.Tensor, int]] = []  # (cache, frame, host regions, row)
         for lo in range(0, len(requests), self.batch_size):
