@@ -172,6 +172,15 @@ def test_worker_sim_overlapped_engine_hides_the_host_side(tmp_path: Path) -> Non
     assert overlapped["degraded_pct"] < waited["degraded_pct"] / 4, (waited, overlapped)
 
 
+@pytest.mark.parametrize(("argv", "says"), [(["--engines", "fast"], "unknown engines"), (["--host-ms", "-1"], "--host-ms")])
+def test_worker_sim_refuses_unknown_engines_and_negative_host_time(argv: list[str], says: str, capsys) -> None:
+    from bench import worker_sim
+
+    with pytest.raises(SystemExit) as stopped:
+        worker_sim.main(argv)
+    assert stopped.value.code == 2 and says in capsys.readouterr().err
+
+
 def test_worker_sim_hands_frames_over_in_feature_passes(tmp_path: Path) -> None:
     """--handovers passes / bursts: frames reach the worker in feature passes (one by one, or as
     one burst); every frame is still made and counted, and the process's GIL switch interval is
