@@ -8,6 +8,15 @@ a pipe would cost more CPU than encoding them. For a session's ring, the server 
 next slot of a small ring and sends only the slot number; the peer process turns the slot into
 an ``av.VideoFrame`` (its own copy) as soon as the message arrives, long before the ring wraps
 (``slots`` x 40 ms later).
+
+Why the arrays are made with :func:`_frames_over`: an array made with ``np.ndarray(buffer=shm.buf)``
+does not hold the mapping, so ``shm.close()`` unmaps it under any array still in use, and the next
+write into it kills the process with SIGSEGV. That happened in the GPU load test: a session's feed
+closed its ring on the event loop while the channel's sending thread was converting a frame into
+it (runs 104136 and 134952, at the end of a scenario, when 29 sessions were deleted at once).
+Arrays from ``np.frombuffer`` hold the mapping: closing under one then fails (BufferError, caught)
+and the mapping goes with the last array. :class:`FrameRing` also makes its closing wait for a
+write in progress, so the segment is unmapped at once.
 """
 
 from __future__ import annotations
@@ -24,6 +33,13 @@ import numpy as np
 log = logging.getLogger("lipstream.ipc")
 
 DEFAULT_SLOTS = 8
+
+
+def _frames_over(shm: shared_memory.SharedMemory, shape: tuple[int, ...], offset: int = 0) -> np.ndarray:
+    """A uint8 array of ``shape`` over ``shm`` from byte ``offset``, holding the mapping while it
+    (or any view of it) lives; the module docstring says why not ``np.ndarray(buffer=...)``."""
+    count = int(np.prod(shape))
+    return np.frombuffer(shm.buf, dtype=np.uint8, count=count, offset=offset).reshape(shape)
 
 
 class FrameRing:
@@ -47,7 +63,10 @@ class FrameRing:
         self.pixel_format = pixel_format
         self.slots = slots
         self.owner = owner
-        self._frames: np.ndarray | None = np.ndarray((slots, *self.shape), dtype=np.uint8, buffer=shm.buf)
+        self._frames: np.ndarray | None = _frames_over(shm, (slots, *self.shape))
+        # Held while a frame is written (the channel's sending thread) and while the ring closes
+        # (the event loop): closing waits for the write, and a write after it finds no frames.
+        self._lock = threading.Lock()
 
     @classmethod
     def create(cls, image_shape: tuple[int, ...], slots: int = DEFAULT_SLOTS, i420: bool = True) -> FrameRing:
@@ -80,12 +99,13 @@ class FrameRing:
         """Convert or copy frame ``index`` into its slot; returns the slot."""
         self.check(image)
         slot = self.slot_of(index)
-        frames = self._frames
-        if frames is not None:  # closed meanwhile (its session's feed ended): nobody reads it
-            if self.pixel_format == "yuv420p":
-                cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420, dst=frames[slot])
-            else:
-                np.copyto(frames[slot], image)
+        with self._lock:
+            frames = self._frames
+            if frames is not None:  # closed meanwhile (its session's feed ended): nobody reads it
+                if self.pixel_format == "yuv420p":
+                    cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420, dst=frames[slot])
+                else:
+                    np.copyto(frames[slot], image)
         return slot
 
     def check(self, image: np.ndarray) -> None:
@@ -103,11 +123,9 @@ class FrameRing:
         return self._frames[slot]
 
     def close(self) -> None:
-        self._frames = None
-        try:
-            self._shm.close()
-        except BufferError:  # a view still in use somewhere: the mapping goes with the process
-            pass
+        with self._lock:  # after a write in progress
+            self._frames = None
+        _close_mapping(self._shm)
         if self.owner:
             try:
                 self._shm.unlink()
@@ -136,8 +154,8 @@ class ResultRing:
         self.shape = tuple(shape)
         self.slots = slots
         self.owner = owner
-        self._stamps = np.ndarray((2, slots), dtype=np.int64, buffer=shm.buf)
-        self._frames = np.ndarray((slots, *self.shape), dtype=np.uint8, buffer=shm.buf, offset=self.HEADER * slots)
+        self._stamps = np.frombuffer(shm.buf, dtype=np.int64, count=2 * slots).reshape(2, slots)
+        self._frames = _frames_over(shm, (slots, *self.shape), offset=self.HEADER * slots)
         self._next = 1
         self._lock = threading.Lock()
         # How often, and how long in all, the writer waited for the reader to release a slot: a
@@ -220,10 +238,7 @@ class ResultRing:
 
     def close(self) -> None:
         del self._frames, self._stamps
-        try:
-            self._shm.close()
-        except BufferError:
-            pass
+        _close_mapping(self._shm)
         if self.owner:
             try:
                 self._shm.unlink()
@@ -249,3 +264,12 @@ class ResultSlot:
 
     def abandon(self) -> None:
         self.ring.release(self.slot, self.number)
+
+
+def _close_mapping(shm: shared_memory.SharedMemory) -> None:
+    """Unmap ``shm`` unless an array over it is still in use somewhere (a slot being pasted into,
+    a view being copied): then its mapping stays until the last such array is gone."""
+    try:
+        shm.close()
+    except BufferError:
+        pass
