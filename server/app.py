@@ -109,6 +109,7 @@ async def _start(state: AppState) -> None:
             batch_size=engine.batch_size,
             processing_seconds=settings.sessions.processing_seconds,
             capacity_sessions=engine.capacity_sessions,
+            burst_capacity_sessions=engine.burst_capacity_sessions,
             headroom=engine.capacity_headroom,
             on_batch=state.metrics.on_batch,
             skip_late=engine.skip_late_frames,

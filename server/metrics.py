@@ -98,10 +98,11 @@ class _DeviceCollector(Collector):
     GAUGES = (
         ("lipstream_device_ready", "1 while the device serves sessions, 0 once failed", lambda d: d["state"] == "ready"),
         ("lipstream_device_capacity_sessions", "Talking sessions the device can carry", lambda d: d["capacity"]),
+        ("lipstream_device_burst_capacity_sessions", "Talking sessions at once the device serves in a burst", lambda d: d["burst_capacity"]),
         ("lipstream_device_sessions", "Sessions bound to the device", lambda d: d["sessions"]),
         ("lipstream_device_demand_sessions", "Demand in talking-session equivalents", lambda d: d["demand"]["talking_sessions"]),
         ("lipstream_device_demand_fps", "Demand in frames/s", lambda d: d["demand"]["frames_per_second"]),
-        ("lipstream_device_burst_overload_percent", "Expected % of talking frames past capacity when sessions talk at once", lambda d: d["demand"]["burst_overload_percent"]),
+        ("lipstream_device_burst_overload_percent", "Expected % of talking frames past the burst capacity when sessions talk at once", lambda d: d["demand"]["burst_overload_percent"]),
         ("lipstream_device_queued_frames", "Frame requests waiting for the device", lambda d: d["queued_frames"]),
         ("lipstream_device_utilisation", "Share of the last 10 s the device spent in batches", lambda d: d["utilisation"]),
     )

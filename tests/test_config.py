@@ -46,6 +46,8 @@ def test_yaml_then_environment_override(tmp_path: Path, monkeypatch: pytest.Monk
         ("sessions:\n  expected_talk_fraction: 0\n", "sessions.expected_talk_fraction"),
         ("engine:\n  max_burst_overload_percent: 101\n", "engine.max_burst_overload_percent"),
         ("engine:\n  max_burst_overload_percent: -1\n", "engine.max_burst_overload_percent"),
+        ("engine:\n  burst_capacity_sessions: -1\n", "engine.burst_capacity_sessions"),
+        ("engine:\n  capacity_sessions: 16\n  burst_capacity_sessions: 12\n", "engine"),
         ("server:\n  port: 70000\n", "server.port"),
         ("engine:\n  whisper_windows: cropped\n", "engine.whisper_windows"),
         ("engine:\n  whisper_crop_seconds: 0\n", "engine.whisper_crop_seconds"),

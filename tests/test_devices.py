@@ -88,12 +88,13 @@ def test_devices_endpoint_reports_a_calibrated_device(avatars_root: Path) -> Non
         async with server(avatars_root) as (_, http):
             (device,) = (await http.get("/v1/devices")).json()["devices"]
             assert device.keys() == {
-                "name", "engine", "state", "error", "capacity", "capacity_source", "calibration", "sessions",
+                "name", "engine", "state", "error", "capacity", "burst_capacity", "capacity_source", "calibration", "sessions",
                 "demand", "avatars", "queued_frames", "batches", "frames", "skipped_frames", "busy_seconds", "utilisation",
                 "stages_ms", "process",
             }
             assert (device["name"], device["engine"], device["state"], device["error"]) == ("cpu", "lite", "ready", None)
             assert device["capacity_source"] == "calibrated" and device["capacity"] >= 1
+            assert device["burst_capacity"] == device["capacity"]  # none configured
             table = device["calibration"]["table"]
             assert [row["batch_size"] for row in table] == [1, 2, 4, 8, 16]
             assert all(row["seconds"] > 0 and row["frames_per_second"] > 0 for row in table)
@@ -113,6 +114,7 @@ def test_devices_endpoint_reports_a_calibrated_device(avatars_root: Path) -> Non
             metrics = (await http.get("/metrics")).text
             assert f'lipstream_device_capacity_sessions{{device="cpu"}} {float(device["capacity"])}' in metrics
             assert 'lipstream_device_ready{device="cpu"} 1.0' in metrics
+            assert f'lipstream_device_burst_capacity_sessions{{device="cpu"}} {float(device["capacity"])}' in metrics
             assert 'lipstream_device_sessions{device="cpu"} 1.0' in metrics
             assert 'lipstream_device_frames_total{device="cpu"}' in metrics
 
@@ -121,13 +123,14 @@ def test_devices_endpoint_reports_a_calibrated_device(avatars_root: Path) -> Non
 
 def test_sessions_go_to_the_least_loaded_device(avatars_root: Path) -> None:
     async def scenario() -> None:
-        engine = {**TWO_CPUS, "capacity_sessions": 3, "batch_gather_ms": 7.0}
+        engine = {**TWO_CPUS, "capacity_sessions": 3, "burst_capacity_sessions": 4, "batch_gather_ms": 7.0}
         async with server(avatars_root, engine=engine) as (state, http):
             placed = [(await create(http))["device"] for _ in range(4)]
             assert placed == ["cpu:0", "cpu:1", "cpu:0", "cpu:1"]
             listed = await devices(http)
             assert [listed[name]["sessions"] for name in ("cpu:0", "cpu:1")] == [2, 2]
             assert listed["cpu:0"]["capacity_source"] == "configured" and listed["cpu:0"]["calibration"] is None
+            assert listed["cpu:0"]["burst_capacity"] == 4  # engine.burst_capacity_sessions
             # a session bound to a device is served by that device's worker
             sessions = state.manager.sessions.values()
             assert all(s.live.worker is state.pool.devices[s.device].worker for s in sessions)

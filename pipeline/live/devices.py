@@ -17,8 +17,12 @@ it behaves.
 
 Admission (:meth:`DevicePool.admit`): candidates are the ready devices where current demand plus
 the new session's fits the capacity, and where the sessions' talking overlaps rarely enough that
-bursts past the capacity stay under ``max_burst_overload`` of the talking frames
-(:mod:`pipeline.live.bursts`: half-talking sessions whose average fits still overlap). Among
+bursts past the device's burst capacity stay under ``max_burst_overload`` of the talking frames
+(:mod:`pipeline.live.bursts`: half-talking sessions whose average fits still overlap). The burst
+capacity (``engine.burst_capacity_sessions``, at least the capacity) is what the device makes
+frames for while more sessions than usual talk for a few seconds: the capacity keeps a margin
+for sustained load (16 all-talking sessions on an H200 keep it 73-77 % busy), which a burst may
+spend. Among
 them, those where the avatar is already resident win (no latents to load, no second copy in
 device memory), then the least utilised (demand over capacity, so devices of different sizes
 fill evenly). None: :class:`AtCapacity` (HTTP 503) with a
@@ -84,6 +88,7 @@ class Device:
     state: str = STARTING
     error: str | None = None
     capacity: int = 0  # talking sessions
+    burst_capacity_configured: int = 0  # engine.burst_capacity_sessions (0: the capacity)
     capacity_source: str | None = None  # "configured" | "calibrated"
     calibration: Calibration | None = None
     capacity_note: str | None = None
@@ -98,10 +103,15 @@ class Device:
         """Each bound session's (and each being created) talking-session equivalent, now."""
         return [binding.demand() for binding in self.bindings.values()]
 
+    @property
+    def burst_capacity(self) -> int:
+        """Talking sessions at once that a burst may reach: never below the capacity."""
+        return max(self.capacity, self.burst_capacity_configured)
+
     def burst_overload(self, demands: Sequence[float]) -> float:
-        """Expected share of talking frames past the capacity (0..1) when sessions of these
-        demands talk independently (:mod:`pipeline.live.bursts`)."""
-        return overload_share(demands, self.capacity) if self.capacity > 0 else 0.0
+        """Expected share of talking frames past the burst capacity (0..1) when sessions of
+        these demands talk independently (:mod:`pipeline.live.bursts`)."""
+        return overload_share(demands, self.burst_capacity) if self.burst_capacity > 0 else 0.0
 
     def describe(self) -> dict[str, Any]:
         demands = self.demands()
@@ -119,6 +129,7 @@ class Device:
             "state": self.state,
             "error": self.error,
             "capacity": self.capacity,
+            "burst_capacity": self.burst_capacity,
             "capacity_source": self.capacity_source,
             "calibration": calibration,
             "sessions": len(self.bindings),
@@ -158,6 +169,7 @@ class DevicePool:
         batch_size: int,
         processing_seconds: float,
         capacity_sessions: int = 0,
+        burst_capacity_sessions: int = 0,
         headroom: float = HEADROOM,
         on_batch: BatchObserver | None = None,
         make_link: Callable[[str], DeviceLink] | None = None,
@@ -168,7 +180,9 @@ class DevicePool:
     ) -> None:
         """``make_link``: run each device in a process of its own (``make_engine`` then unused).
         ``max_burst_overload``: the share of talking frames (0..1) a device may be expected to
-        lack time for when its sessions happen to talk at once; 1 admits by the average alone."""
+        lack time for when its sessions happen to talk at once; 1 admits by the average alone.
+        ``burst_capacity_sessions``: how many talking sessions a device serves in such a burst
+        (0, or below a device's capacity: its capacity)."""
         if not names:
             raise ValueError("a device pool needs at least one device")
         self.devices: dict[str, Device] = {name: Device(name, engine_name) for name in names}
@@ -177,6 +191,7 @@ class DevicePool:
         self.batch_size = batch_size
         self.processing_seconds = processing_seconds
         self.capacity_sessions = capacity_sessions
+        self.burst_capacity_sessions = burst_capacity_sessions
         self.headroom = headroom
         self.skip_late = skip_late  # EngineWorker(skip_late, skip_keep) (worker.py docstring)
         self.skip_keep = skip_keep
@@ -232,7 +247,7 @@ class DevicePool:
                 continue
             device.avatars.add(avatar.id)
             if calibration is None:
-                device.capacity, device.capacity_source = self.capacity_sessions, "configured"
+                self._set_capacity(device, self.capacity_sessions, "configured")
             else:
                 self._set_calibration(device, calibration)
             device.state = READY
@@ -251,7 +266,7 @@ class DevicePool:
         started = [d for d in self.devices.values() if d.engine is not None and d.state != FAILED]
         if started and self.capacity_sessions > 0:
             for device in started:
-                device.capacity, device.capacity_source = self.capacity_sessions, "configured"
+                self._set_capacity(device, self.capacity_sessions, "configured")
         elif started:
             with concurrent.futures.ThreadPoolExecutor(len(started), thread_name_prefix="calibrate") as pool:
                 outcomes = list(pool.map(lambda d: self._calibrate(d, avatar), started))
@@ -288,9 +303,13 @@ class DevicePool:
         self._set_calibration(device, result)
         return None
 
+    def _set_capacity(self, device: Device, capacity: int, source: str) -> None:
+        device.capacity, device.capacity_source = capacity, source
+        device.burst_capacity_configured = self.burst_capacity_sessions
+
     def _set_calibration(self, device: Device, result: Calibration) -> None:
-        device.calibration, device.capacity_source = result, "calibrated"
-        device.capacity = max(1, result.capacity)
+        device.calibration = result
+        self._set_capacity(device, max(1, result.capacity), "calibrated")
         if result.capacity == 0:
             # Refusing everything would make the server useless; one session can only slow itself.
             device.capacity_note = "slower than real time for one talking session; admitting one"
@@ -381,6 +400,10 @@ class DevicePool:
     def _bursts_fit(self, overload: float) -> bool:
         return self.max_burst_overload >= 1.0 or overload <= self.max_burst_overload + 1e-12
 
+    @staticmethod
+    def _burst_label(device: Device) -> str:
+        return f"({device.burst_capacity} in a burst) " if device.burst_capacity != device.capacity else ""
+
     def _refusal(self, loads: dict[str, float], bursts: dict[str, float], demand: float) -> str:
         if not loads:
             return f"no device available: {self._failures()}"
@@ -389,8 +412,9 @@ class DevicePool:
             if d.name in bursts:  # the average fits, bursts do not
                 parts.append(
                     f"{d.name} {loads[d.name]:.1f}/{d.capacity} talking sessions, with it "
-                    f"{100 * bursts[d.name]:.1f} % of talking frames past capacity when sessions "
-                    f"talk at once (limit {100 * self.max_burst_overload:g} %)"
+                    f"{100 * bursts[d.name]:.1f} % of talking frames past capacity "
+                    f"{self._burst_label(d)}when sessions talk at once "
+                    f"(limit {100 * self.max_burst_overload:g} %)"
                 )
             elif d.ready:
                 parts.append(f"{d.name} {loads[d.name]:.1f}/{d.capacity} talking sessions")
