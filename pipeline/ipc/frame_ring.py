@@ -35,6 +35,21 @@ log = logging.getLogger("lipstream.ipc")
 DEFAULT_SLOTS = 8
 
 
+class _Segment(shared_memory.SharedMemory):
+    """A shared-memory segment whose finalizer stays quiet while an array over it lives.
+
+    Why: a ring dropped in a reference cycle has every finalizer in the cycle run in no set
+    order; the segment's own, run before the ring's, found the ring's frames still mapped and
+    printed "Exception ignored ... BufferError" (seen in the GPU load test's server log). The
+    mapping then goes with the last array, and the ring's ``__del__`` says that it leaked."""
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except BufferError:
+            pass
+
+
 def _frames_over(shm: shared_memory.SharedMemory, shape: tuple[int, ...], offset: int = 0) -> np.ndarray:
     """A uint8 array of ``shape`` over ``shm`` from byte ``offset``, holding the mapping while it
     (or any view of it) lives; the module docstring says why not ``np.ndarray(buffer=...)``."""
@@ -67,6 +82,7 @@ class FrameRing:
         # Held while a frame is written (the channel's sending thread) and while the ring closes
         # (the event loop): closing waits for the write, and a write after it finds no frames.
         self._lock = threading.Lock()
+        self._closed = False
 
     @classmethod
     def create(cls, image_shape: tuple[int, ...], slots: int = DEFAULT_SLOTS, i420: bool = True) -> FrameRing:
@@ -77,14 +93,14 @@ class FrameRing:
         else:  # I420 halves both sides: odd sizes (and anything not BGR) stay as written
             pixel_format, shape = ("bgr24" if image_shape[-1:] == (3,) else "raw"), image_shape
         size = slots * int(np.prod(shape))
-        shm = shared_memory.SharedMemory(name=f"lipstream-{secrets.token_hex(6)}", create=True, size=size)
+        shm = _Segment(name=f"lipstream-{secrets.token_hex(6)}", create=True, size=size)
         return cls(shm, shape, slots, owner=True, pixel_format=pixel_format, image_shape=image_shape)
 
     @classmethod
     def attach(cls, name: str, shape: tuple[int, ...], slots: int, pixel_format: str = "bgr24") -> FrameRing:
         # A spawned peer process shares the server's resource tracker, which keeps one entry
         # per name: attaching registers nothing new, and only the owner's unlink removes it.
-        shm = shared_memory.SharedMemory(name=name)
+        shm = _Segment(name=name)
         return cls(shm, shape, slots, owner=False, pixel_format=pixel_format)
 
     @property
@@ -99,13 +115,12 @@ class FrameRing:
         """Convert or copy frame ``index`` into its slot; returns the slot."""
         self.check(image)
         slot = self.slot_of(index)
-        with self._lock:
-            frames = self._frames
-            if frames is not None:  # closed meanwhile (its session's feed ended): nobody reads it
+        with self._lock:  # (no reference to the frames outlives it: close() unmaps right after)
+            if self._frames is not None:  # closed meanwhile (its session's feed ended): nobody reads it
                 if self.pixel_format == "yuv420p":
-                    cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420, dst=frames[slot])
+                    cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420, dst=self._frames[slot])
                 else:
-                    np.copyto(frames[slot], image)
+                    np.copyto(self._frames[slot], image)
         return slot
 
     def check(self, image: np.ndarray) -> None:
@@ -125,12 +140,22 @@ class FrameRing:
     def close(self) -> None:
         with self._lock:  # after a write in progress
             self._frames = None
+            self._closed = True
         _close_mapping(self._shm)
         if self.owner:
             try:
                 self._shm.unlink()
             except FileNotFoundError:
                 pass
+
+    def __del__(self) -> None:
+        # A ring dropped without close(): its frames must go before the segment's own finalizer
+        # runs (else it fails with BufferError, "Exception ignored"), and an owner's name would
+        # stay in /dev/shm until the server exits. Said in the log, because it is a leak.
+        if getattr(self, "_closed", True):
+            return
+        _warn_unclosed("frame ring", self)
+        self.close()
 
 
 class ResultRing:
@@ -162,18 +187,19 @@ class ResultRing:
         # device held up by a slow server process (its reading thread, a garbage collection)
         self.waits = 0
         self.wait_seconds = 0.0
+        self._closed = False
 
     @classmethod
     def create(cls, shape: tuple[int, ...], slots: int) -> ResultRing:
         size = slots * (cls.HEADER + int(np.prod(shape)))
-        shm = shared_memory.SharedMemory(name=f"lipstream-r-{secrets.token_hex(6)}", create=True, size=size)
+        shm = _Segment(name=f"lipstream-r-{secrets.token_hex(6)}", create=True, size=size)
         ring = cls(shm, shape, slots, owner=True)
         ring._stamps[:] = 0
         return ring
 
     @classmethod
     def attach(cls, name: str, shape: tuple[int, ...], slots: int) -> ResultRing:
-        return cls(shared_memory.SharedMemory(name=name), shape, slots, owner=False)
+        return cls(_Segment(name=name), shape, slots, owner=False)
 
     @property
     def name(self) -> str:
@@ -181,6 +207,12 @@ class ResultRing:
 
     def describe(self) -> tuple[str, tuple[int, ...], int]:
         return self.name, self.shape, self.slots
+
+    def __del__(self) -> None:  # as FrameRing.__del__
+        if getattr(self, "_closed", True):
+            return
+        _warn_unclosed("result ring", self)
+        self.close()
 
     # -- writer --------------------------------------------------------------------------------------
 
@@ -237,6 +269,9 @@ class ResultRing:
             self._stamps[1, slot] = number
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         del self._frames, self._stamps
         _close_mapping(self._shm)
         if self.owner:
@@ -272,4 +307,12 @@ def _close_mapping(shm: shared_memory.SharedMemory) -> None:
     try:
         shm.close()
     except BufferError:
+        pass
+
+
+def _warn_unclosed(kind: str, ring: FrameRing | ResultRing) -> None:
+    try:
+        log.warning("%s %s %s was dropped without being closed (closing it now)", kind, ring.name,
+                    "created here" if ring.owner else "attached here")
+    except Exception:  # noqa: BLE001 - at interpreter exit logging may be gone; the close still runs
         pass
