@@ -228,7 +228,14 @@ class SessionManager:
     async def open_peer(
         self, session: ServerSession, sdp: str, send_media: bool, microphone: bool
     ) -> tuple[RemotePeer, str]:
-        """A WebRTC peer of ``session`` (in its peer process) from a checked offer, and the answer."""
+        """A WebRTC peer of ``session`` (in its peer process) from a checked offer, and the answer.
+
+        SessionNotFound if the session ended before or while it was negotiated. Why here: its
+        end released the session's peers, feed and peer process already, and opening one after
+        that bound the session to a process again, with a new feed and frame ring that nothing
+        would ever close (the peer was closed, the binding and any call's feed were not)."""
+        if session.ended:
+            raise SessionNotFound(f"session '{session.id}' ended")
 
         def heard(planar: Any, rate: int, layout: str) -> None:
             session.heard_input()
@@ -237,16 +244,24 @@ class SessionManager:
             except LipstreamError as exc:
                 log.warning("microphone audio refused: %s", exc, extra={"session_id": session.id})
 
-        return await self.peers.open(
-            session.id, session.live, sdp, send_media,
-            on_mic=heard if microphone else None, on_late=self.metrics.late_frames.inc,
-        )
+        try:
+            peer, answer = await self.peers.open(
+                session.id, session.live, sdp, send_media,
+                on_mic=heard if microphone else None, on_late=self.metrics.late_frames.inc,
+            )
+        except LipstreamError:
+            if not session.ended:
+                raise
+            peer = None  # its end closed the peer under the negotiation: that is not the error
+        if session.ended:  # ended while negotiating: everything the session had goes, this too
+            if peer is not None:
+                await self.peers.close_peer(peer)
+            await self.peers.release(session.id)
+            raise SessionNotFound(f"session '{session.id}' ended")
+        return peer, answer
 
     async def add_viewer(self, session: ServerSession, sdp: str) -> Viewer:
         peer, answer = await self.open_peer(session, sdp, send_media=True, microphone=False)
-        if session.ended:  # ended while negotiating
-            await self.peers.close_peer(peer)
-            raise SessionNotFound(f"session '{session.id}' ended")
         viewer = Viewer(secrets.token_urlsafe(8), peer, answer)
         session.viewers[viewer.id] = viewer
         session.last_activity = time.monotonic()

@@ -1,4 +1,5 @@
-"""A real lipstream server in a subprocess, configured for loopback-only WebRTC."""
+"""A real lipstream server in a subprocess, configured for loopback-only WebRTC; or in this
+process (:func:`in_process_server`), for tests that reach into its state."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +105,26 @@ async def push_realtime(ws, pcm: bytes, bytes_per_second: int, chunk_seconds: fl
         delay = start + (n + 1) * chunk_seconds - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
+
+
+@asynccontextmanager
+async def in_process_server(avatars: Path, **sections: dict[str, Any]) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    """The app started in this process (its peer and device processes are real) and an HTTP
+    client bound to it; ``sections`` override settings, e.g. ``engine={"capacity_sessions": 3}``."""
+    from server.app import _start, _stop, create_app
+    from server.config import Settings
+
+    settings = Settings()
+    settings.avatars.dir = avatars
+    for section, values in sections.items():
+        for key, value in values.items():
+            setattr(getattr(settings, section), key, value)
+    app = create_app(settings)
+    state = app.state.lipstream
+    await _start(state)
+    assert state.ready, state.startup_error
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            yield state, http
+    finally:
+        await _stop(state)

@@ -12,8 +12,7 @@ import asyncio
 import json
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,7 @@ import numpy as np
 import pytest
 
 from pipeline.live.faults import DeviceFailed, DeviceFailure
-from server.app import AppState, _start, _stop, create_app
-from server.config import Settings
+from tests.live_server import in_process_server as server
 from tests.speech import SpeechClip
 
 WAIT = 20.0  # liveness bound for things that take a few frames (a loaded CI box is slow)
@@ -39,24 +37,6 @@ def two_avatars(avatars_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
     meta["id"] = "second"
     (root / "second" / "avatar.json").write_text(json.dumps(meta))
     return root
-
-
-@asynccontextmanager
-async def server(avatars: Path, **sections: dict[str, Any]) -> AsyncIterator[tuple[AppState, httpx.AsyncClient]]:
-    settings = Settings()
-    settings.avatars.dir = avatars
-    for section, values in sections.items():
-        for key, value in values.items():
-            setattr(getattr(settings, section), key, value)
-    app = create_app(settings)
-    state: AppState = app.state.lipstream
-    await _start(state)
-    assert state.ready, state.startup_error
-    try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
-            yield state, http
-    finally:
-        await _stop(state)
 
 
 async def create(http: httpx.AsyncClient, avatar: str | None = None) -> dict[str, Any]:

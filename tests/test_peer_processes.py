@@ -350,3 +350,42 @@ def test_microphone_jitter_buffers_hold_the_configured_packets() -> None:
     finally:
         aiortc.rtcrtpreceiver.JitterBuffer = original
     assert original(capacity=16, prefetch=4)._prefetch == 4
+
+
+def test_a_viewer_negotiated_as_its_session_ends_leaves_nothing_behind(avatars_root: Path) -> None:
+    """Deleting a session while a viewer's offer is on its way (or just after the route found the
+    session) must not bind it to a peer process again, nor leave a feed and frame ring that
+    nothing closes: the viewer gets 'session ended' and the pool is as before."""
+    from server.sessions import SessionNotFound
+    from tests.live_server import in_process_server
+
+    async def offer() -> str:
+        client = Client()
+        client.pc.addTransceiver("video", direction="recvonly")
+        client.pc.addTransceiver("audio", direction="recvonly")
+        sdp = await client.offer()
+        await client.close()
+        return sdp
+
+    async def scenario() -> None:
+        async with in_process_server(avatars_root, webrtc={"peer_processes": 1}) as (state, _):
+            manager, peers = state.manager, state.manager.peers
+
+            ended = await manager.create(None, None)
+            await manager.end(ended.id, "deleted")
+            with pytest.raises(SessionNotFound):  # the route found it just before it ended
+                await manager.add_viewer(ended, await offer())
+
+            session = await manager.create(None, None)
+            viewing = asyncio.create_task(manager.add_viewer(session, await offer()))
+            while peers.feed(session.id) is None:  # its offer is with the peer process now
+                await asyncio.sleep(0)
+            await manager.end(session.id, "deleted")
+            with pytest.raises(SessionNotFound):
+                await viewing
+
+            assert peers.frame_rings == 0
+            assert [(w.sessions, w.feeds, w.peers) for w in peers._workers] == [(set(), {}, {})]
+            assert peers._by_session == {}
+
+    asyncio.run(scenario())
