@@ -19,9 +19,12 @@
 #   --budget S        seconds this script may take in all (default 570: the run tool's limit is 600)
 #   --client-nice N   niceness of the client processes (bench/load.py --client-nice, default 10; 19 leaves
 #                     the server every CPU it asks for: the clients share the server's 16 cores here)
-#   --client-cpus L   run the clients on these CPUs only, e.g. 10-15 (bench/load.py --client-cpus)
-#   --server-cpus L   run the server, all its processes, on these CPUs only, e.g. 0-9: with --client-cpus
-#                     the server's cores are its own, as on a machine that does not host its viewers
+#   --client-cpus L   run the clients on these CPUs only, e.g. 8-15 (bench/load.py --client-cpus)
+#   --server-cpus L   run the server, all its processes, on these CPUs only, e.g. 0-7: with --client-cpus
+#                     the server's cores are its own, as on a machine that does not host its viewers.
+#                     On the 16-core H200, 0-7 / 8-15 gives each side about what it uses at 29
+#                     conversational sessions (~6 cores each; 2026-12-04); 0-9 / 10-15 starved the clients.
+#                     On two H200s (32 cores): 0-15 / 16-31.
 #   --cpu-dry-run     micro weights on the CPU, no wheels installed: checks the kit on a CPU machine
 #
 # Needs, carried by the `run` call: .whl (wheels of the server stack, bench/device/fetch_wheels.sh),
@@ -48,7 +51,7 @@ while [ $# -gt 0 ]; do
         --client-nice) NICE=$2; shift 2 ;;
         --client-cpus|--server-cpus) CPUS+=("$1" "$2"); shift 2 ;;
         --cpu-dry-run) DRY=1; shift ;;
-        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
         -*) echo "unknown option $1" >&2; exit 2 ;;
         *) SCENARIOS=$1; shift ;;
     esac
