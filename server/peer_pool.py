@@ -176,16 +176,24 @@ class SessionFeed:
         return out
 
     async def close(self) -> None:
+        """Stop the feed, tell the peer process to drop it, close its ring: all of it even if the
+        caller is cancelled on the way. Why: a session's end cancels its tasks, one of which
+        can be a viewer's removal that is closing this feed; the end's own close found the feed
+        already closing and returned. Cancelled in the wait, the ring stayed open and the peer
+        process kept the session's mapping (two such rings in a GPU load test, 2026-12-04)."""
         if self.worker.feeds.get(self.session_id) is not self:
-            return  # closed already
+            return  # closed already, or being closed
         self.worker.feeds.pop(self.session_id, None)
         self.closed = True  # pictures that finish from now on are not sent: the ring goes away
         self._task.cancel()
-        await asyncio.wait([self._task])
-        self.live.unsubscribe(self._queue)
-        self.worker.channel.send(("drop", self.session_id))
-        # The process drops its mapping on "drop"; unlinking now only removes the name.
-        self.ring.close()
+        try:
+            await asyncio.wait([self._task])
+        finally:
+            self.live.unsubscribe(self._queue)
+            self.worker.channel.send(("drop", self.session_id))
+            # The process drops its mapping on "drop"; unlinking now only removes the name. A
+            # frame still queued for the ring is skipped by its write (the ring is closed).
+            self.ring.close()
 
 
 class _Worker:

@@ -389,3 +389,29 @@ def test_a_viewer_negotiated_as_its_session_ends_leaves_nothing_behind(avatars_r
             assert peers._by_session == {}
 
     asyncio.run(scenario())
+
+
+def test_a_feed_closes_its_ring_even_when_its_closer_is_cancelled() -> None:
+    """A session's end cancels its tasks; one of them may be a viewer's removal in the middle of
+    closing the feed (the end's own close then finds it closing and returns). The ring must
+    still be closed and the peer process told to drop it."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        live, worker = _Live(), _Worker()
+        feed = SessionFeed("s", live, worker, None)  # type: ignore[arg-type]
+        worker.feeds["s"] = feed
+        live.queue.put_nowait(OutputFrame(0, 0, loop.time() + 5, 0, None, np.zeros(1920, np.int16), False))
+        await asyncio.sleep(0.01)  # the feed waits for frame 0's release
+        closing = asyncio.create_task(feed.close())
+        await asyncio.sleep(0)  # close() now waits for the feed's task to end
+        await feed.close()  # the session's end: already being closed
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        assert worker.sent[-1] == ("drop", "s")
+        with pytest.raises(ValueError, match="closed"):
+            feed.ring.view(0)
+        assert worker.feeds == {}
+
+    asyncio.run(scenario())
