@@ -274,10 +274,21 @@ class SessionManager:
         await self.peers.close_peer(viewer.peer)
 
     async def end(self, session_id: str, reason: str) -> None:
+        """End a session: its clock, outputs, peers and feed, its tasks. Once begun, the teardown
+        finishes even if the caller is cancelled (a watchdog stopped at shutdown, a request
+        task): it runs as a task of its own, shielded, because a teardown cut halfway leaves the
+        session gone from the list but its peers, frame ring and outputs open."""
         session = self.sessions.pop(session_id, None)
         if session is None or session.ended:
             return
         session.ended = True
+        teardown = asyncio.ensure_future(self._teardown(session, reason))
+        self._background.add(teardown)
+        teardown.add_done_callback(self._background.discard)
+        await asyncio.shield(teardown)
+
+    async def _teardown(self, session: ServerSession, reason: str) -> None:
+        session_id = session.id
         self.pool.release(session_id)
         session.broadcast({"type": "session_ended", "reason": reason})
         for queue in list(session.listeners):
@@ -314,6 +325,8 @@ class SessionManager:
         if self._watchdog is not None:
             self._watchdog.cancel()
         await asyncio.gather(*(self.end(sid, "server shutting down") for sid in list(self.sessions)))
+        if self._background:  # teardowns begun elsewhere (the watchdog's, a failed device's)
+            await asyncio.wait(list(self._background), timeout=10)
         await self.peers.stop()
 
     async def _watch(self) -> None:

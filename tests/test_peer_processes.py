@@ -415,3 +415,34 @@ def test_a_feed_closes_its_ring_even_when_its_closer_is_cancelled() -> None:
         assert worker.feeds == {}
 
     asyncio.run(scenario())
+
+
+def test_a_session_end_finishes_its_teardown_when_its_caller_is_cancelled(avatars_root: Path) -> None:
+    """The watchdog stopped at shutdown, or any caller cancelled mid-way: the session is already
+    off the list, so a teardown cut there would leave its peers and feed open for good."""
+    from tests.live_server import in_process_server
+
+    async def scenario() -> None:
+        async with in_process_server(avatars_root, webrtc={"peer_processes": 1}) as (state, _):
+            manager = state.manager
+            peers = manager.peers
+            session = await manager.create(None, None)
+            released = asyncio.Event()
+            release = peers.release
+
+            async def slow_release(session_id: str) -> None:
+                await asyncio.sleep(0.2)
+                await release(session_id)
+                released.set()
+
+            peers.release = slow_release  # type: ignore[method-assign]
+            ending = asyncio.create_task(manager.end(session.id, "deleted"))
+            await asyncio.sleep(0.05)  # in the teardown, releasing the peers
+            ending.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await ending
+            await asyncio.wait_for(released.wait(), 5)
+            assert session.live._closed and session.id not in manager.sessions
+            peers.release = release  # type: ignore[method-assign]
+
+    asyncio.run(scenario())
