@@ -1402,8 +1402,10 @@ def print_summary(report: dict[str, Any]) -> None:
     for error in o["errors"]:
         print(f"error: {error}")
     if o.get("sessions_refused"):
+        admitted = o["sessions"] - o["sessions_refused"]
         print(f"{o['sessions_refused']} sessions were refused (503, e.g. at capacity: see the server's capacity "
-              "above; engine.capacity_sessions / sessions.expected_talk_fraction decide it)")
+              "above; engine.capacity_sessions / engine.burst_capacity_sessions / sessions.expected_talk_fraction "
+              f"decide it); of the {admitted} admitted, {o.get('sessions_passed', '-')} passed every criterion")
     acceptance = o.get("acceptance")
     if acceptance:
         failed = [k for k, v in acceptance.items() if k != "passed" and not v]

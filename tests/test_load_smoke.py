@@ -94,6 +94,21 @@ def test_load_two_websocket_sessions(avatars_root: Path, tmp_path: Path) -> None
     assert len(overview) == 4 and f" {window['mean_batch']:.1f} " in overview[2], overview
 
 
+def test_a_report_with_refused_sessions_says_how_the_admitted_ones_did() -> None:
+    """An admission run (bench/results/load, 2026-12-04: 30 half-talkers asked of a device that
+    admits 29): the refusals fail the verdict, as they should for a capacity test, and the report
+    says that every admitted session passed."""
+    report = ROOT / "bench" / "results" / "load" / "load-20261204-141229.json.gz"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "load.py"), "--report", str(report)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "1 sessions were refused (503" in done.stdout
+    assert "of the 29 admitted, 29 passed every criterion" in done.stdout
+    assert "verdict: FAIL (all_sessions_ok" in done.stdout
+
+
 def test_skipped_frames_count_as_late_in_the_verdict() -> None:
     """A frame the device skipped (the mouth held) is a degraded frame: the session's late share
     and its OK verdict include it; a server that reports no skips (older) is judged as before."""
