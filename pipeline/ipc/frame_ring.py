@@ -57,7 +57,51 @@ def _frames_over(shm: shared_memory.SharedMemory, shape: tuple[int, ...], offset
     return np.frombuffer(shm.buf, dtype=np.uint8, count=count, offset=offset).reshape(shape)
 
 
-class FrameRing:
+class _SharedRing:
+    """What both rings do with their segment: name it, release it (unmap; unlink if it is the
+    owner's), and close themselves if dropped open.
+
+    Why the last: a ring dropped without ``close()`` leaks (an owner's name stays in /dev/shm
+    until the process exits), and its arrays must go before the segment's own finalizer runs
+    (else "Exception ignored ... BufferError"). Said in the log, because it is a leak."""
+
+    KIND = "ring"
+    _shm: shared_memory.SharedMemory
+    owner: bool
+
+    @property
+    def name(self) -> str:
+        return self._shm.name
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _is_open(self) -> bool:
+        raise NotImplementedError
+
+    def _release_segment(self) -> None:
+        try:
+            self._shm.close()
+        except BufferError:  # an array over it is still in use (a slot being pasted into, a view
+            pass  # being copied): the mapping stays until the last such array is gone
+        if self.owner:
+            try:
+                self._shm.unlink()
+            except FileNotFoundError:
+                pass
+
+    def __del__(self) -> None:
+        if not self._is_open():  # closed, or never fully made
+            return
+        try:
+            log.warning("%s %s %s was dropped without being closed (closing it now)", self.KIND, self.name,
+                        "created here" if self.owner else "attached here")
+        except Exception:  # noqa: BLE001 - at interpreter exit logging may be gone; the close still runs
+            pass
+        self.close()
+
+
+class FrameRing(_SharedRing):
     """``slots`` frames of one picture shape in one shared-memory segment.
 
     A BGR picture of even width and height is stored as I420 (``yuv420p``: the Y plane, then U
@@ -67,6 +111,8 @@ class FrameRing:
     512x512 frame on the development CPU against 0.04 ms for OpenCV's conversion); the slot is
     also half the size, so both processes copy half as much (bench/peer_frame_cost.py).
     """
+
+    KIND = "frame ring"
 
     def __init__(
         self, shm: shared_memory.SharedMemory, shape: tuple[int, ...], slots: int, owner: bool,
@@ -82,7 +128,6 @@ class FrameRing:
         # Held while a frame is written (the channel's sending thread) and while the ring closes
         # (the event loop): closing waits for the write, and a write after it finds no frames.
         self._lock = threading.Lock()
-        self._closed = False
 
     @classmethod
     def create(cls, image_shape: tuple[int, ...], slots: int = DEFAULT_SLOTS, i420: bool = True) -> FrameRing:
@@ -102,10 +147,6 @@ class FrameRing:
         # per name: attaching registers nothing new, and only the owner's unlink removes it.
         shm = _Segment(name=name)
         return cls(shm, shape, slots, owner=False, pixel_format=pixel_format)
-
-    @property
-    def name(self) -> str:
-        return self._shm.name
 
     def describe(self) -> tuple[str, tuple[int, ...], int, str]:
         """What a reader needs to :meth:`attach`."""
@@ -140,25 +181,13 @@ class FrameRing:
     def close(self) -> None:
         with self._lock:  # after a write in progress
             self._frames = None
-            self._closed = True
-        _close_mapping(self._shm)
-        if self.owner:
-            try:
-                self._shm.unlink()
-            except FileNotFoundError:
-                pass
+        self._release_segment()
 
-    def __del__(self) -> None:
-        # A ring dropped without close(): its frames must go before the segment's own finalizer
-        # runs (else it fails with BufferError, "Exception ignored"), and an owner's name would
-        # stay in /dev/shm until the server exits. Said in the log, because it is a leak.
-        if getattr(self, "_closed", True):
-            return
-        _warn_unclosed("frame ring", self)
-        self.close()
+    def _is_open(self) -> bool:
+        return getattr(self, "_frames", None) is not None
 
 
-class ResultRing:
+class ResultRing(_SharedRing):
     """Composed frames handed from a device process (the writer) to the server (the reader).
 
     Unlike a session's :class:`FrameRing`, frames arrive at the engine's pace, a batch at a time,
@@ -173,6 +202,7 @@ class ResultRing:
     """
 
     HEADER = 16  # bytes per slot: written + released stamps
+    KIND = "result ring"
 
     def __init__(self, shm: shared_memory.SharedMemory, shape: tuple[int, ...], slots: int, owner: bool) -> None:
         self._shm = shm
@@ -201,18 +231,8 @@ class ResultRing:
     def attach(cls, name: str, shape: tuple[int, ...], slots: int) -> ResultRing:
         return cls(_Segment(name=name), shape, slots, owner=False)
 
-    @property
-    def name(self) -> str:
-        return self._shm.name
-
     def describe(self) -> tuple[str, tuple[int, ...], int]:
         return self.name, self.shape, self.slots
-
-    def __del__(self) -> None:  # as FrameRing.__del__
-        if getattr(self, "_closed", True):
-            return
-        _warn_unclosed("result ring", self)
-        self.close()
 
     # -- writer --------------------------------------------------------------------------------------
 
@@ -273,12 +293,10 @@ class ResultRing:
             return
         self._closed = True
         del self._frames, self._stamps
-        _close_mapping(self._shm)
-        if self.owner:
-            try:
-                self._shm.unlink()
-            except FileNotFoundError:
-                pass
+        self._release_segment()
+
+    def _is_open(self) -> bool:
+        return not getattr(self, "_closed", True)
 
 
 class ResultSlot:
@@ -301,18 +319,3 @@ class ResultSlot:
         self.ring.release(self.slot, self.number)
 
 
-def _close_mapping(shm: shared_memory.SharedMemory) -> None:
-    """Unmap ``shm`` unless an array over it is still in use somewhere (a slot being pasted into,
-    a view being copied): then its mapping stays until the last such array is gone."""
-    try:
-        shm.close()
-    except BufferError:
-        pass
-
-
-def _warn_unclosed(kind: str, ring: FrameRing | ResultRing) -> None:
-    try:
-        log.warning("%s %s %s was dropped without being closed (closing it now)", kind, ring.name,
-                    "created here" if ring.owner else "attached here")
-    except Exception:  # noqa: BLE001 - at interpreter exit logging may be gone; the close still runs
-        pass
