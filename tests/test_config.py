@@ -47,7 +47,6 @@ def test_yaml_then_environment_override(tmp_path: Path, monkeypatch: pytest.Monk
         ("engine:\n  max_burst_overload_percent: 101\n", "engine.max_burst_overload_percent"),
         ("engine:\n  max_burst_overload_percent: -1\n", "engine.max_burst_overload_percent"),
         ("engine:\n  burst_capacity_sessions: -1\n", "engine.burst_capacity_sessions"),
-        ("engine:\n  capacity_sessions: 16\n  burst_capacity_sessions: 12\n", "engine"),
         ("server:\n  port: 70000\n", "server.port"),
         ("engine:\n  whisper_windows: cropped\n", "engine.whisper_windows"),
         ("engine:\n  whisper_crop_seconds: 0\n", "engine.whisper_crop_seconds"),
@@ -99,6 +98,14 @@ def test_the_old_device_key_still_names_one_device(tmp_path: Path) -> None:
     path.write_text("engine:\n  device: gpu0\n")
     with pytest.raises(ConfigError, match="'engine.devices'"):
         load_settings(path)
+
+
+def test_the_capacity_raised_over_the_shipped_gpu_config_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """configs/gpu.yaml sets a burst capacity of 18; raising the capacity past it (as the load
+    bench does) must not stop the server: the burst capacity then counts as the capacity."""
+    monkeypatch.setenv("LIPSTREAM_ENGINE__CAPACITY_SESSIONS", "40")
+    engine = load_settings(Path(__file__).parent.parent / "configs" / "gpu.yaml").engine
+    assert (engine.capacity_sessions, engine.burst_capacity_sessions) == (40, 18)
 
 
 def test_devices_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
