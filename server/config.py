@@ -238,6 +238,8 @@ class SessionsConfig(Section):
     expected_talk_fraction: float = Field(1.0, gt=0, le=1)
     idle_timeout_seconds: float = Field(300.0, gt=0)
     vanish_timeout_seconds: float = Field(1.5, gt=0, le=30)
+    # a microphone that fell behind (its audio delayed on the way) catches up in its pauses
+    mic_catch_up: bool = True
 
 
 class LimitsConfig(Section):

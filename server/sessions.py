@@ -102,6 +102,7 @@ class ServerSession:
                 "buffered_seconds": round(self.live.buffered_seconds, 3),
                 "received_seconds": round(stats.received_seconds, 3),
                 "padded_seconds": round(stats.padded_seconds, 3),
+                "shortened_seconds": round(stats.shortened_seconds, 3),
                 "latency_ms_p50": _round(stats.latency_ms(0.5)),
                 "latency_ms_p95": _round(stats.latency_ms(0.95)),
                 "output_lag_ms": next((t.lags_ms() for t in videos if hasattr(t, "lags_ms")), None),
@@ -185,6 +186,7 @@ class SessionManager:
                 max_buffer_seconds=self.settings.limits.audio_buffer_seconds,
                 jitter_seconds=cfg.jitter_seconds,
                 processing_seconds=cfg.processing_seconds,
+                live_catch_up=cfg.mic_catch_up,
                 on_event=lambda event: holder["s"].broadcast(event),
                 observer=self.metrics,
                 **parts,
@@ -240,7 +242,7 @@ class SessionManager:
         def heard(planar: Any, rate: int, layout: str) -> None:
             session.heard_input()
             try:
-                session.live.push(planar, rate, layout)
+                session.live.push(planar, rate, layout, live=True)
             except LipstreamError as exc:
                 log.warning("microphone audio refused: %s", exc, extra={"session_id": session.id})
 

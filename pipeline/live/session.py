@@ -44,6 +44,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from pipeline.audio.catch_up import PauseShortener
 from pipeline.audio.decode import Resampler16k
 from pipeline.audio.upsample import OutputResampler
 from pipeline.audio.windows import (
@@ -132,6 +133,7 @@ class SessionStats:
     dropped_frames: int = 0  # not delivered to a slow output
     skipped_frames: int = 0  # speech frames the device could not make on time (the last picture held)
     padded_seconds: float = 0.0  # silence inserted for gaps in the input
+    shortened_seconds: float = 0.0  # pauses of a live input left out to catch up with real time
     received_seconds: float = 0.0
     # Share of recent frames that needed the engine (speech), as an exponential average over
     # ~TALK_SECONDS: the device pool counts a session's demand by it (starts at 0).
@@ -163,9 +165,11 @@ class LiveSession:
         speaking_hangover_seconds: float = 0.4,
         feature_worker: FeatureWorker | None = None,
         remote: RemoteStream | None = None,
+        live_catch_up: bool = True,
     ) -> None:
         """Either ``worker`` and ``featurizer`` (and ``feature_worker`` for a blocking one), or
-        ``remote``: the session's stream on a device process."""
+        ``remote``: the session's stream on a device process. ``live_catch_up``: a live input's
+        pauses are shortened while it runs ahead of real time (pipeline/audio/catch_up.py)."""
         if remote is None and (worker is None or featurizer is None):
             raise ValueError("a live session needs a worker and a featurizer, or a remote stream")
         self.avatar = avatar
@@ -190,6 +194,7 @@ class LiveSession:
         self._last_picture: tuple[int, np.ndarray | None] = (-1, None)  # (frame index, picture)
         self.t0: float | None = None
         self._windower = FrameWindower(vad_aggressiveness)
+        self._pauses = PauseShortener(vad_aggressiveness) if live_catch_up else None
         self._to16k = Resampler16k()
         self._to48k = OutputResampler(OUTPUT_RATE)
         self._out_audio = np.zeros(0, dtype=np.int16)
@@ -249,16 +254,26 @@ class LiveSession:
                 "push in real time or wait for speaking_stopped"
             )
 
-    def push(self, planar: np.ndarray, sample_rate: int, layout: str, enforce_limit: bool = True) -> None:
+    def push(
+        self, planar: np.ndarray, sample_rate: int, layout: str, enforce_limit: bool = True, live: bool = False
+    ) -> None:
         """Append float32 ``[channels, n]`` audio; raises BufferFull when too far ahead (unless
-        the caller already checked room before consuming its input, see ``check_room``)."""
+        the caller already checked room before consuming its input, see ``check_room``).
+
+        ``live``: the audio comes as it is spoken (a microphone), so running ahead of real time
+        means it was delayed on the way; part of its next long pause is then left out."""
         if self._closed:
             raise LipstreamError("session is closed")
         seconds = planar.shape[1] / sample_rate
         if enforce_limit:
             self.check_room(seconds)
-        self._append(self._to16k.push_planar(planar, sample_rate, layout), self._to48k.push_planar(planar, sample_rate, layout))
         self.stats.received_seconds += seconds
+        if live and self._pauses is not None and self.t0 is not None:
+            lead = self.timeline_end_seconds + seconds - (asyncio.get_running_loop().time() - self.t0)
+            if self._pauses.leave_out(planar, sample_rate, lead):
+                self.stats.shortened_seconds += seconds
+                return
+        self._append(self._to16k.push_planar(planar, sample_rate, layout), self._to48k.push_planar(planar, sample_rate, layout))
 
     def end_of_input(self) -> None:
         """The producer finished an utterance: release the resamplers' tails now."""
@@ -286,6 +301,11 @@ class LiveSession:
         self._last_picture = (-1, None)
         if self.speaking:
             self._set_speaking(False, self.media_time)
+
+    @property
+    def timeline_end_seconds(self) -> float:
+        """Session time up to which input audio (or silence for its gaps) is on the timeline."""
+        return (self._windower.origin * SAMPLES_PER_FRAME + self._windower.received_samples) / SAMPLE_RATE
 
     @property
     def buffered_seconds(self) -> float:

@@ -1,0 +1,76 @@
+"""Bringing a live input back to real time by leaving out part of its pauses.
+
+A live source (a microphone over WebRTC) sends audio as it is spoken. A session lays each chunk
+on its timeline after what it already has. When a chunk is later than the jitter allowance, the
+session's clock fills the gap with silence; the late audio, when it comes, goes after that
+silence. From then on everything the source says plays that much later than it was spoken, so
+every stall (a network hiccup, a busy process, a client that stalled and then sent a burst) added
+to the latency for good. On an H200 with 16 calls, the calls that connected first, while the
+later ones were negotiating, ended up 70 ms behind the last ones (docs/benchmarks.md, "Load test
+on the H200: findings", 2026-12-04, evening). WebRTC's own receivers shorten pauses for the same
+reason.
+
+This leaves out whole chunks of a pause while the input is ahead of real time, and only after
+the pause has lasted ``quiet_seconds``: the ends of words and short gaps inside speech always
+play. Speech is never cut or sped up, and the chunk is left out before resampling, so the
+picture and the sound that leave the session lose the same span and stay in sync.
+
+A source that pushes faster than real time on purpose (TTS over the WebSocket) is not live: its
+audio is buffered and always played, so sessions fed that way never use this.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import webrtcvad
+
+#: Rates webrtcvad judges directly; a live input at any other rate is never shortened.
+VAD_RATES = (8000, 16000, 32000, 48000)
+#: How far the input may run ahead of real time before its pauses are shortened (s). A healthy
+#: microphone's chunk arrives just as it is due (ahead by 0-20 ms); two 20 ms packets that come
+#: together put it 40 ms ahead for an instant.
+MAX_LEAD_SECONDS = 0.04
+#: How long a pause plays in full before any of it is left out (s).
+QUIET_SECONDS = 0.2
+
+
+class PauseShortener:
+    """Decides, chunk by chunk, which chunks of a live input's pauses to leave out."""
+
+    def __init__(
+        self, aggressiveness: int = 2, max_lead_seconds: float = MAX_LEAD_SECONDS, quiet_seconds: float = QUIET_SECONDS
+    ) -> None:
+        self._vad = webrtcvad.Vad(aggressiveness)
+        self.max_lead = max_lead_seconds
+        self.quiet_needed = quiet_seconds
+        self._quiet = 0.0  # seconds of non-speech input in a row, up to the last chunk
+
+    def leave_out(self, planar: np.ndarray, sample_rate: int, lead_seconds: float) -> bool:
+        """Whether to leave out this chunk (float32 ``[channels, n]``), given how far ahead of
+        real time the input would be with it (``lead_seconds``)."""
+        seconds = planar.shape[1] / sample_rate
+        quiet_before = self._quiet
+        if self._is_speech(planar, sample_rate):
+            self._quiet = 0.0
+            return False
+        self._quiet += seconds
+        return (
+            quiet_before >= self.quiet_needed
+            and lead_seconds > self.max_lead
+            and lead_seconds - seconds >= 0.0  # never so much that the clock would wait for more
+        )
+
+    def _is_speech(self, planar: np.ndarray, sample_rate: int) -> bool:
+        """Any 10 ms block of the chunk that webrtcvad calls speech; a rate it cannot judge, or
+        a chunk too short to judge, counts as speech (kept)."""
+        block = sample_rate // 100
+        if sample_rate not in VAD_RATES or planar.shape[1] < block:
+            return True
+        mono = planar.mean(axis=0) if planar.shape[0] > 1 else planar[0]
+        pcm = np.clip(mono * 32768.0, -32768, 32767).astype(np.int16)
+        if not pcm.any():
+            return False
+        whole = len(pcm) - len(pcm) % block
+        return any(
+            self._vad.is_speech(pcm[start : start + block].tobytes(), sample_rate) for start in range(0, whole, block)
+        )

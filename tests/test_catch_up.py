@@ -1,0 +1,145 @@
+"""A microphone delayed on its way catches up with real time in its pauses, never in its speech."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from pipeline.audio.catch_up import MAX_LEAD_SECONDS, QUIET_SECONDS, PauseShortener
+from tests.speech import espeak
+
+RATE = 48000
+CHUNK = RATE // 50  # 20 ms: what a browser's Opus packet decodes to
+
+
+@pytest.fixture(scope="module")
+def word() -> np.ndarray:
+    audio, _ = espeak("hello there, how are you", sample_rate=RATE)
+    return audio
+
+
+def room(seconds: float, seed: int = 0) -> np.ndarray:
+    """A quiet room: low noise, not digital silence (a real microphone never sends zeros)."""
+    return (np.random.default_rng(seed).standard_normal(int(seconds * RATE)) * 3e-4).astype(np.float32)
+
+
+def chunks(audio: np.ndarray) -> list[np.ndarray]:
+    """20 ms stereo planar chunks, as aiortc decodes a browser's microphone."""
+    whole = len(audio) - len(audio) % CHUNK
+    return [np.stack([audio[i : i + CHUNK]] * 2) for i in range(0, whole, CHUNK)]
+
+
+def test_speech_is_never_left_out_however_far_ahead(word: np.ndarray) -> None:
+    shortener = PauseShortener()
+    for chunk in chunks(room(1.0)):
+        shortener.leave_out(chunk, RATE, lead_seconds=0.0)  # a long pause before
+    decisions = [shortener.leave_out(chunk, RATE, lead_seconds=5.0) for chunk in chunks(word)]
+    assert sum(decisions) <= 2  # at most a chunk of the silence espeak leaves around a word edge
+    assert not any(decisions[5:-5])
+
+
+def test_a_pause_plays_its_first_part_then_is_shortened_while_ahead() -> None:
+    shortener = PauseShortener()
+    decisions = [shortener.leave_out(chunk, RATE, lead_seconds=0.3) for chunk in chunks(room(1.0))]
+    kept_first = decisions.index(True)
+    assert kept_first * CHUNK / RATE == pytest.approx(QUIET_SECONDS, abs=0.021)
+    assert all(decisions[kept_first:])
+
+
+def test_nothing_is_left_out_at_real_time_or_past_what_is_ahead() -> None:
+    shortener = PauseShortener()
+    pause = chunks(room(1.0))
+    assert not any(shortener.leave_out(chunk, RATE, lead_seconds=MAX_LEAD_SECONDS) for chunk in pause)
+    # ahead by less than a chunk: leaving it out would make the clock wait for audio (and pad)
+    big = np.stack([room(0.1)] * 2)
+    assert not shortener.leave_out(big, RATE, lead_seconds=0.09)
+    assert shortener.leave_out(big, RATE, lead_seconds=0.11)
+
+
+def test_a_rate_the_detector_cannot_judge_is_never_shortened() -> None:
+    shortener = PauseShortener()
+    odd = np.zeros((1, 441), np.float32)  # 10 ms at 44.1 kHz
+    assert not any(shortener.leave_out(odd, 44100, lead_seconds=1.0) for _ in range(100))
+
+
+# --- a live session fed by a microphone that stalls once ----------------------------------------
+
+STALL = 0.3  # seconds of microphone audio that arrive in one burst, late
+JITTER = 0.02
+
+
+async def call(demo_avatar, word: np.ndarray, catch_up: bool):  # noqa: ANN001, ANN201
+    """Pushes a microphone in real time: a word, a stall in its middle (its audio then comes at
+    once), a 1.5 s pause and a second word. What the second word's frames show: the session's
+    lead over real time at the end, its frames' latency, and the frames themselves."""
+    from pipeline.engines.lite import LiteEngine
+    from pipeline.live.session import LiveSession
+    from pipeline.live.worker import EngineWorker
+
+    engine = LiteEngine()
+    worker = EngineWorker(engine, batch_size=8, name="cpu")
+    session = LiveSession(
+        demo_avatar, worker, engine.new_featurizer(), jitter_seconds=JITTER, processing_seconds=0.05,
+        live_catch_up=catch_up,
+    )
+    frames = session.subscribe()
+    out: list = []
+
+    async def watch() -> None:  # a viewer: drains the frames as they come
+        while (frame := await frames.get()) is not None:
+            out.append(frame)
+
+    session.start()
+    viewer = asyncio.create_task(watch())
+    loop = asyncio.get_running_loop()
+    first, stall_at = chunks(np.concatenate([room(0.5), word])), 25 + 15  # the stall: inside the word
+    second = chunks(np.concatenate([room(1.5, seed=1), word, room(0.6, seed=2)]))
+    second_word_from = len(chunks(room(1.5)))
+    plan = first + second
+    start = loop.time()
+    latencies_second_word: list[float] = []
+    try:
+        for k, chunk in enumerate(plan):
+            due = start + k * 0.02
+            if stall_at <= k < stall_at + STALL / 0.02:
+                continue  # held on the way: sent with the first chunk after the stall
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            if k == stall_at + STALL / 0.02:
+                for held in plan[stall_at:k]:
+                    session.push(held, RATE, "stereo", live=True)
+            session.push(chunk, RATE, "stereo", live=True)
+            if k == len(first) + second_word_from:
+                session.stats.latencies.clear()  # from here on: the second word's frames
+        lead = session.timeline_end_seconds - (loop.time() - session.t0)
+        await asyncio.sleep(session.delay + 0.1)
+        latencies_second_word = list(session.stats.latencies)
+        aligned = (session._out_start + len(session._out_audio)) - 3 * session.timeline_end_seconds * 16000
+    finally:
+        await session.close()
+        await viewer
+        worker.close()
+    return lead, float(np.median(latencies_second_word)), session.stats, out, aligned
+
+
+def test_a_stalled_microphone_catches_up_in_its_next_pause(demo_avatar, word: np.ndarray) -> None:
+    lead, latency, stats, frames, aligned = asyncio.run(call(demo_avatar, word, catch_up=True))
+    behind, latency_behind, stats_behind, _, _ = asyncio.run(call(demo_avatar, word, catch_up=False))
+
+    # without: the stall (less the jitter allowance) stays in every later frame's latency
+    assert behind > STALL - JITTER - 0.05
+    assert latency_behind > latency + STALL - JITTER - 0.06
+    assert stats_behind.shortened_seconds == 0
+    # with: back within the allowance, by leaving out about the stall's worth of the pause
+    assert lead <= MAX_LEAD_SECONDS + 0.01
+    assert STALL - JITTER - 0.06 <= stats.shortened_seconds <= 1.5 - QUIET_SECONDS
+    # picture and sound lost the same span: the 48 kHz output audio stays level with the 16 kHz
+    # timeline the frames are made from (within the resamplers' delays), and the second word's
+    # first loud frame is the one its mouth opens on
+    assert abs(aligned) < 1920 / 4
+    loud = [f.index for f in frames if np.abs(f.audio).max() > 3000]
+    speaking = [f.index for f in frames if f.speaking]
+    second_loud = next(i for a, i in zip(loud, loud[1:]) if i - a > 20)
+    second_speaking = next(i for a, i in zip(speaking, speaking[1:]) if i - a > 20)
+    assert abs(second_loud - second_speaking) <= 2
