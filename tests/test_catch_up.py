@@ -58,10 +58,16 @@ def test_nothing_is_left_out_at_real_time_or_past_what_is_ahead() -> None:
     assert shortener.leave_out(big, RATE, lead_seconds=0.11)
 
 
-def test_a_rate_the_detector_cannot_judge_is_never_shortened() -> None:
+def test_any_rate_is_judged(word: np.ndarray) -> None:
+    """44.1 kHz (no rate webrtcvad takes): speech kept, a long pause shortened."""
+    at44 = np.interp(np.arange(len(word) * 441 // 480) * (480 / 441), np.arange(len(word)), word).astype(np.float32)
     shortener = PauseShortener()
-    odd = np.zeros((1, 441), np.float32)  # 10 ms at 44.1 kHz
-    assert not any(shortener.leave_out(odd, 44100, lead_seconds=1.0) for _ in range(100))
+    step = 882  # 20 ms
+    pause = [room(1.0)[None, i : i + step] for i in range(0, 44100 - step, step)]
+    speech = [at44[None, i : i + step] for i in range(0, len(at44) - step, step)]
+    assert any(shortener.leave_out(chunk, 44100, lead_seconds=0.3) for chunk in pause)
+    assert not any(shortener.leave_out(chunk, 44100, lead_seconds=5.0) for chunk in speech[5:-5])
+    assert not shortener.leave_out(np.zeros((1, 100), np.float32), 44100, lead_seconds=5.0)  # too short to judge
 
 
 # --- a live session fed by a microphone that stalls once ----------------------------------------
@@ -143,3 +149,44 @@ def test_a_stalled_microphone_catches_up_in_its_next_pause(demo_avatar, word: np
     second_loud = next(i for a, i in zip(loud, loud[1:]) if i - a > 20)
     second_speaking = next(i for a, i in zip(speaking, speaking[1:]) if i - a > 20)
     assert abs(second_loud - second_speaking) <= 2
+
+
+# --- over the audio WebSocket: only a producer that says it relays live audio ---------------------
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_a_websocket_producer_catches_up_only_when_it_says_live(avatars_root, live: bool) -> None:
+    """2 s of a quiet room sent at once in 20 ms messages: a live relay is 2 s behind real time
+    and leaves out what follows the pause's first 0.2 s; a TTS's audio is buffered, all of it."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.config import Settings
+
+    settings = Settings()
+    settings.avatars.dir = avatars_root
+    pcm = (np.clip(room(2.0)[::3], -1, 1) * 32767).astype(np.int16)  # 16 kHz
+    with TestClient(create_app(settings)) as http:
+        deadline = time.monotonic() + 60
+        while http.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        session = http.post("/v1/sessions", json={}).json()["id"]
+        with http.websocket_connect(f"/v1/sessions/{session}/audio") as ws:
+            ws.send_json({"type": "start", "format": "pcm_s16le", "sample_rate": 16000, "channels": 1, "live": live})
+            ready = ws.receive_json()
+            assert ready["type"] == "ready" and ready["format"].get("live", False) is live
+            for start in range(0, len(pcm), 320):
+                ws.send_bytes(pcm[start : start + 320].tobytes())
+            ws.send_json({"type": "ping"})
+            while ws.receive_json()["type"] != "pong":
+                pass
+            stats = http.get(f"/v1/sessions/{session}").json()["stats"]
+        http.delete(f"/v1/sessions/{session}")
+    if live:
+        assert 1.5 <= stats["shortened_seconds"] <= 2.0 - QUIET_SECONDS
+        assert stats["buffered_seconds"] < 0.5
+    else:
+        assert stats["shortened_seconds"] == 0
+        assert stats["buffered_seconds"] > 1.5

@@ -461,6 +461,8 @@ def test_ogg_crc_matches_the_bitwise_definition() -> None:
         ({"type": "start", "format": "pcm_s16le", "sample_rate": 16000, "channels": 3}, "channels"),
         ({"type": "start", "format": "mp3", "channels": "2"}, "channels"),
         ({"type": "start", "format": "opus", "channels": 0}, "channels"),
+        ({"type": "start", "format": "opus", "live": "yes"}, "live"),
+        ({"type": "start", "format": "opus", "live": 1}, "live"),
     ],
 )
 def test_bad_start_messages(message: object, field: str) -> None:
@@ -491,6 +493,9 @@ def test_good_start_messages() -> None:
         "format": "mp3", "sample_rate": 44100, "channels": 2,
     }
     assert parse_start({"type": "start", "format": "wav"}).to_dict() == {"format": "wav"}
+    relayed = parse_start({"type": "start", "format": "pcm_s16le", "sample_rate": 8000, "channels": 1, "live": True})
+    assert relayed.live and relayed.to_dict()["live"] is True
+    assert not parse_start({"type": "start", "format": "wav", "live": False}).live
 
 
 # ---------------------------------------------------------------------------------------------

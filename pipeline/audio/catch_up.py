@@ -16,7 +16,8 @@ play. Speech is never cut or sped up, and the chunk is left out before resamplin
 picture and the sound that leave the session lose the same span and stay in sync.
 
 A source that pushes faster than real time on purpose (TTS over the WebSocket) is not live: its
-audio is buffered and always played, so sessions fed that way never use this.
+audio is buffered and always played. A WebSocket producer that relays live audio (a phone
+bridge) says so with ``"live": true`` in its start message.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import webrtcvad
 
-#: Rates webrtcvad judges directly; a live input at any other rate is never shortened.
+#: Rates webrtcvad judges directly; a chunk at any other rate is judged at 16 kHz.
 VAD_RATES = (8000, 16000, 32000, 48000)
 #: How far the input may run ahead of real time before its pauses are shortened (s). A healthy
 #: microphone's chunk arrives just as it is due (ahead by 0-20 ms); two 20 ms packets that come
@@ -61,12 +62,16 @@ class PauseShortener:
         )
 
     def _is_speech(self, planar: np.ndarray, sample_rate: int) -> bool:
-        """Any 10 ms block of the chunk that webrtcvad calls speech; a rate it cannot judge, or
-        a chunk too short to judge, counts as speech (kept)."""
-        block = sample_rate // 100
-        if sample_rate not in VAD_RATES or planar.shape[1] < block:
-            return True
+        """Any 10 ms block of the chunk that webrtcvad calls speech; a chunk shorter than a
+        block counts as speech (kept)."""
         mono = planar.mean(axis=0) if planar.shape[0] > 1 else planar[0]
+        if sample_rate not in VAD_RATES:  # linear interpolation: plenty for a speech/pause call
+            n = len(mono) * 16000 // sample_rate
+            mono = np.interp(np.arange(n) * (sample_rate / 16000), np.arange(len(mono)), mono)
+            sample_rate = 16000
+        block = sample_rate // 100
+        if len(mono) < block:
+            return True
         pcm = np.clip(mono * 32768.0, -32768, 32767).astype(np.int16)
         if not pcm.any():
             return False

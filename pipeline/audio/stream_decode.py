@@ -82,6 +82,9 @@ class StreamFormat:
     format: str
     sample_rate: int | None = None
     channels: int | None = None
+    # the producer relays audio as it is captured (a phone bridge, a microphone): after a delay
+    # on the way the session catches up in its pauses (pipeline/audio/catch_up.py)
+    live: bool = False
 
     def to_dict(self) -> dict[str, object]:
         """The announced format as JSON (the server echoes it in its "ready" event)."""
@@ -90,10 +93,12 @@ class StreamFormat:
             out["sample_rate"] = self.sample_rate
         if self.channels is not None:
             out["channels"] = self.channels
+        if self.live:
+            out["live"] = True
         return out
 
 
-_START_KEYS = ("type", "format", "sample_rate", "channels")
+_START_KEYS = ("type", "format", "sample_rate", "channels", "live")
 
 
 def parse_start(message: object) -> StreamFormat:
@@ -132,7 +137,10 @@ def parse_start(message: object) -> StreamFormat:
     channels = _int_field(message, "channels", required=pcm, what="1 or 2")
     if channels is not None and channels not in (1, 2):
         raise StreamFormatError("bad_start", f'"channels" must be 1 or 2 (got {channels})')
-    return StreamFormat(name, rate, channels)
+    live = message.get("live", False)
+    if not isinstance(live, bool):
+        raise StreamFormatError("bad_start", f'"live" must be true or false (got {live!r})')
+    return StreamFormat(name, rate, channels, live)
 
 
 def _int_field(message: dict, key: str, *, required: bool, what: str) -> int | None:

@@ -43,6 +43,7 @@ class AudioSocket:
         self.session = session
         self.max_bytes = max_bytes
         self.decoder: Any = None
+        self.live = False  # the start message's "live": audio relayed as it is captured
         self.events: asyncio.Queue = asyncio.Queue(256)
 
     async def send(self, message: dict[str, Any]) -> None:
@@ -84,6 +85,7 @@ class AudioSocket:
             try:
                 fmt = parse_start(message)
                 self.decoder = make_decoder(fmt)
+                self.live = fmt.live
             except StreamFormatError as exc:
                 raise _Close(exc.code, str(exc)) from None
             await self.send({"type": "ready", "session_id": self.session.id, "format": fmt.to_dict()})
@@ -127,7 +129,7 @@ class AudioSocket:
 
     def _push(self, chunks: list[Any]) -> None:
         for chunk in chunks:
-            self.session.live.push(chunk.planar, chunk.sample_rate, chunk.layout, enforce_limit=False)
+            self.session.live.push(chunk.planar, chunk.sample_rate, chunk.layout, enforce_limit=False, live=self.live)
 
 
 @router.websocket("/v1/sessions/{session_id}/audio")
