@@ -20,6 +20,11 @@ class Metrics:
         self.frames = Counter("lipstream_frames", "Video frames produced", ["kind"], registry=r)
         self.late_frames = Counter("lipstream_late_frames", "Made frames sent more than a frame late (held frames count as skipped)", registry=r)
         self.dropped_frames = Counter("lipstream_dropped_frames", "Frames not delivered to a slow output", registry=r)
+        self.shortened_seconds = Counter(
+            "lipstream_input_shortened_seconds",
+            "Pauses of delayed live inputs (microphones) left out to catch up with real time",
+            registry=r,
+        )
         self.fps = Gauge("lipstream_output_fps", "Mean delivered video fps over outputs", registry=r)
         self.loop_lag = Gauge(
             "lipstream_event_loop_lag_seconds",
@@ -84,6 +89,9 @@ class Metrics:
 
     def on_dropped(self) -> None:
         self.dropped_frames.inc()
+
+    def on_shortened(self, seconds: float) -> None:
+        self.shortened_seconds.inc(seconds)
 
     # engine worker
     def on_batch(self, size: int, seconds: float) -> None:

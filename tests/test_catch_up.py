@@ -183,7 +183,10 @@ def test_a_websocket_producer_catches_up_only_when_it_says_live(avatars_root, li
             while ws.receive_json()["type"] != "pong":
                 pass
             stats = http.get(f"/v1/sessions/{session}").json()["stats"]
+        metrics = http.get("/metrics").text
         http.delete(f"/v1/sessions/{session}")
+    counted = next(line for line in metrics.splitlines() if line.startswith("lipstream_input_shortened_seconds_total"))
+    assert float(counted.split()[-1]) == pytest.approx(stats["shortened_seconds"], abs=0.001)
     if live:
         assert 1.5 <= stats["shortened_seconds"] <= 2.0 - QUIET_SECONDS
         assert stats["buffered_seconds"] < 0.5

@@ -87,6 +87,8 @@ class SessionObserver(Protocol):
 
     def on_dropped(self) -> None: ...
 
+    def on_shortened(self, seconds: float) -> None: ...
+
 
 class _NoObserver:
     def on_frame(self, active: bool) -> None:
@@ -96,6 +98,9 @@ class _NoObserver:
         pass
 
     def on_dropped(self) -> None:
+        pass
+
+    def on_shortened(self, seconds: float) -> None:
         pass
 
 
@@ -272,6 +277,7 @@ class LiveSession:
             lead = self.timeline_end_seconds + seconds - (asyncio.get_running_loop().time() - self.t0)
             if self._pauses.leave_out(planar, sample_rate, lead):
                 self.stats.shortened_seconds += seconds
+                self.observer.on_shortened(seconds)
                 return
         self._append(self._to16k.push_planar(planar, sample_rate, layout), self._to48k.push_planar(planar, sample_rate, layout))
 
