@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from pipeline.audio.catch_up import MAX_LEAD_SECONDS, QUIET_SECONDS, PauseShortener
+from pipeline.audio.catch_up import MAX_LEAD_SECONDS, QUIET_SECONDS, SETTLE_SECONDS, PauseShortener
 from tests.speech import espeak
 
 RATE = 48000
@@ -31,54 +31,85 @@ def chunks(audio: np.ndarray) -> list[np.ndarray]:
     return [np.stack([audio[i : i + CHUNK]] * 2) for i in range(0, whole, CHUNK)]
 
 
+def feed(shortener: PauseShortener, pieces: list[np.ndarray], lead: float, rate: int = RATE, start: float = 0.0) -> list[bool]:
+    """A steady stream: each piece arrives as the clock reaches it, so the lead holds at ``lead``
+    (less what was left out)."""
+    decisions, now = [], start
+    for piece in pieces:
+        decision = shortener.leave_out(piece, rate, lead, now)
+        decisions.append(decision)
+        lead -= piece.shape[1] / rate if decision else 0.0
+        now += piece.shape[1] / rate
+    return decisions
+
+
 def test_speech_is_never_left_out_however_far_ahead(word: np.ndarray) -> None:
-    shortener = PauseShortener()
-    for chunk in chunks(room(1.0)):
-        shortener.leave_out(chunk, RATE, lead_seconds=0.0)  # a long pause before
-    decisions = [shortener.leave_out(chunk, RATE, lead_seconds=5.0) for chunk in chunks(word)]
+    shortener = PauseShortener(settle_seconds=0.0)
+    feed(shortener, chunks(room(1.0)), lead=0.0)  # a long pause before
+    decisions = [shortener.leave_out(chunk, RATE, 5.0, 1.0) for chunk in chunks(word)]
     assert sum(decisions) <= 2  # at most a chunk of the silence espeak leaves around a word edge
     assert not any(decisions[5:-5])
 
 
 def test_a_pause_plays_its_first_part_then_is_shortened_while_ahead() -> None:
-    shortener = PauseShortener()
-    decisions = [shortener.leave_out(chunk, RATE, lead_seconds=0.3) for chunk in chunks(room(1.0))]
+    shortener = PauseShortener(settle_seconds=0.0)
+    decisions = feed(shortener, chunks(room(1.0)), lead=0.3)
     kept_first = decisions.index(True)
     assert kept_first * CHUNK / RATE == pytest.approx(QUIET_SECONDS, abs=0.021)
-    assert all(decisions[kept_first:])
+    assert sum(decisions) == round((0.3 - MAX_LEAD_SECONDS) / 0.02)  # down to the allowance, no further
+    assert all(decisions[kept_first : kept_first + sum(decisions)])
 
 
 def test_nothing_is_left_out_at_real_time_or_past_what_is_ahead() -> None:
-    shortener = PauseShortener()
-    pause = chunks(room(1.0))
-    assert not any(shortener.leave_out(chunk, RATE, lead_seconds=MAX_LEAD_SECONDS) for chunk in pause)
+    shortener = PauseShortener(settle_seconds=0.0)
+    assert not any(feed(shortener, chunks(room(1.0)), lead=MAX_LEAD_SECONDS))
     # ahead by less than a chunk: leaving it out would make the clock wait for audio (and pad)
     big = np.stack([room(0.1)] * 2)
-    assert not shortener.leave_out(big, RATE, lead_seconds=0.09)
-    assert shortener.leave_out(big, RATE, lead_seconds=0.11)
+    assert not shortener.leave_out(big, RATE, 0.09, 1.0)
+    assert shortener.leave_out(big, RATE, 0.11, 1.1)
+
+
+def test_a_one_off_stall_is_given_back_once_settled_a_jittery_link_keeps_its_room() -> None:
+    """A burst makes the lead jump: after a one-off, the pause is shortened from 2 s on; a link
+    whose packets come in bursts every second keeps the lead as jitter room."""
+    once = PauseShortener()
+    decisions = feed(once, chunks(room(0.1)), lead=0.0)
+    decisions += feed(once, chunks(room(4.0)), lead=0.3, start=0.1)  # jumped from 0 to 0.3 at 0.1 s
+    first = decisions.index(True)
+    assert first * 0.02 == pytest.approx(0.1 + SETTLE_SECONDS, abs=0.03)
+
+    jittery = PauseShortener()
+    lead, left_out = 0.1, 0
+    for second in range(6):
+        pieces = chunks(room(1.0, seed=second))
+        left_out += sum(feed(jittery, pieces[:1], lead=lead + 0.1, start=second))  # a burst: +0.1
+        lead += 0.1
+        left_out += sum(feed(jittery, pieces[1:], lead=lead, start=second + 0.02))
+    assert left_out == 0
 
 
 def test_any_rate_is_judged(word: np.ndarray) -> None:
     """44.1 kHz (no rate webrtcvad takes): speech kept, a long pause shortened."""
     at44 = np.interp(np.arange(len(word) * 441 // 480) * (480 / 441), np.arange(len(word)), word).astype(np.float32)
-    shortener = PauseShortener()
+    shortener = PauseShortener(settle_seconds=0.0)
     step = 882  # 20 ms
     pause = [room(1.0)[None, i : i + step] for i in range(0, 44100 - step, step)]
     speech = [at44[None, i : i + step] for i in range(0, len(at44) - step, step)]
-    assert any(shortener.leave_out(chunk, 44100, lead_seconds=0.3) for chunk in pause)
-    assert not any(shortener.leave_out(chunk, 44100, lead_seconds=5.0) for chunk in speech[5:-5])
-    assert not shortener.leave_out(np.zeros((1, 100), np.float32), 44100, lead_seconds=5.0)  # too short to judge
+    assert any(feed(shortener, pause, lead=0.3, rate=44100))
+    assert not any(feed(shortener, speech[5:-5], lead=5.0, rate=44100, start=1.0))
+    assert not shortener.leave_out(np.zeros((1, 100), np.float32), 44100, 5.0, 3.0)  # too short to judge
 
 
 # --- a live session fed by a microphone that stalls once ----------------------------------------
 
 STALL = 0.3  # seconds of microphone audio that arrive in one burst, late
+PAUSE = 2.5  # between the words: long enough to settle after the stall, then catch up
 JITTER = 0.02
 
 
 async def call(demo_avatar, word: np.ndarray, catch_up: bool):  # noqa: ANN001, ANN201
     """Pushes a microphone in real time: a word, a stall in its middle (its audio then comes at
-    once), a 1.5 s pause and a second word. What the second word's frames show: the session's
+    once), a 2.5 s pause and a second word. What the second word's frames show: the session's
     lead over real time at the end, its frames' latency, and the frames themselves."""
     from pipeline.engines.lite import LiteEngine
     from pipeline.live.session import LiveSession
@@ -101,8 +132,8 @@ async def call(demo_avatar, word: np.ndarray, catch_up: bool):  # noqa: ANN001, 
     viewer = asyncio.create_task(watch())
     loop = asyncio.get_running_loop()
     first, stall_at = chunks(np.concatenate([room(0.5), word])), 25 + 15  # the stall: inside the word
-    second = chunks(np.concatenate([room(1.5, seed=1), word, room(0.6, seed=2)]))
-    second_word_from = len(chunks(room(1.5)))
+    second = chunks(np.concatenate([room(PAUSE, seed=1), word, room(0.6, seed=2)]))
+    second_word_from = len(chunks(room(PAUSE)))
     plan = first + second
     start = loop.time()
     latencies_second_word: list[float] = []
@@ -139,7 +170,7 @@ def test_a_stalled_microphone_catches_up_in_its_next_pause(demo_avatar, word: np
     assert stats_behind.shortened_seconds == 0
     # with: back within the allowance, by leaving out about the stall's worth of the pause
     assert lead <= MAX_LEAD_SECONDS + 0.01
-    assert STALL - JITTER - 0.06 <= stats.shortened_seconds <= 1.5 - QUIET_SECONDS
+    assert STALL - JITTER - 0.06 <= stats.shortened_seconds <= PAUSE - SETTLE_SECONDS
     # picture and sound lost the same span: the 48 kHz output audio stays level with the 16 kHz
     # timeline the frames are made from (within the resamplers' delays), and the second word's
     # first loud frame is the one its mouth opens on
@@ -156,8 +187,9 @@ def test_a_stalled_microphone_catches_up_in_its_next_pause(demo_avatar, word: np
 
 @pytest.mark.parametrize("live", [True, False])
 def test_a_websocket_producer_catches_up_only_when_it_says_live(avatars_root, live: bool) -> None:
-    """2 s of a quiet room sent at once in 20 ms messages: a live relay is 2 s behind real time
-    and leaves out what follows the pause's first 0.2 s; a TTS's audio is buffered, all of it."""
+    """1 s of a quiet room sent at once, then 4 s more in real time, in 20 ms messages: a live
+    relay is 1 s behind real time after the burst and, once on time for 2 s, leaves out that
+    much of the pause; a TTS's audio is buffered, all of it."""
     import time
 
     from fastapi.testclient import TestClient
@@ -167,7 +199,7 @@ def test_a_websocket_producer_catches_up_only_when_it_says_live(avatars_root, li
 
     settings = Settings()
     settings.avatars.dir = avatars_root
-    pcm = (np.clip(room(2.0)[::3], -1, 1) * 32767).astype(np.int16)  # 16 kHz
+    pcm = (np.clip(room(5.0)[::3], -1, 1) * 32767).astype(np.int16)  # 16 kHz
     with TestClient(create_app(settings)) as http:
         deadline = time.monotonic() + 60
         while http.get("/readyz").status_code != 200 and time.monotonic() < deadline:
@@ -177,7 +209,10 @@ def test_a_websocket_producer_catches_up_only_when_it_says_live(avatars_root, li
             ws.send_json({"type": "start", "format": "pcm_s16le", "sample_rate": 16000, "channels": 1, "live": live})
             ready = ws.receive_json()
             assert ready["type"] == "ready" and ready["format"].get("live", False) is live
-            for start in range(0, len(pcm), 320):
+            began = time.monotonic()
+            for k, start in enumerate(range(0, len(pcm), 320)):
+                if k >= 50:  # after the first second's burst: one 20 ms message every 20 ms
+                    time.sleep(max(0.0, began + (k - 50) * 0.02 - time.monotonic()))
                 ws.send_bytes(pcm[start : start + 320].tobytes())
             ws.send_json({"type": "ping"})
             while ws.receive_json()["type"] != "pong":
@@ -188,8 +223,8 @@ def test_a_websocket_producer_catches_up_only_when_it_says_live(avatars_root, li
     counted = next(line for line in metrics.splitlines() if line.startswith("lipstream_input_shortened_seconds_total"))
     assert float(counted.split()[-1]) == pytest.approx(stats["shortened_seconds"], abs=0.001)
     if live:
-        assert 1.5 <= stats["shortened_seconds"] <= 2.0 - QUIET_SECONDS
-        assert stats["buffered_seconds"] < 0.5
+        assert 0.8 <= stats["shortened_seconds"] <= 1.0
+        assert stats["buffered_seconds"] < 0.3
     else:
         assert stats["shortened_seconds"] == 0
-        assert stats["buffered_seconds"] > 1.5
+        assert stats["buffered_seconds"] > 0.8

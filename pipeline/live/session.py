@@ -274,8 +274,8 @@ class LiveSession:
             self.check_room(seconds)
         self.stats.received_seconds += seconds
         if live and self._pauses is not None and self.t0 is not None:
-            lead = self.timeline_end_seconds + seconds - (asyncio.get_running_loop().time() - self.t0)
-            if self._pauses.leave_out(planar, sample_rate, lead):
+            now = asyncio.get_running_loop().time()
+            if self._pauses.leave_out(planar, sample_rate, self.timeline_end_seconds + seconds - (now - self.t0), now):
                 self.stats.shortened_seconds += seconds
                 self.observer.on_shortened(seconds)
                 return
