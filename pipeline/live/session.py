@@ -11,7 +11,9 @@ Gaps and floods. Frame ``i`` needs its audio window up to ``i * 40 ms + 120 ms``
 has not arrived ``jitter`` seconds after it was due, the timeline is filled with silence up to
 that point, so a slow or paused producer yields idle frames, never a stalled video. A producer
 faster than real time is buffered up to ``max_buffer_seconds`` ahead of the clock; past that,
-:meth:`LiveSession.push` refuses the chunk with :class:`BufferFull` (never a silent drop).
+:meth:`LiveSession.push` refuses the chunk with :class:`BufferFull` (never a silent drop). A live
+input (a microphone) that runs ahead only because its audio was delayed on the way gets part of
+its pauses left out until it is back to real time (pipeline/audio/catch_up.py).
 
 Interrupt. Drops all buffered audio and queued engine work, and bumps an *epoch*: outputs
 replace frames of an older epoch that are still waiting to go out with the idle frame and
