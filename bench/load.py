@@ -1187,6 +1187,12 @@ def summarise(results: list[dict[str, Any]], cpu: CpuSampler, gpu: GpuSampler, t
         "server_frames_windowed": bool(measured) and all((r.get("server_window") or {}).get("windowed")
                                                           for r in measured),
         "server_active_frames_total": sum(s.get("active_frames", 0) or 0 for s in servers),
+        # the sessions' input, whole sessions: silence the clock filled in for audio that came
+        # late, and pauses of delayed live input left out to catch up (servers before 2026-12-04
+        # evening report none)
+        "input_padded_seconds": round(sum(s.get("padded_seconds", 0) or 0 for s in servers), 2),
+        "input_shortened_seconds": (round(sum(s.get("shortened_seconds", 0) or 0 for s in servers), 2)
+                                    if any("shortened_seconds" in s for s in servers) else None),
         "late_frames": late,
         "dropped_frames": dropped,
         "late_percent": round(100 * late / frames, 2) if frames else None,
@@ -1359,6 +1365,9 @@ def print_summary(report: dict[str, Any]) -> None:
           f"({fmt(o['dropped_percent'], '%')}), skipped {o.get('skipped_frames', 0)} "
           f"({fmt(o.get('skipped_percent'), '%')}) "
           f"of {o['server_frames']} frames" + (" in the window" if o.get("server_frames_windowed") else ""))
+    if o.get("input_shortened_seconds") is not None:
+        print(f"input, whole sessions: {fmt(o.get('input_padded_seconds'))} s of gaps filled with silence, "
+              f"{fmt(o['input_shortened_seconds'])} s of delayed microphones' pauses left out to catch up")
     if o.get("output_sent_ms_p95_median") is not None or o.get("decode_delay_ms_p50_median") is not None:
         process = report.get("server_process_at_end") or {}
         lag = process.get("event_loop_lag") or {}

@@ -79,6 +79,9 @@ def test_load_two_websocket_sessions(avatars_root: Path, tmp_path: Path) -> None
     assert overall["echo_onsets"] >= overall["onsets_sent"] // 2, overall
     assert 120 < overall["echo_latency_ms_p50"] < 1500, overall
     assert "returned audio by cross-correlation" in done.stdout
+    # the input: WebSocket pushes (not live) are never shortened; the clock's silence is counted
+    assert overall["input_shortened_seconds"] == 0 and overall["input_padded_seconds"] > 0
+    assert "s of delayed microphones' pauses left out" in done.stdout
 
     # several reports, plain and gzipped (as bench/results/load stores them): one line each, with
     # the device's mean batch and stage figures
