@@ -26,6 +26,7 @@
 #                     conversational sessions (~6 cores each; 2026-12-04); 0-9 / 10-15 starved the clients.
 #                     On two H200s (32 cores): 0-15 / 16-31.
 #   --cpu-dry-run     micro weights on the CPU, no wheels installed: checks the kit on a CPU machine
+#                     (--devices cuda:0,cuda:1 becomes cpu:0,cpu:1: one device process each)
 #
 # Needs, carried by the `run` call: .whl (wheels of the server stack, bench/device/fetch_wheels.sh),
 # .bench_data/speech (bench/load.py --make-speech; the device has no espeak-ng) and avatars/demo
@@ -84,7 +85,10 @@ step() { echo "[gpu_load +$((SECONDS - START))s] $*"; }
 
 if [ "$DRY" = 1 ]; then
     EXTRA=(--tiny-cpu --set engine.capacity_sessions=8)  # calibration admits one session on a small CPU
-    DEVICES=cpu
+    # as many CPU devices as GPUs asked for (cpu:0,cpu:1 for two), so a dry run checks the
+    # several-device path of the kit too
+    n=$(echo "$DEVICES" | tr ',' '\n' | grep -c .)
+    if [ "$n" -gt 1 ]; then DEVICES=$(seq -s, -f "cpu:%g" 0 $((n - 1))); else DEVICES=cpu; fi
     export OMP_NUM_THREADS=1  # as tests/test_musetalk_live.py: two torch threads on few cores stall
 else
     EXTRA=()
@@ -154,7 +158,7 @@ for log in "$RES"/load-*-server.log; do
     [ -e "$log" ] || continue
     echo "--- server log, start-up and problems ($(wc -l < "$log") lines; all of it in results.tgz):"
     grep -vE "uvicorn.access|connection (open|closed)|WebSocket /v1" "$log" \
-        | grep -iE "warm|compil|graph|calibrat|capacity|ready|device|error|exception|traceback|refused|failed" \
+        | grep -iE "warm|compil|graph|calibrat|capacity|ready|device|error|exception|traceback|refused|failed|dropped without" \
         | head -40 | cut -c1-300
     if grep -q "Fatal Python error" "$log"; then  # a crash: faulthandler's stacks (server/cli.py)
         echo "--- the crash:"
