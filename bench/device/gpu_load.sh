@@ -62,7 +62,8 @@ done
 # graph capture before the server is ready (2026-12-03 runs), then the scenarios. A budget below
 # this wastes the device time (the server is stopped while still compiling). START_S: a server
 # start's seconds (gpu_load_ab.sh's second test finds the compile cache warm: ~60 s).
-MIN_BUDGET=$((50 + ${START_S:-150} + WARMUP + RAMP + DURATION + 30))  # one scenario at least
+whole() { printf '%.0f' "$1"; }  # seconds may be given as fractions; bash counts whole ones
+MIN_BUDGET=$((50 + ${START_S:-150} + $(whole "$WARMUP") + $(whole "$RAMP") + $(whole "$DURATION") + 30))  # one scenario at least
 if [ "$DRY" = 0 ] && [ "$BUDGET" -lt "$MIN_BUDGET" ]; then
     echo "--budget $BUDGET s is too short: a cold start takes ~200 s before the first scenario (need >= $MIN_BUDGET)" >&2
     exit 2
@@ -124,7 +125,8 @@ echo "cores: $(nproc); memory: $(free -g 2>/dev/null | awk '/Mem:/ {print $2 " G
 lscpu 2>/dev/null | grep -E "^(Thread\(s\) per core|Core\(s\) per socket|Socket\(s\)|NUMA node\(s\)):" | tr -s ' ' | paste -sd ';'
 
 step "preparing weights, avatar and config"
-$PY bench/device/prepare.py --work "$WORK" --devices "$DEVICES" --avatar "$AVATAR" "${SETS[@]}" "${EXTRA[@]}" \
+# the dry run's own settings first: a --set given on the command line wins over them
+$PY bench/device/prepare.py --work "$WORK" --devices "$DEVICES" --avatar "$AVATAR" "${EXTRA[@]}" "${SETS[@]}" \
     || { step "prepare failed"; exit 5; }
 cp "$WORK/server.yaml" "$RES/server.yaml"
 
