@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_the_two_gpu_command_runs_end_to_end_as_a_cpu_dry_run(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "PY": sys.executable, "OUT": str(out)}
+    env = {**os.environ, "PY": sys.executable, "OUT": str(out), "WORK": str(tmp_path / "work")}
     command = [
         "bash", "bench/device/gpu_load.sh", "--cpu-dry-run", "--devices", "cuda:0,cuda:1",
         "--set", "engine.capacity_sessions=40", "--duration", "4", "--warmup", "1", "--ramp", "0.5",
