@@ -29,7 +29,7 @@
 #                     (--devices cuda:0,cuda:1 becomes cpu:0,cpu:1: one device process each)
 #
 # Needs, carried by the `run` call: .whl (wheels of the server stack, bench/device/fetch_wheels.sh),
-# .bench_data/speech (bench/load.py --make-speech; the device has no espeak-ng) and avatars/demo
+# .bench_data/speech (bench/load.py --make-speech; the device has no espeak-ng; SPEECH_DIR=... for another) and avatars/demo
 # (for --avatar demo; the device has no dlib). Writes into $OUT (or bench-results/device-*):
 # run.log (everything printed), results.tgz (every scenario's JSON and PNG, the server's log,
 # its config) and the scenarios' JSON files. Prints a table of the scenarios last.
@@ -145,7 +145,7 @@ SAMPLER=$!
 LEFT=$((BUDGET - (SECONDS - START) - 30))
 step "load test: scenarios $SCENARIOS, $DURATION s each, mode $MODE; ${LEFT} s left for it (server start included)"
 timeout -s INT -k 30 "$LEFT" $PY bench/load.py --spawn-server --config "$WORK/server.yaml" \
-    --avatars-dir "$WORK/avatars" --avatar "$AVATAR" --speech-dir .bench_data/speech \
+    --avatars-dir "$WORK/avatars" --avatar "$AVATAR" --speech-dir "${SPEECH_DIR:-.bench_data/speech}" \
     --scenarios "$SCENARIOS" --duration "$DURATION" --mode "$MODE" --ramp "$RAMP" --warmup "$WARMUP" \
     --client-nice "$NICE" --seed "$SEED" "${CPUS[@]}" \
     --server-timeout $((LEFT > 120 ? LEFT - 60 : 60)) --out "$RES" --doc-command "$KIT {scenario}"
