@@ -107,11 +107,7 @@ async def push_realtime(ws, pcm: bytes, bytes_per_second: int, chunk_seconds: fl
             await asyncio.sleep(delay)
 
 
-@asynccontextmanager
-async def in_process_server(avatars: Path, **sections: dict[str, Any]) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
-    """The app started in this process (its peer and device processes are real) and an HTTP
-    client bound to it; ``sections`` override settings, e.g. ``engine={"capacity_sessions": 3}``."""
-    from server.app import _start, _stop, create_app
+def _settings(avatars: Path, sections: dict[str, dict[str, Any]]) -> Any:
     from server.config import Settings
 
     settings = Settings()
@@ -119,7 +115,31 @@ async def in_process_server(avatars: Path, **sections: dict[str, Any]) -> AsyncI
     for section, values in sections.items():
         for key, value in values.items():
             setattr(getattr(settings, section), key, value)
-    app = create_app(settings)
+    return settings
+
+
+@contextmanager
+def ready_test_client(avatars: Path, **sections: dict[str, Any]) -> Iterator[Any]:
+    """FastAPI's TestClient over the app (it speaks WebSocket too), once /readyz says ready;
+    ``sections`` override settings as for :func:`in_process_server`."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+
+    with TestClient(create_app(_settings(avatars, sections))) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        yield client
+
+
+@asynccontextmanager
+async def in_process_server(avatars: Path, **sections: dict[str, Any]) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    """The app started in this process (its peer and device processes are real) and an HTTP
+    client bound to it; ``sections`` override settings, e.g. ``engine={"capacity_sessions": 3}``."""
+    from server.app import _start, _stop, create_app
+
+    app = create_app(_settings(avatars, sections))
     state = app.state.lipstream
     await _start(state)
     assert state.ready, state.startup_error

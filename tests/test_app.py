@@ -15,16 +15,12 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.config import Settings
+from tests.live_server import ready_test_client
 
 
 @pytest.fixture()
 def client(avatars_root: Path):
-    settings = Settings()
-    settings.avatars.dir = avatars_root
-    with TestClient(create_app(settings)) as test_client:
-        deadline = time.monotonic() + 60
-        while test_client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.1)
+    with ready_test_client(avatars_root) as test_client:
         yield test_client
 
 
@@ -101,13 +97,7 @@ def test_serve_answers_within_60_seconds(avatars_root: Path) -> None:
 
 
 def test_idle_session_ends_after_the_idle_timeout(avatars_root: Path) -> None:
-    settings = Settings()
-    settings.avatars.dir = avatars_root
-    settings.sessions.idle_timeout_seconds = 0.5
-    with TestClient(create_app(settings)) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.1)
+    with ready_test_client(avatars_root, sessions={"idle_timeout_seconds": 0.5}) as client:
         session_id = client.post("/v1/sessions", json={}).json()["id"]
         assert client.get(f"/v1/sessions/{session_id}").status_code == 200
         deadline = time.monotonic() + 5

@@ -192,18 +192,10 @@ def test_a_websocket_producer_catches_up_only_when_it_says_live(avatars_root, li
     much of the pause; a TTS's audio is buffered, all of it."""
     import time
 
-    from fastapi.testclient import TestClient
+    from tests.live_server import ready_test_client
 
-    from server.app import create_app
-    from server.config import Settings
-
-    settings = Settings()
-    settings.avatars.dir = avatars_root
     pcm = (np.clip(room(5.0)[::3], -1, 1) * 32767).astype(np.int16)  # 16 kHz
-    with TestClient(create_app(settings)) as http:
-        deadline = time.monotonic() + 60
-        while http.get("/readyz").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.1)
+    with ready_test_client(avatars_root) as http:
         session = http.post("/v1/sessions", json={}).json()["id"]
         with http.websocket_connect(f"/v1/sessions/{session}/audio") as ws:
             ws.send_json({"type": "start", "format": "pcm_s16le", "sample_rate": 16000, "channels": 1, "live": live})
