@@ -284,10 +284,14 @@ class SessionManager:
         if session is None or session.ended:
             return
         session.ended = True
-        teardown = asyncio.ensure_future(self._teardown(session, reason))
-        self._background.add(teardown)
-        teardown.add_done_callback(self._background.discard)
-        await asyncio.shield(teardown)
+        await asyncio.shield(self._in_background(self._teardown(session, reason)))
+
+    def _in_background(self, coro: Any) -> asyncio.Future:
+        """Runs ``coro`` as a task the manager holds (not collected half-way) and shutdown waits for."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def _teardown(self, session: ServerSession, reason: str) -> None:
         session_id = session.id
@@ -317,9 +321,7 @@ class SessionManager:
         """End every session bound to the failed device, with the reason; others keep running."""
         for session in list(self.sessions.values()):
             if session.device == name:
-                task = asyncio.ensure_future(self.end(session.id, f"device {name} failed: {reason}"))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                self._in_background(self.end(session.id, f"device {name} failed: {reason}"))
 
     async def shutdown(self) -> None:
         """Drain: refuse new sessions, close every peer and socket cleanly."""
