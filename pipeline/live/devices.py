@@ -185,13 +185,14 @@ class DevicePool:
         (0, or below a device's capacity: its capacity)."""
         if not names:
             raise ValueError("a device pool needs at least one device")
-        self.devices: dict[str, Device] = {name: Device(name, engine_name) for name in names}
+        self.devices: dict[str, Device] = {
+            name: Device(name, engine_name, burst_capacity_configured=burst_capacity_sessions) for name in names
+        }
         self._make_engine = make_engine
         self._make_link = make_link
         self.batch_size = batch_size
         self.processing_seconds = processing_seconds
         self.capacity_sessions = capacity_sessions
-        self.burst_capacity_sessions = burst_capacity_sessions
         self.headroom = headroom
         self.skip_late = skip_late  # EngineWorker(skip_late, skip_keep) (worker.py docstring)
         self.skip_keep = skip_keep
@@ -247,7 +248,7 @@ class DevicePool:
                 continue
             device.avatars.add(avatar.id)
             if calibration is None:
-                self._set_capacity(device, self.capacity_sessions, "configured")
+                device.capacity, device.capacity_source = self.capacity_sessions, "configured"
             else:
                 self._set_calibration(device, calibration)
             device.state = READY
@@ -266,7 +267,7 @@ class DevicePool:
         started = [d for d in self.devices.values() if d.engine is not None and d.state != FAILED]
         if started and self.capacity_sessions > 0:
             for device in started:
-                self._set_capacity(device, self.capacity_sessions, "configured")
+                device.capacity, device.capacity_source = self.capacity_sessions, "configured"
         elif started:
             with concurrent.futures.ThreadPoolExecutor(len(started), thread_name_prefix="calibrate") as pool:
                 outcomes = list(pool.map(lambda d: self._calibrate(d, avatar), started))
@@ -303,13 +304,9 @@ class DevicePool:
         self._set_calibration(device, result)
         return None
 
-    def _set_capacity(self, device: Device, capacity: int, source: str) -> None:
-        device.capacity, device.capacity_source = capacity, source
-        device.burst_capacity_configured = self.burst_capacity_sessions
-
     def _set_calibration(self, device: Device, result: Calibration) -> None:
-        device.calibration = result
-        self._set_capacity(device, max(1, result.capacity), "calibrated")
+        device.calibration, device.capacity_source = result, "calibrated"
+        device.capacity = max(1, result.capacity)
         if result.capacity == 0:
             # Refusing everything would make the server useless; one session can only slow itself.
             device.capacity_note = "slower than real time for one talking session; admitting one"
