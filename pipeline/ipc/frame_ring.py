@@ -317,5 +317,3 @@ class ResultSlot:
 
     def abandon(self) -> None:
         self.ring.release(self.slot, self.number)
-
-
