@@ -31,6 +31,8 @@ import math
 import numpy as np
 import webrtcvad
 
+from pipeline.audio.vad import pcm16
+
 #: Rates webrtcvad judges directly; a chunk at any other rate is judged at 16 kHz.
 VAD_RATES = (8000, 16000, 32000, 48000)
 #: How far the input may run ahead of real time before its pauses are shortened (s). A healthy
@@ -97,7 +99,7 @@ class PauseShortener:
         block = sample_rate // 100
         if len(mono) < block:
             return True
-        pcm = np.clip(mono * 32768.0, -32768, 32767).astype(np.int16)
+        pcm = pcm16(mono)
         if not pcm.any():
             return False
         whole = len(pcm) - len(pcm) % block

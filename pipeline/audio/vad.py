@@ -9,6 +9,11 @@ SAMPLE_RATE = 16000
 VAD_FRAME = 160  # 10 ms at 16 kHz: the finest step webrtcvad accepts
 
 
+def pcm16(samples: np.ndarray) -> np.ndarray:
+    """Float samples in [-1, 1] as the int16 PCM webrtcvad reads (clipped, not wrapped)."""
+    return np.clip(samples * 32768.0, -32768, 32767).astype(np.int16)
+
+
 class StreamingVad:
     """Feeds audio in any chunk size, keeps one speech flag per 10 ms of audio received.
 
@@ -25,7 +30,7 @@ class StreamingVad:
         self.first_block = 0  # blocks dropped by trim()
 
     def push(self, samples: np.ndarray) -> None:
-        pcm = np.clip(samples * 32768.0, -32768, 32767).astype(np.int16)
+        pcm = pcm16(samples)
         data = np.concatenate([self._pending, pcm])
         whole = len(data) - len(data) % VAD_FRAME
         for start in range(0, whole, VAD_FRAME):
