@@ -52,7 +52,7 @@ while [ $# -gt 0 ]; do
         --client-nice) NICE=$2; shift 2 ;;
         --client-cpus|--server-cpus) CPUS+=("$1" "$2"); shift 2 ;;
         --cpu-dry-run) DRY=1; shift ;;
-        -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;  # the header comment, however long
         -*) echo "unknown option $1" >&2; exit 2 ;;
         *) SCENARIOS=$1; shift ;;
     esac

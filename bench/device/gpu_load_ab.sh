@@ -22,7 +22,7 @@ while [ $# -gt 0 ]; do
         --b) B=$2; shift 2 ;;
         --budget) BUDGET=$2; shift 2 ;;
         --budget-a) BUDGET_A=$2; shift 2 ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;  # the header comment, however long
         --cpu-dry-run) COMMON+=("$1"); shift ;;
         -*) COMMON+=("$1" "$2"); shift 2 ;;
         *) SCENARIOS=$1; shift ;;
